@@ -1,0 +1,228 @@
+"""The base language model: a small GPT-2 trained from scratch on the world's corpus.
+
+``load_base_model("cpu")`` builds it the first time (about 1-2 minutes on two
+cores), caches it, and loads it from the cache afterwards. Any other argument is
+treated as a Hugging Face model name or a local directory, so a reader with a hub
+(or their own checkpoint) uses the same call: ``load_base_model("gpt2")``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from transformers.utils import logging as hf_logging
+
+from .cache import cache_dir, cached_artifact
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .corpus import generate_examples
+from .runtime import get_device, set_seed
+from .tokenizer import EOS, PAD, format_prompt, train_tokenizer
+
+__all__ = ["Preset", "PRESETS", "WORLD_VERSION", "load_base_model", "build_base_model", "encode_examples", "lm_loss"]
+
+hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the book's own
+
+WORLD_VERSION = 1  # bump when the corpus, tokenizer or training recipe changes
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Architecture and training recipe of a base model."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int
+    vocab_size: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 30
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+PRESETS: dict[str, Preset] = {
+    # tests: seconds; not a good model
+    "tiny": Preset(n_layer=1, n_embd=32, n_head=2, n_positions=96, vocab_size=512, steps=40, batch_size=16, lr=5e-3, warmup=5, eval_every=20, checkpoint_every=10),
+    # the book's default on a laptop / CI: ~0.5M parameters, builds in 1-2 minutes on 2 cores
+    "cpu": Preset(n_layer=2, n_embd=128, n_head=4, n_positions=96, vocab_size=1024, steps=600, batch_size=64, lr=3e-3),
+    # a lent GPU: ~32M parameters
+    "gpu": Preset(n_layer=8, n_embd=576, n_head=9, n_positions=128, vocab_size=2048, steps=3000, batch_size=128, lr=6e-4, warmup=200, eval_every=250, checkpoint_every=500),
+}
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerBase, examples) -> list[list[int]]:
+    """Token ids of ``prompt + SEP + response + EOS`` for each example."""
+    prompts = tokenizer([format_prompt(e.prompt) for e in examples])["input_ids"]
+    responses = tokenizer([e.response for e in examples])["input_ids"]
+    return [p + r + [tokenizer.eos_token_id] for p, r in zip(prompts, responses)]
+
+
+def _collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``seqs``; returns (input_ids (B, T), attention_mask (B, T))."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mean over real (non-pad) target tokens; inputs (B, T)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def _val_loss(model, data: list[list[int]], pad_id: int, device, batch_size: int = 128) -> float:
+    model.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        ids, mask = _collate(data[i : i + batch_size], pad_id)
+        k = int(mask[:, 1:].sum())
+        tot += lm_loss(model, ids.to(device), mask.to(device)).item() * k
+        n += k
+    model.train()
+    return tot / n
+
+
+def build_base_model(preset: Preset, workdir: Path, device: torch.device | None = None, progress: bool = True) -> dict:
+    """Train tokenizer + GPT-2 for ``preset`` into ``workdir``; resumes from ``workdir/train_state.pt``.
+
+    Returns metadata (parameters, losses, seconds) that is also written to ``workdir/metadata.json``.
+    """
+    device = device or get_device()
+    workdir = Path(workdir)
+    n_train = preset.steps * preset.batch_size
+    examples = generate_examples(n_train, seed=preset.seed)
+    val_examples = generate_examples(512, seed=preset.seed + 1_000_003)
+    tok_dir = workdir / "tokenizer"
+    if tok_dir.exists():
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        texts = (format_prompt(e.prompt) + e.response for e in examples[:20_000])
+        tokenizer = train_tokenizer(texts, vocab_size=preset.vocab_size)
+        tokenizer.save_pretrained(tok_dir)
+    train_ids = encode_examples(tokenizer, examples)
+    val_ids = encode_examples(tokenizer, val_examples)
+    longest = max(len(s) for s in train_ids)
+    if longest > preset.n_positions:
+        raise ValueError(f"corpus sequence of {longest} tokens exceeds n_positions={preset.n_positions}")
+
+    set_seed(preset.seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=preset.n_positions, n_embd=preset.n_embd, n_layer=preset.n_layer,
+        n_head=preset.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < preset.warmup:
+            return (step + 1) / preset.warmup
+        frac = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    start, ckpt = 0, workdir / "train_state.pt"
+    if ckpt.exists():
+        state = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+        start, history = state["step"], state["history"]
+        set_rng_state(state["rng"])
+    t0 = time.time()
+    model.train()
+    bar = tqdm(range(start, preset.steps), desc="base LM", disable=not progress, initial=start, total=preset.steps)
+    for step in bar:
+        batch = train_ids[step * preset.batch_size : (step + 1) * preset.batch_size]
+        ids, mask = _collate(batch, tokenizer.pad_token_id)
+        loss = lm_loss(model, ids.to(device), mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history["step"].append(step + 1)
+        history["train_loss"].append(round(loss.item(), 5))
+        if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
+            history["val_step"].append(step + 1)
+            history["val_loss"].append(round(_val_loss(model, val_ids, tokenizer.pad_token_id, device), 5))
+            bar.set_postfix(val_loss=history["val_loss"][-1])
+        if (step + 1) % preset.checkpoint_every == 0 and step + 1 < preset.steps:
+            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, history=history, rng=rng_state())
+    model.eval()
+    model.save_pretrained(workdir)
+    tokenizer.save_pretrained(workdir)
+    meta = {
+        "preset": asdict(preset), "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer), "final_val_loss": history["val_loss"][-1], "train_seconds": round(time.time() - t0, 1),
+        "device": str(device), "history": history, "world_version": WORLD_VERSION,
+    }
+    import json
+
+    (workdir / "metadata.json").write_text(json.dumps(meta))
+    if ckpt.exists():
+        ckpt.unlink()
+    return {k: v for k, v in meta.items() if k != "history"}
+
+
+def _artifact_name(preset_name: str, preset: Preset) -> str:
+    return f"base-{preset_name}-w{WORLD_VERSION}-s{preset.seed}"
+
+
+def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None = None, progress: bool = True):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``name_or_path``: a preset (``"tiny"``, ``"cpu"``, ``"gpu"``; built and cached on first
+    use), a local directory saved with ``save_pretrained``, or a hub model name. The
+    tokenizer pads on the left and has a PAD token distinct from EOS.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+        path = cached_artifact(_artifact_name(name_or_path, preset), lambda d: build_base_model(preset, d, device, progress))
+    else:
+        path = name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = "is not a local directory" if not os.path.isdir(str(path)) else "is a directory without a saved model"
+        raise ValueError(
+            f"cannot load model {str(name_or_path)!r}: it is not a preset ({', '.join(PRESETS)}), {where}, "
+            f"and it could not be fetched from a model hub (offline here?). Original error: {e}"
+        ) from None
+    _ensure_pad_token(model, tokenizer)
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+def _ensure_pad_token(model, tokenizer) -> None:
+    """Give a hub tokenizer a PAD distinct from EOS (PAD == EOS would mask EOS out of training)."""
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": EOS})
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def base_model_path(name: str = "cpu") -> Path:
+    """Where the cached preset ``name`` lives (it may not be built yet)."""
+    return cache_dir() / _artifact_name(name, PRESETS[name])

@@ -1,0 +1,191 @@
+"""Rollouts: the policy (an LM) acting in the world, and the log-probs of what it did.
+
+RL view: the state s_t is the prompt plus the tokens generated so far, the action
+a_t is the next token, and pi_theta(a_t | s_t) is the LM's softmax. ``generate``
+samples actions with a KV cache and records log pi(a_t | s_t) as it goes;
+``response_logprobs`` recomputes the same numbers in one teacher-forced forward
+pass (what every trainer does later). Two details make them agree:
+
+* position ids come from the attention mask. Prompts are left-padded, so the
+  first real token of a short prompt sits at column 3, say, yet must get
+  position 0. A plain ``model(input_ids, attention_mask)`` does not do that for
+  GPT-2 and its logits are then wrong (off by up to 1.35 here).
+* logits at column t predict the token at column t + 1 (the off-by-one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import format_prompt
+
+__all__ = ["Rollout", "generate", "response_logprobs", "position_ids_from_mask", "forward_logits", "encode_prompts"]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... counted over real tokens only; (B, T) -> (B, T), pads get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of a padded batch, with position ids derived from the mask."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    return out.logits
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses. B = batch, P = padded prompt length, R = response length.
+
+    prompt_ids (B, P) left-padded; prompt_mask (B, P); response_ids (B, R), PAD after EOS;
+    response_mask (B, R) is 1 on generated tokens including the EOS; logprobs (B, R) are
+    log pi(a_t | s_t) under the sampling temperature, 0 where the mask is 0;
+    terminated (B,) says whether the response ended with EOS.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    terminated: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+    temperature: float = 1.0
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Prompt and response side by side, (B, P + R)."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """1 on every real token of prompt and response, (B, P + R)."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """Number of generated tokens (EOS included) per response, (B,)."""
+        return self.response_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.size(0)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], device=None, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, (B, P); raises ValueError on an empty list or prompt."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty or not a string: {p!r}")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer([format_prompt(p) for p in prompts], padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if max_length is not None and ids.size(1) > max_length:
+        longest = int(mask.sum(-1).argmax())
+        raise ValueError(f"prompt {longest} has {int(mask[longest].sum())} tokens, longer than the {max_length} allowed")
+    return ids.to(device), mask.to(device)
+
+
+def _context_size(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample one response per prompt (KV cache, stop at EOS) and record log pi(a_t | s_t).
+
+    Sampling uses softmax(logits / temperature); ``greedy`` takes the argmax instead.
+    ``generator`` (a torch.Generator on the model's device) makes sampling reproducible.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    device = next(model.parameters()).device
+    ctx = _context_size(model)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+
+    B = prompt_ids.size(0)
+    mask = prompt_mask
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
+    logits, past = out.logits[:, -1], out.past_key_values
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)
+        if greedy:
+            tok = logp.argmax(-1)
+        else:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tok = torch.where(finished, torch.full_like(tok, pad), tok)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        alive.append(~finished)
+        logps.append(torch.where(finished, torch.zeros_like(lp), lp))
+        tokens.append(tok)
+        finished = finished | (tok == eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
+        pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        logits, past = out.logits[:, -1], out.past_key_values
+    if was_training:
+        model.train()
+
+    response_ids = torch.stack(tokens, 1)
+    response_mask = torch.stack(alive, 1).long()
+    texts = []
+    for ids, m in zip(response_ids.tolist(), response_mask.tolist()):
+        texts.append(tokenizer.decode([i for i, k in zip(ids, m) if k and i != eos], skip_special_tokens=True).strip())
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
+        logprobs=torch.stack(logps, 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
+    )
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) at ``tokens``: logits (B, R, V), tokens (B, R) -> (B, R)."""
+    return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def response_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Teacher-forced log pi(a_t | s_t) of each response token, (B, R); 0 where response_mask is 0.
+
+    The logits at column P - 1 + t (last prompt token, then each response token)
+    predict response token t: that is the ``[:, P - 1 : -1]`` slice.
+    """
+    P = prompt_ids.size(1)
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    logits = forward_logits(model, ids, mask)[:, P - 1 : -1]
+    lp = token_logprobs(logits, response_ids, temperature)
+    return torch.where(response_mask.bool(), lp, torch.zeros_like(lp))
