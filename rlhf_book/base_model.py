@@ -26,7 +26,10 @@ from .corpus import generate_examples
 from .runtime import get_device, set_seed
 from .tokenizer import EOS, PAD, format_prompt, train_tokenizer
 
-__all__ = ["Preset", "PRESETS", "WORLD_VERSION", "load_base_model", "build_base_model", "encode_examples", "lm_loss"]
+__all__ = [
+    "Preset", "PRESETS", "WORLD_VERSION", "load_base_model", "build_base_model", "encode_examples", "lm_loss",
+    "base_model_path", "base_model_metadata",
+]
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the book's own
 
@@ -226,3 +229,12 @@ def _ensure_pad_token(model, tokenizer) -> None:
 def base_model_path(name: str = "cpu") -> Path:
     """Where the cached preset ``name`` lives (it may not be built yet)."""
     return cache_dir() / _artifact_name(name, PRESETS[name])
+
+
+def base_model_metadata(name: str = "cpu") -> dict:
+    """Training record of a built preset (parameters, loss history, seconds); builds it if needed."""
+    import json
+
+    if not (base_model_path(name) / "metadata.json").exists():
+        load_base_model(name, device="cpu", progress=False)
+    return json.loads((base_model_path(name) / "metadata.json").read_text())

@@ -240,3 +240,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
     return out
+
+
+def write_data_dir(out: str | Path = "data") -> list[Path]:
+    """Write the small files the book ships: a 1000-text corpus sample and the RL prompt split."""
+    out = Path(out)
+    train, held_out = prompt_split(seed=0)
+    return [
+        write_jsonl(generate_examples(1000, seed=0), out / "corpus_sample.jsonl"),
+        write_jsonl(train, out / "prompts_train.jsonl"),
+        write_jsonl(held_out, out / "prompts_eval.jsonl"),
+    ]
+
+
+if __name__ == "__main__":  # python -m rlhf_book.corpus [OUT_DIR]
+    import sys
+
+    for p in write_data_dir(sys.argv[1] if len(sys.argv) > 1 else "data"):
+        print("wrote", p)

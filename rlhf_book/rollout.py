@@ -23,7 +23,10 @@ import torch.nn.functional as F
 
 from .tokenizer import format_prompt
 
-__all__ = ["Rollout", "generate", "response_logprobs", "position_ids_from_mask", "forward_logits", "encode_prompts"]
+__all__ = [
+    "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
+    "position_ids_from_mask", "forward_logits", "encode_prompts", "decode_responses",
+]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,15 +118,38 @@ def generate(
 
     Sampling uses softmax(logits / temperature); ``greedy`` takes the argmax instead.
     ``generator`` (a torch.Generator on the model's device) makes sampling reproducible.
+    Raises ValueError for an empty prompt list, an empty prompt, or a prompt that
+    leaves no room for ``max_new_tokens`` in the model's context.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
     device = next(model.parameters()).device
     ctx = _context_size(model)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
+    rollout = generate_from_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator)
+    rollout.prompts = list(prompts)
+    return rollout
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` holds their text."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    ctx = _context_size(model)
+    if ctx is not None and prompt_ids.size(1) + max_new_tokens > ctx:
+        raise ValueError(f"{prompt_ids.size(1)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's context of {ctx}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = prompt_ids.device
     was_training = model.training
     model.eval()
 
@@ -156,13 +182,26 @@ def generate(
 
     response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(alive, 1).long()
-    texts = []
-    for ids, m in zip(response_ids.tolist(), response_mask.tolist()):
-        texts.append(tokenizer.decode([i for i, k in zip(ids, m) if k and i != eos], skip_special_tokens=True).strip())
+    texts = decode_responses(tokenizer, response_ids, response_mask)
+    prompts = [tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(prompt_ids, prompt_mask)]
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
-        logprobs=torch.stack(logps, 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
+        logprobs=torch.stack(logps, 1), terminated=finished, prompts=prompts, responses=texts, temperature=temperature,
     )
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each response (B, R) without PAD/EOS, stripped."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids, m in zip(response_ids.tolist(), response_mask.tolist()):
+        out.append(tokenizer.decode([i for i, k in zip(ids, m) if k and i != eos], skip_special_tokens=True).strip())
+    return out
+
+
+def sequence_logprob(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) = sum_t log pi(a_t | s_t) over real response tokens; (B, R) -> (B,)."""
+    return torch.where(mask.bool(), token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
