@@ -25,7 +25,7 @@ def refresh(path: Path) -> int:
         if src.cell_type != "code":
             continue
         if MARK in src.source:
-            src.outputs, src.execution_count, n = run.outputs, None, n + 1
+            src.outputs, src.execution_count, n = run.outputs, run.execution_count, n + 1
         else:
             src.outputs, src.execution_count = [], None
     nbformat.write(nb, path)
