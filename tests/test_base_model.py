@@ -117,3 +117,15 @@ def test_cpu_preset_learns_the_corpus(cpu_world):
     assert roll.terminated.float().mean() > 0.9
     fluency = sum(gold_score(p, r).fluency for p, r in zip(roll.prompts, roll.responses)) / len(roll)
     assert fluency > 0.9
+
+
+def test_presets_have_the_promised_sizes():
+    def n_params(p):
+        cfg = GPT2Config(vocab_size=p.vocab_size, n_positions=p.n_positions, n_embd=p.n_embd, n_layer=p.n_layer, n_head=p.n_head)
+        with torch.device("meta"):
+            return sum(x.numel() for x in GPT2LMHeadModel(cfg).parameters())
+
+    assert n_params(PRESETS["gpu"]) >= 30e6
+    assert 0.3e6 < n_params(PRESETS["cpu"]) < 1e6
+    for p in PRESETS.values():
+        assert p.n_embd % p.n_head == 0
