@@ -1,0 +1,105 @@
+"""Chapter 2 (reward modeling) exercises and their automatic checks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reward_model import bradley_terry_loss, last_token_index
+from . import check_function, check_value
+
+__all__ = [
+    "check_bt_loss",
+    "check_p_a_over_b",
+    "check_gap_for_90",
+    "check_last_token_scores",
+    "check_length_diagnosis",
+    "EXERCISES",
+]
+
+
+def _score_pairs(g: torch.Generator) -> tuple:
+    rc = 3 * torch.randn(8, generator=g)
+    rr = 3 * torch.randn(8, generator=g)
+    rr[0] = rc[0] + 150.0  # one badly wrong pair: exp/log of sigmoid underflows here
+    return rc, rr
+
+
+def check_bt_loss(bt_loss) -> bool:
+    """``bt_loss(r_chosen, r_rejected)`` must equal mean(-log sigmoid(r_c - r_r)), also for large gaps."""
+    return check_function(
+        "bt_loss",
+        bt_loss,
+        lambda rc, rr: bradley_terry_loss(rc, rr),
+        _score_pairs,
+        hint="mean over pairs of -log sigmoid(r_chosen - r_rejected); use torch.nn.functional.logsigmoid, "
+        "because log(sigmoid(-150)) is log(0) = -inf in float32",
+        atol=1e-4,
+        rtol=1e-5,
+    )
+
+
+def check_p_a_over_b(p_a_over_b) -> bool:
+    """r(A) = 1.2, r(B) = 0.5: the Bradley-Terry probability that A is preferred."""
+    return check_value(
+        "p_a_over_b",
+        p_a_over_b,
+        1 / (1 + math.exp(-(1.2 - 0.5))),
+        hint="P(A > B) = sigmoid(r_A - r_B); only the difference of the rewards matters",
+        atol=2e-3,
+    )
+
+
+def check_gap_for_90(gap_for_90) -> bool:
+    """The reward gap r(A) - r(B) at which the model predicts A wins 90% of the time."""
+    return check_value(
+        "gap_for_90", gap_for_90, math.log(9.0), hint="solve sigmoid(d) = 0.9 for d: d = log(0.9 / 0.1)", atol=2e-3
+    )
+
+
+def _scores_and_mask(g: torch.Generator) -> tuple:
+    B, T = 6, 9
+    scores = torch.randn(B, T, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    left = torch.rand(B, generator=g) < 0.5
+    cols = torch.arange(T)
+    right_mask = cols[None, :] < lengths[:, None]
+    left_mask = cols[None, :] >= (T - lengths)[:, None]
+    mask = torch.where(left[:, None], left_mask, right_mask).long()
+    return scores, mask
+
+
+def check_last_token_scores(last_token_scores) -> bool:
+    """``last_token_scores(scores (B, T), attention_mask (B, T)) -> (B,)``: the score at each row's last real token."""
+
+    def reference(scores, mask):
+        return scores[torch.arange(scores.size(0)), last_token_index(mask)]
+
+    return check_function(
+        "last_token_scores",
+        last_token_scores,
+        reference,
+        _scores_and_mask,
+        hint="rows are padded on the left *or* on the right: mask.sum(-1) - 1 is only right for right padding; "
+        "find the column of the last 1 in each row of the mask",
+    )
+
+
+def check_length_diagnosis(length_diagnosis) -> bool:
+    """Multiple choice: what the correlation numbers say about a colleague's reward model."""
+    return check_value(
+        "length_diagnosis",
+        length_diagnosis,
+        "C",
+        hint="compare how the RM's score and the gold score move with length, and where the RM is wrong",
+    )
+
+
+EXERCISES = {
+    "bt_loss": check_bt_loss,
+    "p_a_over_b": check_p_a_over_b,
+    "gap_for_90": check_gap_for_90,
+    "last_token_scores": check_last_token_scores,
+    "length_diagnosis": check_length_diagnosis,
+}

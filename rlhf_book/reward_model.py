@@ -1,0 +1,575 @@
+"""The reward model r_phi(x, y): a GPT-2 trunk with a scalar head, trained on preferences.
+
+Architecture: Hugging Face ``GPT2ForSequenceClassification`` with ``num_labels=1``
+(any ``AutoModelForSequenceClassification`` works), its trunk initialised from the
+base LM and its score head from zero, so at the start every reply scores 0 and the
+Bradley-Terry loss is exactly log 2. It saves and loads with plain transformers::
+
+    AutoModelForSequenceClassification.from_pretrained(path)
+
+Input: ``format_prompt(prompt) + response + EOS`` (no EOS when the reply was cut off
+without one). The score is the head's output at the *last non-pad token*, whose
+index comes from the attention mask, with position ids from the mask too; so
+left padding, right padding and any amount of extra padding give the same score.
+(HF's own pooling searches ``input_ids`` for the pad id instead.)
+
+Training minimises the Bradley-Terry loss  -log sigmoid(r(x, y_c) - r(x, y_r))  on
+:mod:`rlhf_book.preferences` data. Afterwards the score is normalised, as in
+Ziegler et al. (2019), to mean 0 and std 1 on replies of the reference policy
+(the base LM), so a KL coefficient means the same thing for any reward model. The
+normalisation ``r = gain * raw + bias`` is stored in the model config
+(``reward_gain``, ``reward_bias``) and :func:`reward_scores` applies it.
+
+Stable entry points for later chapters::
+
+    rm, tok = load_reward_model("cpu")          # built and cached on first use
+    reward_fn = reward_fn_from_model(rm, tok)   # (prompts, responses, terminated) -> (B,)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .base_model import PRESETS, WORLD_VERSION, _collate, encode_examples, load_base_model
+from .cache import cache_dir, cached_artifact
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .preferences import PREFERENCE_RECIPES, load_preference_data, validate_preferences
+from .rollout import _context_size, generate, position_ids_from_mask
+from .runtime import get_device, set_seed
+
+__all__ = [
+    "RM_VERSION",
+    "RewardRecipe",
+    "RM_RECIPES",
+    "bradley_terry_loss",
+    "preference_probabilities",
+    "preference_accuracy",
+    "last_token_index",
+    "score_sequences",
+    "encode_replies",
+    "reward_scores",
+    "score_pairs",
+    "evaluate_preferences",
+    "calibration_bins",
+    "reward_model_from_lm",
+    "train_reward_model",
+    "normalize_reward_model",
+    "reward_fn_from_model",
+    "build_reward_model",
+    "load_reward_model",
+    "reward_model_path",
+    "reward_model_info",
+]
+
+RM_VERSION = 2  # bump when the recipe, the input format or the normalisation changes
+
+
+# ------------------------------------------------------------------- the loss
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """BT loss mean(-log sigmoid(r_c - r_r - margin)); (B,), (B,) [, (B,) or scalar] -> scalar."""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def preference_probabilities(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry P(chosen > rejected) = sigmoid(r_c - r_r); (B,), (B,) -> (B,)."""
+    return torch.sigmoid(r_chosen - r_rejected)
+
+
+def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """Fraction of pairs with r_c > r_r (a tie counts 1/2); (B,), (B,) -> float."""
+    if r_chosen.numel() == 0:
+        raise ValueError("preference_accuracy needs at least one pair")
+    wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+    return wins.mean().item()
+
+
+# ------------------------------------------------------------------- scoring
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last real (mask 1) token in each row, for left or right padding; (B, T) -> (B,)."""
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("a row of attention_mask has no real token")
+    T = attention_mask.size(-1)
+    cols = torch.arange(T, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), cols, torch.full_like(cols, -1)).max(-1).values
+
+
+def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Raw r_phi: the score head at the last non-pad token, position ids from the mask; (B, T) -> (B,)."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
+    idx = last_token_index(attention_mask)
+    last = hidden[torch.arange(hidden.size(0), device=hidden.device), idx]
+    return model.score(last).squeeze(-1).float()
+
+
+def encode_replies(
+    tokenizer, prompts: Sequence[str], responses: Sequence[str], terminated=None, max_length: int | None = None
+) -> list[list[int]]:
+    """Token ids of ``format_prompt(prompt) + response (+ EOS if terminated)``, one list per pair."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if terminated is None:
+        terminated = [True] * len(prompts)
+    elif hasattr(terminated, "tolist"):
+        terminated = terminated.tolist()
+    if len(terminated) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(terminated)} terminated flags")
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if not isinstance(p, str) or not isinstance(r, str):
+            raise ValueError(
+                f"pair {i}: prompt and response must be strings, got {type(p).__name__}, {type(r).__name__}"
+            )
+    seqs = encode_examples(tokenizer, [SimpleNamespace(prompt=p, response=r) for p, r in zip(prompts, responses)])
+    seqs = [s if t else s[:-1] for s, t in zip(seqs, terminated)]  # encode_examples appends EOS
+    if max_length is not None:
+        for i, s in enumerate(seqs):
+            if len(s) > max_length:
+                raise ValueError(
+                    f"pair {i}: prompt + response is {len(s)} tokens, "
+                    f"longer than the reward model's context of {max_length}"
+                )
+    return seqs
+
+
+def _normalization(model) -> tuple[float, float]:
+    cfg = model.config
+    return float(getattr(cfg, "reward_gain", 1.0)), float(getattr(cfg, "reward_bias", 0.0))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def reward_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    terminated=None,
+    batch_size: int = 128,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """r_phi(x, y) per pair, as gain * raw + bias from the config unless ``normalize=False``; -> CPU FloatTensor (B,).
+
+    ``terminated[i]`` False means reply i ended without EOS: it is scored without one.
+    """
+    seqs = encode_replies(tokenizer, prompts, responses, terminated, _context_size(model))
+    was_training = model.training
+    model.eval()
+    raw = torch.zeros(len(seqs))
+    try:
+        for idx in _by_length([len(s) for s in seqs], batch_size):
+            ids, mask = _collate([seqs[i] for i in idx], tokenizer.pad_token_id)
+            raw[idx] = score_sequences(model, ids.to(_device(model)), mask.to(_device(model))).cpu()
+    finally:
+        model.train(was_training)
+    if not normalize:
+        return raw
+    gain, bias = _normalization(model)
+    return gain * raw + bias
+
+
+def _encode_pairs(tokenizer, records: Sequence[dict], max_length: int | None) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) of each record, as :func:`encode_replies` makes them."""
+    prompts = [r["prompt"] for r in records] * 2
+    replies = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    terms = [r.get("chosen_terminated", True) for r in records] + [r.get("rejected_terminated", True) for r in records]
+    seqs = encode_replies(tokenizer, prompts, replies, terms, max_length)
+    return list(zip(seqs[: len(records)], seqs[len(records) :]))
+
+
+def _pairs_forward(
+    model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (r_chosen, r_rejected), (B,) each: chosen rows and rejected rows in one right-padded batch."""
+    ids, mask = _collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    dev = _device(model)
+    r = score_sequences(model, ids.to(dev), mask.to(dev))
+    return r[: len(pairs)], r[len(pairs) :]
+
+
+def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices with similar lengths (less padding); every index once."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, records: Sequence[dict], batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw scores (r_chosen, r_rejected), each a CPU FloatTensor (B,), of preference records."""
+    pairs = _encode_pairs(tokenizer, records, _context_size(model))
+    rc, rr = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _by_length([max(len(c), len(r)) for c, r in pairs], batch_size):
+            c, r = _pairs_forward(model, [pairs[i] for i in idx], tokenizer.pad_token_id)
+            rc[idx], rr[idx] = c.cpu(), r.cpu()
+    finally:
+        model.train(was_training)
+    return rc, rr
+
+
+def evaluate_preferences(model, tokenizer, records: Sequence[dict], batch_size: int = 128) -> dict:
+    """BT loss and accuracy vs the labels; with gold fields, also accuracy vs the gold ordering (gold ties left out)."""
+    rc, rr = score_pairs(model, tokenizer, records, batch_size)
+    out = {"loss": bradley_terry_loss(rc, rr).item(), "accuracy": preference_accuracy(rc, rr), "pairs": len(records)}
+    if records and all("chosen_gold" in r and "rejected_gold" in r for r in records):
+        gc = torch.tensor([float(r["chosen_gold"]) for r in records])
+        gr = torch.tensor([float(r["rejected_gold"]) for r in records])
+        strict = gc != gr
+        gold_first = gc > gr  # True where the gold score also prefers 'chosen'
+        rm_a = torch.where(gold_first, rc, rr)[strict]  # the RM's score of the gold-better reply
+        rm_b = torch.where(gold_first, rr, rc)[strict]
+        out["gold_accuracy"] = preference_accuracy(rm_a, rm_b) if bool(strict.any()) else float("nan")
+        out["label_gold_agreement"] = gold_first[strict].float().mean().item() if bool(strict.any()) else float("nan")
+        out["gold_pairs"] = int(strict.sum())
+    return out
+
+
+def calibration_bins(p_predicted: torch.Tensor, outcome: torch.Tensor, n_bins: int = 10) -> dict:
+    """Reliability diagram: per non-empty bin of predicted P, mean prediction, observed frequency, count; (N,), (N,)."""
+    if p_predicted.shape != outcome.shape or p_predicted.dim() != 1:
+        raise ValueError(
+            f"p_predicted and outcome must be 1-D of one shape, got {tuple(p_predicted.shape)}, {tuple(outcome.shape)}"
+        )
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    p, y = p_predicted.double(), outcome.double()
+    which = (p * n_bins).long().clamp(0, n_bins - 1)
+    count = torch.bincount(which, minlength=n_bins)
+    keep = count > 0
+    mean_p = torch.bincount(which, weights=p, minlength=n_bins)[keep] / count[keep]
+    freq = torch.bincount(which, weights=y, minlength=n_bins)[keep] / count[keep]
+    return {"predicted": mean_p.float(), "observed": freq.float(), "count": count[keep]}
+
+
+# ------------------------------------------------------------------- model
+def reward_model_from_lm(lm):
+    """A ``*ForSequenceClassification`` (num_labels=1) with ``lm``'s trunk weights and a zero score head."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+    config.architectures = None
+    if config.pad_token_id is None:
+        raise ValueError("the base LM's config has no pad_token_id; load it with rlhf_book.load_base_model")
+    rm = AutoModelForSequenceClassification.from_config(config)
+    missing, unexpected = rm.base_model.load_state_dict(lm.base_model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "attn.bias" not in k and "masked_bias" not in k]:
+        raise ValueError(f"base LM trunk does not fit the reward model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        rm.score.weight.zero_()
+        if getattr(rm.score, "bias", None) is not None:
+            rm.score.bias.zero_()
+    rm.config.reward_gain, rm.config.reward_bias = 1.0, 0.0
+    return rm.to(_device(lm))
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """Training recipe of a reward model (Bradley-Terry, AdamW, warmup then linear decay)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    checkpoint_every: int = 50
+    n_reference: int = 1024  # reference-policy replies used to normalise the score
+    seed: int = 0
+
+
+RM_RECIPES: dict[str, RewardRecipe] = {
+    "tiny": RewardRecipe(epochs=1, batch_size=16, lr=3e-3, checkpoint_every=2, n_reference=64),
+    "cpu": RewardRecipe(epochs=2, batch_size=64, lr=1e-3, checkpoint_every=25, n_reference=512),
+    # untested: no GPU was available when this recipe was written
+    "gpu": RewardRecipe(epochs=1, batch_size=64, lr=1e-4, checkpoint_every=200, n_reference=4096),
+}
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def _epoch_batches(pairs, batch_size: int, seed: int, bucket: int = 8) -> list[list[int]]:
+    """One epoch's batches: shuffle, sort each run of ``bucket`` batches by length, shuffle the batches.
+
+    Similar lengths in a batch mean less padding (about half the compute here);
+    the order depends only on ``seed``, so a resumed run sees the same batches.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    batches = []
+    for i in range(0, len(order), batch_size * bucket):
+        chunk = order[i : i + batch_size * bucket]
+        chunk.sort(key=lambda j: max(len(pairs[j][0]), len(pairs[j][1])))
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def train_reward_model(
+    model,
+    tokenizer,
+    train: Sequence[dict],
+    validation: Sequence[dict] | None = None,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_frac: float = 0.05,
+    margin: float | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 50,
+    max_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Minimise the BT loss on ``train``; validate each epoch; checkpoint every N steps and resume.
+
+    If ``checkpoint_path`` exists, training resumes from it (weights, optimizer,
+    schedule, step, history, RNG); the last checkpoint is written when training
+    finishes, so calling again with the same path only reloads. ``max_steps`` stops early (the schedule still
+    spans all epochs), e.g. to simulate an interruption. Returns the history dict:
+    per step ``step``/``loss``/``accuracy`` (batch), per epoch ``epoch``/``val_loss``/
+    ``val_accuracy``/``val_gold_accuracy``. The model is left in eval mode.
+    """
+    ctx = _context_size(model)
+    train = validate_preferences(train, tokenizer, ctx)
+    validation = validate_preferences(validation, tokenizer, ctx) if validation else None
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    per_epoch = math.ceil(len(train) / batch_size)
+    total = epochs * per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, round(warmup_frac * total))))
+    history = {
+        "step": [],
+        "loss": [],
+        "accuracy": [],
+        "epoch": [],
+        "val_loss": [],
+        "val_accuracy": [],
+        "val_gold_accuracy": [],
+    }
+    step = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+        step, history = state["step"], state["history"]
+        set_rng_state(state["rng"])
+    stop = total if max_steps is None else min(total, max_steps)
+    pairs = _encode_pairs(tokenizer, train, ctx)
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="reward model", disable=not progress)
+    batches, batches_epoch = None, -1
+    while step < stop:
+        epoch, k = divmod(step, per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = _epoch_batches(pairs, batch_size, seed * 1000 + epoch), epoch
+        batch = [pairs[i] for i in batches[k]]
+        rc, rr = _pairs_forward(model, batch, tokenizer.pad_token_id)
+        loss = bradley_terry_loss(rc, rr, margin)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        history["step"].append(step)
+        history["loss"].append(round(loss.item(), 5))
+        history["accuracy"].append(round(preference_accuracy(rc.detach(), rr.detach()), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % per_epoch == 0 or step == total:
+            history["epoch"].append(math.ceil(step / per_epoch))
+            if validation:
+                ev = evaluate_preferences(model, tokenizer, validation)
+                model.train()
+                history["val_loss"].append(round(ev["loss"], 5))
+                history["val_accuracy"].append(round(ev["accuracy"], 5))
+                history["val_gold_accuracy"].append(round(ev.get("gold_accuracy", float("nan")), 5))
+                bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{ev['accuracy']:.3f}")
+        if ckpt is not None and (step % checkpoint_every == 0 or step == total):
+            save_checkpoint(
+                ckpt, model=model, optimizer=opt, scheduler=sched, step=step, history=history, rng=rng_state()
+            )
+    bar.close()
+    model.eval()
+    return history
+
+
+# ------------------------------------------------------------------- normalisation and reward function
+def normalize_reward_model(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], terminated=None) -> dict:
+    """Set config gain/bias so that scores of these (reference-policy) replies have mean 0, std 1; returns them."""
+    raw = reward_scores(model, tokenizer, prompts, responses, terminated, normalize=False)
+    if raw.numel() < 2:
+        raise ValueError("normalisation needs at least two reference replies")
+    mean, std = raw.mean().item(), raw.std().item()
+    if not math.isfinite(std) or std < 1e-8:
+        raise ValueError(f"reference scores have std {std}: the reward model gives every reply the same score")
+    model.config.reward_gain, model.config.reward_bias = 1.0 / std, -mean / std
+    return {
+        "raw_mean": mean,
+        "raw_std": std,
+        "gain": model.config.reward_gain,
+        "bias": model.config.reward_bias,
+        "n": raw.numel(),
+    }
+
+
+def reward_fn_from_model(
+    model, tokenizer, no_eos_score: float | None = None, normalize: bool = True, batch_size: int = 128
+):
+    """Wrap a reward model as ``reward_fn(prompts, responses, terminated=None) -> FloatTensor (B,)`` (CPU).
+
+    Scores are normalised (mean 0 / std 1 on reference-policy replies) unless
+    ``normalize=False``. ``no_eos_score``: if set, every reply with ``terminated`` False
+    gets this fixed score instead of the model's (the "EOS trick" of Huang et al.,
+    e.g. -1 or -3: a reply that never stops should not out-score one that does);
+    if None, such replies are scored by the model without an EOS token.
+    """
+
+    def reward_fn(prompts: Sequence[str], responses: Sequence[str], terminated=None) -> torch.Tensor:
+        term = None if terminated is None else torch.as_tensor(terminated, dtype=torch.bool).cpu()
+        scores = reward_scores(model, tokenizer, prompts, responses, term, batch_size, normalize)
+        if no_eos_score is not None and term is not None:
+            scores = torch.where(term, scores, torch.full_like(scores, float(no_eos_score)))
+        return scores
+
+    reward_fn.model, reward_fn.tokenizer, reward_fn.no_eos_score = model, tokenizer, no_eos_score
+    return reward_fn
+
+
+# ------------------------------------------------------------------- build and cache
+def _reference_replies(lm, tokenizer, base: str, n: int, seed: int):
+    """``n`` replies of the reference policy (the base LM, temperature 1) on the RL train prompts."""
+    from .corpus import prompt_split
+
+    train, _ = prompt_split(0)
+    prompts = [train[i % len(train)]["prompt"] for i in range(n)]
+    gen = torch.Generator(device=_device(lm)).manual_seed(seed)
+    texts, terms = [], []
+    for i in range(0, n, 256):
+        roll = generate(
+            lm, tokenizer, prompts[i : i + 256], max_new_tokens=PREFERENCE_RECIPES[base].max_new_tokens, generator=gen
+        )
+        texts += roll.responses
+        terms += roll.terminated.tolist()
+    return prompts, texts, terms
+
+
+def build_reward_model(base: str, workdir: str | Path, device=None, progress: bool = True) -> dict:
+    """Preferences (cached) -> BT training (checkpointed, resumable) -> normalisation -> save_pretrained(workdir)."""
+    workdir = Path(workdir)
+    recipe = RM_RECIPES[base]
+    device = torch.device(device) if device is not None else get_device()
+    data = load_preference_data(base, progress=progress)
+    lm, tokenizer = load_base_model(base, device=device, progress=progress)
+    set_seed(recipe.seed)
+    rm = reward_model_from_lm(lm)
+    t0 = time.time()
+    history = train_reward_model(
+        rm,
+        tokenizer,
+        data["train"],
+        data["validation"],
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_frac=recipe.warmup_frac,
+        checkpoint_path=workdir / "train_state.pt",
+        checkpoint_every=recipe.checkpoint_every,
+        seed=recipe.seed,
+        progress=progress,
+    )
+    train_seconds = time.time() - t0
+    norm = normalize_reward_model(
+        rm, tokenizer, *_reference_replies(lm, tokenizer, base, recipe.n_reference, recipe.seed + 1)
+    )
+    test = evaluate_preferences(rm, tokenizer, data["test"])
+    rm.save_pretrained(workdir)
+    tokenizer.save_pretrained(workdir)
+    meta = {
+        "base": base,
+        "recipe": asdict(recipe),
+        "rm_version": RM_VERSION,
+        "world_version": WORLD_VERSION,
+        "train_pairs": len(data["train"]),
+        "train_seconds": round(train_seconds, 1),
+        "normalization": norm,
+        "test": test,
+        "history": history,
+        "device": str(device),
+    }
+    (workdir / "metadata.json").write_text(json.dumps(meta))
+    ckpt = workdir / "train_state.pt"
+    if ckpt.exists():
+        ckpt.unlink()
+    return {k: v for k, v in meta.items() if k != "history"}
+
+
+def _artifact_name(base: str) -> str:
+    return f"rm-{base}-w{WORLD_VERSION}-v{RM_VERSION}-s{RM_RECIPES[base].seed}-b{PRESETS[base].seed}"
+
+
+def reward_model_path(base: str = "cpu") -> Path:
+    """Where the cached reward model for base preset ``base`` lives (it may not be built yet)."""
+    return cache_dir() / _artifact_name(base)
+
+
+def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True):
+    """Return ``(reward_model, tokenizer)`` in eval mode; the model's config holds the score normalisation.
+
+    ``base``: a base preset (``"tiny"``, ``"cpu"``, ``"gpu"``): the reward model trained on that
+    base LM's preference data, built and cached on first use (the cpu one in about
+    1-2 minutes on two cores, preference data included); or a directory saved with ``save_pretrained``.
+    Stable API: later chapters call ``load_reward_model("cpu")`` and
+    :func:`reward_fn_from_model`.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if base in RM_RECIPES:
+        path = cached_artifact(_artifact_name(base), lambda d: build_reward_model(base, d, device, progress))
+    elif os.path.isdir(str(base)):
+        path = Path(base)
+    else:
+        raise ValueError(f"unknown reward model {base!r}: not a preset ({', '.join(RM_RECIPES)}) nor a saved directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{path} holds a classifier with {model.config.num_labels} labels, not a reward model (1)")
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+def reward_model_info(base: str = "cpu", progress: bool = True) -> dict:
+    """Metadata of the cached reward model (recipe, training history, normalisation, test metrics); builds if needed."""
+    if base not in RM_RECIPES:
+        raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
+    path = cached_artifact(_artifact_name(base), lambda d: build_reward_model(base, d, None, progress))
+    return json.loads((path / "metadata.json").read_text())

@@ -1,0 +1,194 @@
+"""Preference data: validation of records and files, generation from the world, the shipped sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import rlhf_book
+from rlhf_book.gold import Annotator, gold_reward
+from rlhf_book.preferences import (
+    PREFERENCE_RECIPES,
+    build_preference_data,
+    generate_preferences,
+    load_preference_data,
+    load_preferences,
+    preference_data_path,
+    save_preferences,
+    validate_preferences,
+)
+from rlhf_book.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = {"prompt": "Review Luigi's.", "chosen": "The food was great.", "rejected": "The food was bad."}
+
+
+def _write(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    texts = ["Review Luigi's.\nThe food was great. The soup was bad."] * 20
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def test_load_valid_file_keeps_extra_fields(tmp_path):
+    extra = {**GOOD, "chosen_gold": 0.5, "rejected_gold": -0.5, "chosen_terminated": True, "note": "anything"}
+    path = _write(tmp_path / "p.jsonl", [GOOD, "", extra])  # blank lines are skipped
+    recs = load_preferences(path)
+    assert recs == [GOOD, extra]
+
+
+BAD_CASES = [
+    # (record or raw line, words the message must contain)
+    ({"chosen": "a", "rejected": "b"}, ["line 2", "'prompt'", "missing"]),
+    ({"prompt": "p", "rejected": "b"}, ["line 2", "'chosen'", "missing"]),
+    ({"prompt": "p", "chosen": "a"}, ["line 2", "'rejected'", "missing"]),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, ["line 2", "'chosen'", "string"]),
+    ({"prompt": ["p"], "chosen": "a", "rejected": "b"}, ["line 2", "'prompt'", "string"]),
+    ({"prompt": "p", "chosen": "a", "rejected": None}, ["line 2", "'rejected'", "string"]),
+    ({"prompt": "p", "chosen": "   ", "rejected": "b"}, ["line 2", "'chosen'", "empty"]),
+    ({"prompt": "p", "chosen": "a", "rejected": ""}, ["line 2", "'rejected'", "empty"]),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, ["line 2", "'prompt'", "empty"]),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, ["line 2", "'chosen'", "'rejected'", "same"]),
+    ({**GOOD, "chosen_terminated": "yes"}, ["line 2", "'chosen_terminated'"]),
+    ('{"prompt": "p", "chosen": ', ["line 2", "not valid JSON"]),
+    ('["p", "a", "b"]', ["line 2", "JSON object"]),
+]
+
+
+@pytest.mark.parametrize("bad,words", BAD_CASES, ids=[f"case{i}" for i in range(len(BAD_CASES))])
+def test_bad_record_in_file_names_line_and_field(tmp_path, bad, words):
+    path = _write(tmp_path / "p.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(ValueError) as e:
+        load_preferences(path)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("bad,words", [c for c in BAD_CASES if not isinstance(c[0], str)], ids=lambda x: None)
+def test_bad_record_writes_nothing(tmp_path, bad, words):
+    out = tmp_path / "out" / "prefs.jsonl"
+    with pytest.raises(ValueError) as e:
+        save_preferences([GOOD, bad], out)
+    assert "record 1" in str(e.value)
+    for w in words[1:]:
+        assert w in str(e.value)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_prompt_longer_than_context_is_rejected(tmp_path, small_tokenizer):
+    long_prompt = "Review Luigi's. " * 40
+    n = len(small_tokenizer(long_prompt + "\n")["input_ids"])
+    path = _write(tmp_path / "p.jsonl", [GOOD, {**GOOD, "prompt": long_prompt}])
+    assert load_preferences(path)  # without a tokenizer there is no context to check against
+    with pytest.raises(ValueError, match=r"line 2: field 'prompt' is \d+ tokens.*context window of 32"):
+        load_preferences(path, tokenizer=small_tokenizer, max_length=32)
+    assert load_preferences(path, tokenizer=small_tokenizer, max_length=n + 50)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="record 1: field 'prompt'"):
+        save_preferences([GOOD, {**GOOD, "prompt": long_prompt}], out, small_tokenizer, 32)
+    assert not out.exists()
+
+
+def test_reply_longer_than_context_is_rejected(small_tokenizer):
+    rec = {**GOOD, "rejected": "The soup was bad. " * 30}
+    with pytest.raises(ValueError, match="record 0: prompt \\+ field 'rejected' \\+ EOS"):
+        validate_preferences([rec], small_tokenizer, 48)
+
+
+def test_empty_inputs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no records"):
+        load_preferences(_write(tmp_path / "e.jsonl", [""]))
+    with pytest.raises(ValueError, match="no such preference file"):
+        load_preferences(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="empty"):
+        validate_preferences([])
+
+
+def test_save_then_load_roundtrip(tmp_path):
+    recs = [GOOD, {**GOOD, "chosen": "The soup was lovely.", "chosen_gold": 0.4}]
+    path = save_preferences(recs, tmp_path / "a" / "p.jsonl")
+    assert load_preferences(path) == recs
+
+
+def test_shipped_sample_is_valid():
+    recs = load_preferences(REPO / "data" / "preferences_sample.jsonl")
+    assert len(recs) >= 10
+    for r in recs:  # the sample carries the generator's extra fields, consistent with the gold score
+        assert abs(gold_reward(r["prompt"], r["chosen"], r["chosen_terminated"]) - r["chosen_gold"]) < 1e-4
+        assert abs(gold_reward(r["prompt"], r["rejected"], r["rejected_terminated"]) - r["rejected_gold"]) < 1e-4
+
+
+@pytest.fixture
+def tiny_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_BOOK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_generate_preferences_labels_follow_the_annotator(tiny_cache):
+    model, tok = rlhf_book.load_base_model("tiny", progress=False)
+    prompts = ["Review Luigi's.", "Tell me about the new phone.", "Review the film Night Train."]
+    recs = generate_preferences(
+        model,
+        tok,
+        prompts,
+        24,
+        Annotator(0.25, seed=3),
+        temperatures=(1.0, 2.0),
+        max_new_tokens=12,
+        seed=1,
+        progress=False,
+    )
+    assert 0 < len(recs) <= 24
+    validate_preferences(recs)
+    assert {r["prompt"] for r in recs} <= set(prompts)
+    for r in recs:
+        assert r["chosen"] != r["rejected"]
+        assert r["chosen_gold"] == pytest.approx(
+            gold_reward(r["prompt"], r["chosen"], r["chosen_terminated"]), abs=1e-5
+        )
+        assert r["rejected_gold"] == pytest.approx(
+            gold_reward(r["prompt"], r["rejected"], r["rejected_terminated"]), abs=1e-5
+        )
+    # with a near-zero annotator temperature the label is the gold ordering
+    sharp = generate_preferences(
+        model, tok, prompts, 24, Annotator(1e-6, seed=0), max_new_tokens=12, seed=1, progress=False
+    )
+    assert all(r["chosen_gold"] >= r["rejected_gold"] for r in sharp)
+    again = generate_preferences(
+        model, tok, prompts, 24, Annotator(1e-6, seed=0), max_new_tokens=12, seed=1, progress=False
+    )
+    assert again == sharp  # deterministic for a seed
+    with pytest.raises(ValueError, match="n_pairs"):
+        generate_preferences(model, tok, prompts, 0, Annotator())
+
+
+def test_build_preference_data_splits_by_prompt(tiny_cache):
+    data = load_preference_data("tiny", progress=False)
+    recipe = PREFERENCE_RECIPES["tiny"]
+    assert set(data) == {"train", "validation", "test"}
+    assert len(data["train"]) > 0.9 * recipe.n_train
+    prompts = {k: {r["prompt"] for r in v} for k, v in data.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["validation"]
+    eval_prompts = {p["prompt"] for p in rlhf_book.prompt_split()[1]}
+    assert not set().union(*prompts.values()) & eval_prompts  # the RL eval prompts stay unseen
+    path = preference_data_path("tiny")
+    assert (path / "COMPLETE.json").is_file() and (path / "metadata.json").is_file()
+    with pytest.raises(ValueError, match="unknown base preset"):
+        preference_data_path("huge")
+
+
+def test_build_preference_data_given_path(tiny_cache, tmp_path):
+    model, tok = rlhf_book.load_base_model("tiny", progress=False)
+    meta = build_preference_data(model, tok, PREFERENCE_RECIPES["tiny"], tmp_path / "out", progress=False)
+    for split in ("train", "validation", "test"):
+        assert (
+            len(load_preferences(tmp_path / "out" / f"{split}.jsonl", tok, model.config.n_positions))
+            == meta["splits"][split]["pairs"]
+        )
