@@ -1,0 +1,230 @@
+"""The critic: a value function V(s_t) over the states of a response, in two architectures.
+
+* :class:`PolicyWithValueHead`: the policy LM plus a linear value head on its last
+  hidden state. One forward gives logits *and* values (cheap). With
+  ``detach_value_head=True`` the value loss cannot move the shared trunk, which
+  keeps a small policy stable (the value loss is otherwise free to rewrite the
+  features the policy relies on).
+* :class:`ValueModel`: a separate trunk plus a scalar head. It costs a second
+  forward pass but the actor and the critic cannot disturb each other. It can
+  start from the base LM's trunk or from a reward model's trunk and score head
+  (the reward model already knows what a good response looks like).
+
+Both read states the same way: the hidden state at column P - 1 + t (the last
+prompt token, then each response token) summarises s_t, the state *before*
+response token t, the same off-by-one as :func:`rlhf_book.rollout.response_logprobs`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .advantage import masked_var
+from .losses import entropy_from_logits
+from .rollout import position_ids_from_mask, token_logprobs
+
+__all__ = [
+    "ValueHead",
+    "PolicyWithValueHead",
+    "PolicyValueOutput",
+    "ValueModel",
+    "critic_values",
+    "response_values",
+    "forward_logprobs_and_values",
+    "explained_variance",
+]
+
+
+class ValueHead(nn.Module):
+    """Linear map hidden state -> scalar V(s_t); (B, T, H) -> (B, T). Starts at 0 (V = 0 everywhere)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+def _hidden_size(config) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot find the hidden size in config {type(config).__name__}")
+
+
+@dataclass
+class PolicyValueOutput:
+    """What :class:`PolicyWithValueHead` returns: logits (B, T, V), values (B, T), past_key_values (for generation)."""
+
+    logits: torch.Tensor
+    values: torch.Tensor
+    past_key_values: Any = None
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (the actor) with a value head (the critic) on its trunk's last hidden state.
+
+    ``forward`` returns :class:`PolicyValueOutput`; it takes the same arguments as the
+    LM, so :func:`rlhf_book.rollout.generate` and ``response_logprobs`` accept this
+    module in place of the bare LM.
+    """
+
+    def __init__(self, lm: nn.Module, detach_value_head: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.value_head = ValueHead(_hidden_size(lm.config))
+        self.detach_value_head = detach_value_head
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> PolicyValueOutput:
+        """Logits and V of every column; position ids default to those derived from ``attention_mask``."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            **kwargs,
+        )
+        hidden = out.hidden_states[-1]
+        values = self.value_head(hidden.detach() if self.detach_value_head else hidden)
+        return PolicyValueOutput(
+            logits=out.logits, values=values, past_key_values=getattr(out, "past_key_values", None)
+        )
+
+    def value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """V of every column, (B, T) -> (B, T)."""
+        return self(input_ids, attention_mask).values
+
+
+class ValueModel(nn.Module):
+    """A stand-alone critic: a transformer trunk (no LM head) and a scalar value head."""
+
+    def __init__(self, trunk: nn.Module, head: ValueHead | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.value_head = head if head is not None else ValueHead(_hidden_size(trunk.config))
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module) -> "ValueModel":
+        """A copy of the LM's trunk (``lm.base_model``) with a fresh value head (V = 0 at the start)."""
+        return cls(copy.deepcopy(lm.base_model))
+
+    @classmethod
+    def from_reward_model(cls, rm: nn.Module) -> "ValueModel":
+        """A copy of a sequence-classification reward model's trunk; the head starts as its score head.
+
+        So at the start V(s_t) is the reward model's score of the prefix so far, including the
+        normalisation ``gain * raw + bias`` stored in its config (``reward_gain``, ``reward_bias``)
+        by :func:`rlhf_book.reward_model.normalize_reward_model`.
+        """
+        trunk = copy.deepcopy(rm.base_model)
+        head = ValueHead(_hidden_size(trunk.config))
+        score = getattr(rm, "score", None)
+        if score is None:
+            score = getattr(rm, "classifier", None)
+        weight = getattr(score, "weight", None)
+        if weight is None or weight.shape != head.linear.weight.shape:
+            raise ValueError(
+                f"reward model {type(rm).__name__} has no scalar score head of shape {tuple(head.linear.weight.shape)}"
+            )
+        gain = float(getattr(rm.config, "reward_gain", 1.0) or 1.0)
+        offset = float(getattr(rm.config, "reward_bias", 0.0) or 0.0)
+        with torch.no_grad():  # fold the reward model's score normalisation (gain * raw + bias) into the head
+            head.linear.weight.copy_(gain * weight)
+            bias = getattr(score, "bias", None)
+            head.linear.bias.fill_(offset)
+            if bias is not None:
+                head.linear.bias.add_(gain * bias)
+        return cls(trunk, head)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
+        """V of every column, (B, T) -> (B, T); position ids default to those derived from the mask."""
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        return self.value_head(hidden)
+
+    def value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """V of every column, (B, T) -> (B, T)."""
+        return self(input_ids, attention_mask)
+
+
+def critic_values(critic: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V of every column for either critic type, (B, T) -> (B, T)."""
+    if not hasattr(critic, "value"):
+        raise ValueError(f"critic must be a PolicyWithValueHead or a ValueModel, got {type(critic).__name__}")
+    return critic.value(input_ids, attention_mask)
+
+
+def response_values(
+    critic: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """V(s_t) for the state before each response token (column P - 1 + t), (B, R); 0 where response_mask is 0."""
+    P = prompt_ids.size(1)
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    v = critic_values(critic, ids, mask)[:, P - 1 : -1]
+    return torch.where(response_mask.bool(), v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def forward_logprobs_and_values(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One teacher-forced forward -> (log pi(a_t | s_t), V(s_t), entropy H(pi(. | s_t))), each (B, R), masked 0.
+
+    ``model`` is a :class:`PolicyWithValueHead` (values from the same forward) or a
+    bare causal LM (then values is None; get them from a separate critic with
+    :func:`response_values`). Log-probs and entropy use softmax(logits / temperature).
+    """
+    P = prompt_ids.size(1)
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    logits = out.logits[:, P - 1 : -1].float() / temperature
+    m = response_mask.bool()
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    logprobs = torch.where(m, token_logprobs(logits, response_ids), zero)
+    entropy = torch.where(m, entropy_from_logits(logits), zero)
+    values = getattr(out, "values", None)
+    if isinstance(values, torch.Tensor):
+        values = torch.where(m, values[:, P - 1 : -1], zero)
+    else:
+        values = None
+    return logprobs, values, entropy
+
+
+@torch.no_grad()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[returns - V] / Var[returns] over valid tokens: 1 perfect, 0 no better than a constant, < 0 worse."""
+    var_r = masked_var(returns, mask)
+    if float(var_r) == 0.0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_r)

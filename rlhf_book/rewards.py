@@ -1,0 +1,63 @@
+"""Per-token rewards for RL on a language model: a sequence score plus a KL penalty on every token.
+
+A reward model (or the gold labeler) gives one number per response. RL with a
+critic needs a reward per token, so the score is placed on the *last* real token
+of the response (the EOS, or the last token when the response was cut off), and
+every token pays for moving away from the reference model:
+
+    r_t = - beta (log pi(a_t | s_t) - log pi_ref(a_t | s_t))  +  [t = last] * score
+
+The bracket is the k1 estimate of KL(pi || pi_ref) at token t: its sum over a
+sampled response is an unbiased estimate of the sequence-level KL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kl import kl_k1
+from .reward_model import last_token_index  # the column a reward model reads its score from
+
+__all__ = ["per_token_rewards"]
+
+
+def per_token_rewards(
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = -kl_coef (log pi - log pi_ref) + score on the last valid token; -> (rewards (B, T), kl (B, T)).
+
+    ``scores`` (B,); ``response_mask``, ``logprobs``, ``ref_logprobs`` (B, T). ``kl`` is the
+    per-token k1 estimate log pi - log pi_ref (0 at masked positions; all 0 when no
+    log-probs are given). Both outputs are detached: rewards are constants to the optimizer.
+    """
+    if scores.dim() != 1 or scores.size(0) != response_mask.size(0):
+        raise ValueError(f"scores must have shape (B,) = ({response_mask.size(0)},), got {tuple(scores.shape)}")
+    if (logprobs is None) != (ref_logprobs is None):
+        raise ValueError("pass both logprobs and ref_logprobs (for the KL penalty) or neither")
+    if kl_coef != 0.0 and logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs logprobs and ref_logprobs")
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must have shape (B, T), got {tuple(response_mask.shape)}")
+    m = response_mask.bool()
+    empty = ~m.any(-1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"response_mask row {int(empty.nonzero()[0])} has no valid token: there is nowhere to put its score"
+        )
+    dtype = scores.dtype if scores.is_floating_point() else torch.float32
+    zero = torch.zeros((), dtype=dtype, device=scores.device)
+    if logprobs is not None:
+        for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+            if t.shape != response_mask.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, response_mask has {tuple(response_mask.shape)}")
+        kl = torch.where(m, kl_k1(logprobs.detach(), ref_logprobs.detach()).to(dtype), zero)
+    else:
+        kl = torch.zeros(response_mask.shape, dtype=dtype, device=scores.device)
+    rewards = -kl_coef * kl
+    last = last_token_index(response_mask)
+    rewards = rewards.scatter_add(1, last[:, None], scores.detach().to(dtype)[:, None])
+    return torch.where(m, rewards, zero), kl
