@@ -1,0 +1,132 @@
+"""Plots of RL runs: the PPO diagnostics panel, runs side by side, and the reward-KL frontier.
+
+A *history* is what :meth:`rlhf_book.ppo.PPOTrainer.train` returns: a list of dicts,
+one per iteration, each with an ``iteration`` key; held-out evaluations (``eval_*``)
+appear only on the iterations where they were run. Missing or non-finite values are
+skipped, so any subset of the keys can be plotted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "PANELS"]
+
+# (title, [(history key, legend label), ...], y label)
+PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
+    ("reward", [("proxy_reward", "proxy (train)"), ("gold_reward", "gold (train)"),
+                ("eval_proxy_reward", "proxy (held-out)"), ("eval_gold_reward", "gold (held-out)")], "mean reward"),
+    ("KL(pi || pi_ref)", [("kl", "k1 (train)"), ("kl_k3", "k3 (train)"), ("eval_kl", "k1 (held-out)")],
+     "sequence KL (nats)"),
+    ("KL coefficient", [("beta", "beta")], "beta"),
+    ("clip fraction", [("clipfrac", "clipped tokens")], "fraction of tokens"),
+    ("approx KL(pi_old || pi)", [("approx_kl", "k3 per token")], "nats / token"),
+    ("entropy", [("entropy", "policy entropy")], "nats / token"),
+    ("value loss", [("value_loss", "value loss")], "loss"),
+    ("explained variance", [("explained_variance", "1 - Var[R - V] / Var[R]")], "explained variance"),
+    ("response length", [("response_length", "tokens"), ("eval_response_length", "tokens (held-out)")], "tokens"),
+]
+
+
+def series(history: Sequence[Mapping], key: str) -> tuple[list[float], list[float]]:
+    """(iterations, values) of ``key`` over a history, skipping iterations without a finite value."""
+    xs, ys = [], []
+    for h in history:
+        v = h.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(h.get("iteration", len(xs)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _style(key: str) -> dict:
+    return {"marker": "o", "ms": 3} if key.startswith("eval_") else {"lw": 1.2}
+
+
+def plot_run(history: Sequence[Mapping], title: str | None = None, panels=None):
+    """The diagnostics of one PPO run, one labelled panel per quantity (3 x 3); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    panels = PANELS if panels is None else panels
+    ncols = 3
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (name, keys, ylabel) in zip(axes.flat, panels):
+        drawn = False
+        for key, label in keys:
+            xs, ys = series(history, key)
+            if xs:
+                ax.plot(xs, ys, label=label, **_style(key))
+                drawn = True
+        ax.set_title(name)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn and len(keys) > 1:
+            ax.legend(fontsize=7)
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(
+    runs: Mapping[str, Sequence[Mapping]],
+    keys: Sequence[tuple[str, str]] = (
+        ("eval_proxy_reward", "proxy reward (held-out)"),
+        ("eval_gold_reward", "gold reward (held-out)"),
+        ("eval_kl", "KL to reference (nats)"),
+    ),
+    title: str | None = None,
+):
+    """Several runs (``{label: history}``) overlaid, one panel per ``(key, y label)``; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.3), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], keys):
+        for label, history in runs.items():
+            xs, ys = series(history, key)
+            if xs:
+                ax.plot(xs, ys, label=label, **_style(key))
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_frontier(
+    runs: Mapping[str, Sequence[Mapping]],
+    reward_key: str = "eval_gold_reward",
+    kl_key: str = "eval_kl",
+    title: str | None = "reward-KL frontier",
+    ax=None,
+):
+    """Reward (gold by default) against KL to the reference, one line per run, points in iteration order."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    else:
+        fig = ax.figure
+    for label, history in runs.items():
+        pts = [(h[kl_key], h[reward_key]) for h in history
+               if isinstance(h.get(kl_key), (int, float)) and isinstance(h.get(reward_key), (int, float))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+    ax.set_xlabel("KL(pi || pi_ref), nats per response")
+    ax.set_ylabel(reward_key.replace("eval_", "held-out ").replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,521 @@
+"""PPO for RLHF: the clipped surrogate, the KL-regularised reward, and the training loop.
+
+One PPO iteration on a batch of prompts (what :meth:`PPOTrainer.step` does):
+
+1. **rollout**: sample one response per prompt from pi_theta (KV cache) and keep
+   log pi_old(a_t | s_t) from the sampling itself (no second forward);
+2. **score**: one forward of the frozen reference pi_ref for log pi_ref(a_t | s_t), one
+   forward of the critic for V(s_t), the reward function for the score r(x, y)
+   (replaced by ``missing_eos_score`` when the response never ended);
+3. **rewards and advantages**: r_t = -beta (log pi_old - log pi_ref) + [t = last] score
+   (:func:`rlhf_book.rewards.per_token_rewards`), optionally scaled (whitened without mean
+   shift), then GAE (:func:`rlhf_book.advantage.gae`) and whitened advantages;
+4. **PPO epochs**: ``ppo_epochs`` passes over shuffled minibatches minimising
+
+       L = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)       rho_t = pi_theta / pi_old
+           + vf_coef * value loss (clipped) - entropy_coef * entropy [+ beta * k3 KL loss]
+
+   with gradient clipping, stopping early when the approx-KL(pi_old || pi_theta) of a
+   minibatch exceeds ``target_kl``;
+5. **beta**: the KL controller sees the batch's mean sequence KL (fixed or adaptive).
+
+The implementation details that matter at this scale (Huang et al. 2024, "The N+
+implementation details of RLHF with PPO") are :class:`PPOConfig` options, each
+documented where it is declared.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .advantage import gae, masked_mean, masked_whiten
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
+from .gold import gold_reward_fn
+from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
+from .losses import value_loss
+from .rewards import per_token_rewards
+from .rollout import Rollout, generate, response_logprobs
+
+__all__ = [
+    "ppo_policy_loss", "PPOConfig", "PPOTrainer", "disable_dropout", "build_critic", "prompt_texts",
+    "save_history", "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "ppo_state.pt"
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict]:
+    """PPO clipped surrogate -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t); (B, T) -> (scalar, stats).
+
+    rho_t = exp(logprobs - old_logprobs); ``old_logprobs`` and ``advantages`` are constants.
+    The mean is over real tokens of the batch. ``stats`` (floats): ``clipfrac`` (share of
+    tokens where the clipped term is the active one, so their gradient is 0),
+    ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) per token, >= 0), ``approx_kl_k1``
+    and ``ratio_mean``.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
+        if t.shape != logprobs.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but logprobs has {tuple(logprobs.shape)}")
+    m = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), zero)  # 0 on padding: no inf/NaN there
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(m, advantages.detach(), zero)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            # samples come from pi_old: KL(pi_old || pi_theta) with log r = log pi_theta - log pi_old
+            "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), logprobs), mask).item(),
+            "approx_kl_k1": masked_mean(-log_ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+@dataclass
+class PPOConfig:
+    """Every knob of :class:`PPOTrainer`; defaults are the measured CPU recipe (chapter 5)."""
+
+    # --- rollouts
+    batch_size: int = 32  # prompts (= responses) per iteration
+    max_new_tokens: int = 40  # responses that have not produced EOS by then are cut off (terminated = False)
+    # Sampling temperature T. The policy's *and the reference's* logits are divided by T in every
+    # log-prob (N+ detail: otherwise the "KL" compares a T-sharpened policy with an unsharpened
+    # reference and starts > 0 before any update).
+    temperature: float = 1.0
+    # --- optimisation
+    lr: float = 1e-4  # Adam learning rate of the policy (and of the value head on it)
+    critic_lr: float | None = None  # learning rate of a separate critic (ValueModel); None: same as lr
+    adam_eps: float = 1e-5  # N detail: TF's Adam epsilon; PyTorch's 1e-8 makes the first updates aggressive
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 16  # responses per gradient step (batch_size / minibatch_size steps per epoch)
+    clip_range: float = 0.2  # eps of the probability-ratio clip
+    value_clip_range: float | None = 0.2  # clip V to V_old +- this in the value loss (None: no clipping)
+    vf_coef: float = 0.1  # weight of the value loss
+    entropy_coef: float = 0.0  # entropy bonus weight (0: off; RLHF usually relies on the KL instead)
+    max_grad_norm: float | None = 1.0  # gradient-norm clip (None: off)
+    target_kl: float | None = None  # early-stop the epochs once a minibatch's approx-KL(old||new)/token exceeds it
+    # --- returns
+    gamma: float = 1.0  # discount (1: the score at the end counts fully for every token)
+    lam: float = 0.95  # GAE lambda
+    # --- the KL to the reference
+    kl_coef: float = 0.1  # beta (initial value when adaptive)
+    kl_target: float | None = None  # sequence KL target (nats) of the adaptive controller (None: fixed beta)
+    kl_horizon: float = 10_000  # adaptive controller horizon (episodes)
+    # "reward": -beta * k1 per token in the reward (InstructGPT); "loss": +beta * mean k3 in the loss (GRPO)
+    kl_penalty: str = "reward"
+    # --- implementation details (Huang et al.)
+    missing_eos_score: float | None = -1.0  # score that replaces r(x, y) when no EOS was produced (None: keep r)
+    whiten_rewards: bool = False  # scale per-token rewards to unit variance per batch, mean not shifted
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 per batch
+    detach_value_head: bool = True  # value head on the policy reads detached features (value loss can't move the trunk)
+    disable_dropout: bool = True  # dropout off in policy, reference and critic (else the ratio is noisy at the start)
+    recompute_old_logprobs: bool = False  # re-forward for log pi_old instead of using the rollout's own (equal) ones
+    # --- bookkeeping
+    seed: int = 0  # seeds prompt sampling, generation and minibatch shuffling
+    eval_every: int = 10  # iterations between held-out evaluations in train() (0: only first and last)
+    eval_samples: int = 3  # responses kept in the history at each evaluation
+    checkpoint_every: int = 10  # iterations between checkpoints in train() (when checkpoint_dir is given)
+    progress: bool = True  # tqdm bar in train()
+
+    def __post_init__(self):
+        positive = ["batch_size", "max_new_tokens", "temperature", "lr", "adam_eps", "ppo_epochs", "minibatch_size",
+                    "clip_range"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0 or None, got {v!r}")
+        for name in ("vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"PPOConfig.gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"PPOConfig.kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
+        if self.kl_target is not None and self.kl_coef <= 0:
+            raise ValueError("PPOConfig.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PPOConfig":
+        """Build from a dict (e.g. a config file's [ppo] table), naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PPOConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set p = 0 in every ``nn.Dropout`` of ``model`` (and in-place returns it)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    return model
+
+
+def build_critic(kind: str, policy: nn.Module | None = None, reward_model: nn.Module | None = None) -> nn.Module | None:
+    """The critic for ``kind``: "head" (None: a value head on the policy), "reward_model" or "base" (a ValueModel)."""
+    if kind == "head":
+        return None
+    if kind == "reward_model":
+        if reward_model is None:
+            raise ValueError("critic='reward_model' needs the reward model")
+        return ValueModel.from_reward_model(reward_model)
+    if kind == "base":
+        if policy is None:
+            raise ValueError("critic='base' needs the policy LM")
+        return ValueModel.from_causal_lm(policy)
+    raise ValueError(f"unknown critic kind {kind!r}; choose 'head', 'reward_model' or 'base'")
+
+
+def prompt_texts(prompts: Sequence) -> list[str]:
+    """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives)."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, dict):
+            if "prompt" not in p:
+                raise ValueError(f"prompt record {i} has no 'prompt' field: {p!r}")
+            p = p["prompt"]
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} must be a string or a record with 'prompt', got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+class PPOTrainer:
+    """PPO on a causal LM against ``reward_fn``, regularised toward the frozen ``ref_model``.
+
+    ``policy``: a causal LM (trained in place) or a :class:`~rlhf_book.critic.PolicyWithValueHead`.
+    ``critic``: None for a value head on the policy, or a separate
+    :class:`~rlhf_book.critic.ValueModel` (e.g. ``ValueModel.from_reward_model(rm)``, see
+    :func:`build_critic`). ``reward_fn(prompts, responses, terminated) -> (B,)`` is the proxy
+    being optimised; ``gold_fn`` (same signature, or None) is only logged.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        ref_model: nn.Module,
+        tokenizer,
+        reward_fn: Callable,
+        config: PPOConfig | None = None,
+        critic: nn.Module | None = None,
+        gold_fn: Callable | None = gold_reward_fn,
+    ):
+        self.config = cfg = config if config is not None else PPOConfig()
+        if ref_model is policy or (isinstance(policy, PolicyWithValueHead) and ref_model is policy.lm):
+            raise ValueError("ref_model must be a separate frozen copy of the policy, not the policy itself")
+        if isinstance(policy, PolicyWithValueHead):
+            self.model, self.lm = policy, policy.lm
+            policy.detach_value_head = cfg.detach_value_head
+        elif critic is None:
+            self.model, self.lm = PolicyWithValueHead(policy, detach_value_head=cfg.detach_value_head), policy
+        else:
+            self.model = self.lm = policy
+        self.device = next(self.lm.parameters()).device
+        self.model.to(self.device)
+        self.critic = critic.to(self.device) if critic is not None else None
+        self.ref = ref_model.eval().requires_grad_(False)
+        self.tokenizer, self.reward_fn, self.gold_fn = tokenizer, reward_fn, gold_fn
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("tokenizer needs a PAD token distinct from EOS (else EOS is masked out and never learned)")
+        if cfg.disable_dropout:
+            for m in (self.model, self.ref, self.critic):
+                if m is not None:
+                    disable_dropout(m)
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if self.critic is not None:
+            critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+            groups.append({"params": critic_params, "lr": cfg.critic_lr or cfg.lr})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ one iteration
+    @torch.no_grad()
+    def _score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw reward-function scores, scores after the missing-EOS rule), both (B,)."""
+        raw = self.reward_fn(rollout.prompts, rollout.responses, rollout.terminated)
+        raw = torch.as_tensor(raw, dtype=torch.float32).to(self.device).reshape(-1)
+        if raw.numel() != len(rollout):
+            raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(rollout)} responses")
+        if self.config.missing_eos_score is None:
+            return raw, raw
+        return raw, torch.where(rollout.terminated, raw, torch.full_like(raw, self.config.missing_eos_score))
+
+    @torch.no_grad()
+    def _prepare(self, rollout: Rollout) -> dict:
+        """Old log-probs, ref log-probs, old values, rewards, advantages and returns of a rollout, (B, R) each."""
+        cfg = self.config
+        ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+        mask = rollout.response_mask
+        # the rollout recorded log pi_old(a_t | s_t) while sampling, at this temperature: no second forward
+        recompute = cfg.recompute_old_logprobs or rollout.temperature != cfg.temperature
+        if recompute and self.critic is None:  # one policy forward gives both
+            old_logprobs, values, _ = forward_logprobs_and_values(self.model, *ids, temperature=cfg.temperature)
+        else:
+            values = response_values(self.critic if self.critic is not None else self.model, *ids)
+            old_logprobs = rollout.logprobs
+            if recompute:
+                old_logprobs = response_logprobs(self.lm, *ids, temperature=cfg.temperature)
+        ref_logprobs = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+        raw, scores = self._score(rollout)
+        beta = self.kl_ctl.value
+        kl_coef = beta if cfg.kl_penalty == "reward" else 0.0
+        rewards, kl = per_token_rewards(scores, mask, old_logprobs, ref_logprobs, kl_coef=kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return {
+            "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values, "rewards": rewards,
+            "advantages": advantages, "returns": returns, "raw_scores": raw, "scores": scores, "kl": kl, "beta": beta,
+        }
+
+    def _minibatch_loss(self, rollout: Rollout, batch: dict, idx: torch.Tensor, beta: float):
+        """(PPO loss, stats) of the responses ``idx`` of ``rollout``: one forward of the policy (and critic)."""
+        cfg = self.config
+        mask = rollout.response_mask[idx]
+        ids = (rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask)
+        logprobs, values, entropy = forward_logprobs_and_values(self.model, *ids, temperature=cfg.temperature)
+        if self.critic is not None:
+            values = response_values(self.critic, *ids)
+        old, adv = batch["old_logprobs"][idx], batch["advantages"][idx]
+        pg_loss, stats = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_range)
+        v_loss = value_loss(values, batch["returns"][idx], mask, batch["values"][idx], cfg.value_clip_range)
+        ent = masked_mean(entropy, mask)
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * ent
+        if cfg.kl_penalty == "loss" and beta > 0:
+            loss = loss + beta * kl_loss(logprobs, batch["ref_logprobs"][idx], mask)
+        stats.update(policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=ent.item(), loss=loss.item())
+        return loss, stats
+
+    def step(self, prompts: Sequence) -> dict:
+        """One PPO iteration on ``prompts`` (strings or records); returns its statistics (floats)."""
+        cfg, t0 = self.config, time.perf_counter()
+        texts = prompt_texts(prompts)
+        rollout = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature,
+                           generator=self.generator)
+        batch = self._prepare(rollout)
+        mask = rollout.response_mask
+        B = len(rollout)
+        mb = min(cfg.minibatch_size, B)
+        self.model.train(not cfg.disable_dropout)
+        if self.critic is not None:
+            self.critic.train(not cfg.disable_dropout)
+        mb_stats: list[dict] = []
+        first_mb: dict | None = None
+        early_stop, epochs_run = False, 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=self.generator, device=self.device)
+            for start in range(0, B, mb):
+                idx = perm[start : start + mb]
+                loss, stats = self._minibatch_loss(rollout, batch, idx, batch["beta"])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                stats["grad_norm"] = float("nan")
+                if cfg.max_grad_norm:
+                    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                self.optimizer.step()
+                mb_stats.append(stats)
+                first_mb = first_mb or stats
+                if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+                    early_stop = True
+                    break
+            epochs_run += 1
+            if early_stop:
+                break
+        self.model.eval()
+        if self.critic is not None:
+            self.critic.eval()
+
+        with torch.no_grad():
+            seq_k1 = sequence_kl(kl_k1(batch["old_logprobs"], batch["ref_logprobs"]), mask)
+            seq_k3 = sequence_kl(kl_k3(batch["old_logprobs"], batch["ref_logprobs"]), mask)
+        beta = batch["beta"]
+        self.kl_ctl.update(seq_k1.mean().item(), B)
+        stats = {
+            "iteration": self.iteration + 1,
+            "proxy_reward": batch["raw_scores"].mean().item(),
+            "score": batch["scores"].mean().item(),
+            "kl": seq_k1.mean().item(),
+            "kl_k3": seq_k3.mean().item(),
+            "beta": beta,
+            "next_beta": self.kl_ctl.value,
+            "non_score_reward": (-beta * seq_k1).mean().item() if cfg.kl_penalty == "reward" else 0.0,
+            "response_length": rollout.response_lengths.float().mean().item(),
+            "terminated": rollout.terminated.float().mean().item(),
+            "explained_variance": explained_variance(batch["values"], batch["returns"], mask),
+            "value_mean": masked_mean(batch["values"], mask).item(),
+            "return_mean": masked_mean(batch["returns"], mask).item(),
+        }
+        if self.gold_fn is not None:
+            gold = self.gold_fn(rollout.prompts, rollout.responses, rollout.terminated)
+            stats["gold_reward"] = float(torch.as_tensor(gold).float().mean())
+        averaged = ("clipfrac", "approx_kl", "approx_kl_k1", "ratio_mean", "policy_loss", "value_loss", "entropy",
+                    "loss", "grad_norm")
+        for key in averaged:
+            stats[key] = _mean([s[key] for s in mb_stats])
+        stats.update(
+            first_ratio_mean=first_mb["ratio_mean"], first_clipfrac=first_mb["clipfrac"],
+            first_approx_kl=first_mb["approx_kl"],
+            epochs=epochs_run, updates=len(mb_stats), early_stop=early_stop, step_seconds=time.perf_counter() - t0,
+        )
+        self.iteration += 1
+        self.last_rollout = rollout
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence, seed: int | None = None, n_samples: int | None = None) -> dict:
+        """Proxy reward, gold reward and sequence KL (k1, k3) on ``prompts``, sampled with a fixed seed.
+
+        ``samples`` holds the first ``n_samples`` responses (default ``config.eval_samples``) with
+        their scores.
+        Uses its own generator (seed ``config.seed + 1`` unless given), so evaluating never
+        changes the training run, and every evaluation sees the same random numbers.
+        """
+        cfg = self.config
+        n_samples = cfg.eval_samples if n_samples is None else n_samples
+        texts = prompt_texts(prompts)
+        g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
+        ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g)
+        ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+        ref_lp = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+        raw, _ = self._score(ro)
+        out = {
+            "eval_proxy_reward": raw.mean().item(),
+            "eval_kl": sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
+            "eval_kl_k3": sequence_kl(kl_k3(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
+            "eval_response_length": ro.response_lengths.float().mean().item(),
+            "eval_terminated": ro.terminated.float().mean().item(),
+        }
+        gold = None
+        if self.gold_fn is not None:
+            gold = torch.as_tensor(self.gold_fn(ro.prompts, ro.responses, ro.terminated)).float()
+            out["eval_gold_reward"] = gold.mean().item()
+        n = min(n_samples, len(ro))
+        out["samples"] = [
+            {"prompt": ro.prompts[i], "response": ro.responses[i], "terminated": bool(ro.terminated[i]),
+             "proxy": round(raw[i].item(), 3), **({"gold": round(gold[i].item(), 3)} if gold is not None else {})}
+            for i in range(n)
+        ]
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run bit-for-bit."""
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "generator": self.generator.get_state(), "rng": rng_state(), "iteration": self.iteration,
+            "history": self.history, "config": asdict(self.config),
+        }
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.critic is not None:
+            if "critic" not in state:
+                raise ValueError("checkpoint has no critic but this trainer has a separate critic")
+            self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        self.iteration, self.history = int(state["iteration"]), list(state["history"])
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically write :meth:`state_dict` to ``path``."""
+        return save_checkpoint(path, **self.state_dict())
+
+    def load(self, path: str | Path) -> None:
+        """Restore a run saved with :meth:`save`."""
+        self.load_state_dict(load_checkpoint(path))
+
+    # ------------------------------------------------------------------ the loop
+    def train(
+        self,
+        prompt_list: Sequence,
+        iterations: int,
+        checkpoint_dir: str | Path | None = None,
+        eval_prompts: Sequence | None = None,
+        progress: bool | None = None,
+    ) -> list[dict]:
+        """Run PPO until ``iterations`` iterations are done; returns the history (one dict per iteration).
+
+        Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
+        ``eval_prompts``, iteration 0 (before training), every ``eval_every`` iterations and
+        the last one also carry ``eval_*`` statistics and a few samples. With
+        ``checkpoint_dir``, the run is saved every ``checkpoint_every`` iterations and at the
+        end, and a later call with the same directory resumes where it stopped, reproducing
+        the uninterrupted run exactly. ``progress`` (default ``config.progress``) shows a tqdm bar.
+        """
+        cfg = self.config
+        texts = prompt_texts(prompt_list)
+        if len(texts) < cfg.batch_size:
+            raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
+        eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
+        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        if ckpt is not None and ckpt.exists():
+            self.load(ckpt)
+        if eval_texts is not None and self.iteration == 0 and not any(h["iteration"] == 0 for h in self.history):
+            self.history.append({"iteration": 0, **self.evaluate(eval_texts)})
+        show = cfg.progress if progress is None else progress
+        bar = tqdm(total=iterations, initial=self.iteration, desc="PPO", disable=not show)
+        while self.iteration < iterations:
+            order = torch.randperm(len(texts), generator=self.generator, device=self.device)[: cfg.batch_size]
+            stats = self.step([texts[i] for i in order.tolist()])
+            last = self.iteration == iterations
+            if eval_texts is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
+                stats.update(self.evaluate(eval_texts))
+            self.history.append(stats)
+            bar.update(1)
+            bar.set_postfix(proxy=f"{stats['proxy_reward']:.2f}", gold=f"{stats.get('gold_reward', float('nan')):.2f}",
+                            kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
+            if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
+                self.save(ckpt)
+        bar.close()
+        return self.history
+
+
+def save_history(history: list[dict], path: str | Path) -> Path:
+    """Write a run's history as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(history, indent=1))
+    return path
+

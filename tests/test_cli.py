@@ -1,0 +1,62 @@
+"""The command line runs the whole pipeline end to end on the tiny preset, and resumes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import rlhf_book  # noqa: F401  (before torch)
+import pytest
+
+from rlhf_book.cli import PIPELINE_DEFAULTS, load_config, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path, **pipeline):
+    pipe = {"preset": "tiny", "iterations": 2, "out_dir": str(tmp_path / "run"), "n_eval": 6, "n_samples": 3}
+    pipe.update(pipeline)
+    text = "[pipeline]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in pipe.items())
+    text += "[ppo]\nbatch_size = 6\nminibatch_size = 3\nmax_new_tokens = 10\neval_every = 1\ncheckpoint_every = 1\n"
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return path
+
+
+def test_pipeline_end_to_end_and_resume(tmp_cache, tmp_path):
+    cfg = _config(tmp_path, critic="reward_model")
+    assert main(["pipeline", "--config", str(cfg), "--no-progress"]) == 0
+    out = tmp_path / "run"
+    for name in ("config.json", "history.json", "diagnostics.png", "samples.jsonl", "summary.json", "ppo_state.pt"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [0, 1, 2]
+    assert {"proxy_reward", "gold_reward", "kl", "kl_k3", "beta", "clipfrac", "approx_kl", "entropy", "value_loss",
+            "explained_variance", "response_length", "eval_gold_reward"} <= set(history[-1])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and {"prompt", "response", "proxy", "gold"} <= set(samples[0])
+    # the same command with more iterations continues the run instead of starting again
+    assert main(["pipeline", "--config", str(cfg), "--iterations", "3", "--no-progress"]) == 0
+    history2 = json.loads((out / "history.json").read_text())
+    assert [h["iteration"] for h in history2] == [0, 1, 2, 3]
+    assert history2[:3] == history
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        cfg = load_config(path)
+        assert set(cfg["pipeline"]) == set(PIPELINE_DEFAULTS), path
+
+
+def test_bad_config_is_reported(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[pipeline]\npreset = 'tiny'\n[ppo]\nclip_rnage = 0.2\n")
+    assert main(["pipeline", "--config", str(path)]) == 2
+    assert "clip_rnage" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "rlhf_book.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "pipeline" in r.stdout
