@@ -41,7 +41,7 @@ from .gold import gold_reward_fn
 from .kl import kl_k1, sequence_kl
 from .losses import entropy_bonus, policy_gradient_loss, value_loss
 from .rewards import per_token_rewards
-from .rollout import Rollout, generate, response_logprobs
+from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
     "A2CConfig",
@@ -110,31 +110,6 @@ class A2CConfig:
         return cls(**d)
 
 
-def _prompt_strings(prompts: Sequence) -> list[str]:
-    """Prompt texts from strings or ``{"prompt": ...}`` records (what :func:`rlhf_book.corpus.prompt_split` gives)."""
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, dict):
-            if "prompt" not in p:
-                raise ValueError(f"prompt record {i} has no 'prompt' field: {p!r}")
-            p = p["prompt"]
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {i} must be a string or a record with 'prompt', got {type(p).__name__}")
-        out.append(p)
-    return out
-
-
-def _scores(fn: Callable, rollout: Rollout, device) -> torch.Tensor:
-    s = (
-        torch.as_tensor(fn(rollout.prompts, rollout.responses, rollout.terminated), dtype=torch.float32)
-        .to(device)
-        .reshape(-1)
-    )
-    if s.numel() != len(rollout):
-        raise ValueError(f"reward function returned {s.numel()} scores for {len(rollout)} responses")
-    return s
-
-
 class A2CTrainer:
     """A2C on a causal LM against ``reward_fn``, with a per-token KL penalty toward ``ref_model``.
 
@@ -197,7 +172,7 @@ class A2CTrainer:
     def step(self, prompts: Sequence) -> dict:
         """One A2C iteration on ``prompts`` (strings or records); returns its statistics (floats)."""
         cfg, t0 = self.config, time.perf_counter()
-        texts = _prompt_strings(prompts)
+        texts = prompt_texts(prompts)
         # 1. act
         rollout = generate(
             self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=self.generator
@@ -206,7 +181,7 @@ class A2CTrainer:
         mask = rollout.response_mask
         # 2. judge: the reward function scores each response, the reference gives log pi_ref
         with torch.no_grad():
-            scores = _scores(self.reward_fn, rollout, self.device)
+            scores = score_rollout(self.reward_fn, rollout, self.device)
             ref_logprobs = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
         # 3. per-token rewards; log pi(a_t | s_t) was recorded while sampling
         rewards, kl = per_token_rewards(scores, mask, rollout.logprobs, ref_logprobs, kl_coef=cfg.kl_coef)
@@ -264,7 +239,7 @@ class A2CTrainer:
             "grad_norm": actor_norm,
         }
         if self.gold_fn is not None:
-            gold = scores if self.gold_fn is self.reward_fn else _scores(self.gold_fn, rollout, self.device)
+            gold = scores if self.gold_fn is self.reward_fn else score_rollout(self.gold_fn, rollout, self.device)
             stats["gold_reward"] = gold.mean().item()
         stats["step_seconds"] = time.perf_counter() - t0
         self.iteration += 1
@@ -286,19 +261,19 @@ class A2CTrainer:
         training run, and every evaluation uses the same random numbers.
         """
         cfg = self.config
-        texts = [p for p in _prompt_strings(prompts) for _ in range(cfg.eval_samples_per_prompt)]
+        texts = [p for p in prompt_texts(prompts) for _ in range(cfg.eval_samples_per_prompt)]
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
         ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g)
         ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
         ref_lp = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
         kl = sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask)
         out = {
-            "eval_proxy_reward": _scores(self.reward_fn, ro, self.device).mean().item(),
+            "eval_proxy_reward": score_rollout(self.reward_fn, ro, self.device).mean().item(),
             "eval_kl": kl.mean().item(),
             "eval_response_length": ro.response_lengths.float().mean().item(),
         }
         if self.gold_fn is not None:
-            out["eval_gold_reward"] = _scores(self.gold_fn, ro, self.device).mean().item()
+            out["eval_gold_reward"] = score_rollout(self.gold_fn, ro, self.device).mean().item()
         out["eval_samples"] = [
             {"prompt": p, "response": r}
             for p, r in list(zip(ro.prompts, ro.responses))[:: cfg.eval_samples_per_prompt][:3]
@@ -360,10 +335,10 @@ class A2CTrainer:
         the same directory resumes and reproduces the uninterrupted run exactly.
         """
         cfg = self.config
-        texts = _prompt_strings(prompt_list)
+        texts = prompt_texts(prompt_list)
         if len(texts) < cfg.batch_size:
             raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
-        eval_texts = _prompt_strings(eval_prompts) if eval_prompts is not None else None
+        eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
         ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
         if ckpt is not None and ckpt.exists():
             self.load(ckpt)

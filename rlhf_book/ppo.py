@@ -43,10 +43,10 @@ from .gold import gold_reward_fn
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .losses import value_loss
 from .rewards import per_token_rewards
-from .rollout import Rollout, generate, response_logprobs
+from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
-    "ppo_policy_loss", "PPOConfig", "PPOTrainer", "disable_dropout", "build_critic", "prompt_texts",
+    "ppo_policy_loss", "PPOConfig", "PPOTrainer", "disable_dropout", "build_critic",
     "save_history", "CHECKPOINT_NAME",
 ]
 
@@ -191,20 +191,6 @@ def build_critic(kind: str, policy: nn.Module | None = None, reward_model: nn.Mo
     raise ValueError(f"unknown critic kind {kind!r}; choose 'head', 'reward_model' or 'base'")
 
 
-def prompt_texts(prompts: Sequence) -> list[str]:
-    """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives)."""
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, dict):
-            if "prompt" not in p:
-                raise ValueError(f"prompt record {i} has no 'prompt' field: {p!r}")
-            p = p["prompt"]
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {i} must be a string or a record with 'prompt', got {type(p).__name__}")
-        out.append(p)
-    return out
-
-
 def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
@@ -265,10 +251,7 @@ class PPOTrainer:
     @torch.no_grad()
     def _score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw reward-function scores, scores after the missing-EOS rule), both (B,)."""
-        raw = self.reward_fn(rollout.prompts, rollout.responses, rollout.terminated)
-        raw = torch.as_tensor(raw, dtype=torch.float32).to(self.device).reshape(-1)
-        if raw.numel() != len(rollout):
-            raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(rollout)} responses")
+        raw = score_rollout(self.reward_fn, rollout, self.device)
         if self.config.missing_eos_score is None:
             return raw, raw
         return raw, torch.where(rollout.terminated, raw, torch.full_like(raw, self.config.missing_eos_score))

@@ -25,7 +25,7 @@ from .tokenizer import format_prompt
 
 __all__ = [
     "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
-    "position_ids_from_mask", "forward_logits", "encode_prompts", "decode_responses",
+    "position_ids_from_mask", "forward_logits", "encode_prompts", "decode_responses", "prompt_texts", "score_rollout",
 ]
 
 
@@ -188,6 +188,29 @@ def generate_from_ids(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
         logprobs=torch.stack(logps, 1), terminated=finished, prompts=prompts, responses=texts, temperature=temperature,
     )
+
+
+def prompt_texts(prompts: Sequence) -> list[str]:
+    """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives)."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, dict):
+            if "prompt" not in p:
+                raise ValueError(f"prompt record {i} has no 'prompt' field: {p!r}")
+            p = p["prompt"]
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} must be a string or a record with 'prompt', got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
+def score_rollout(reward_fn, rollout: "Rollout", device=None) -> torch.Tensor:
+    """``reward_fn(prompts, responses, terminated)`` of a rollout as a float tensor (B,) on ``device``."""
+    s = torch.as_tensor(reward_fn(rollout.prompts, rollout.responses, rollout.terminated), dtype=torch.float32)
+    s = s.to(device if device is not None else rollout.response_ids.device).reshape(-1)
+    if s.numel() != len(rollout):
+        raise ValueError(f"reward function returned {s.numel()} scores for {len(rollout)} responses")
+    return s
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

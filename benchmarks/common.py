@@ -1,0 +1,239 @@
+"""Shared setup of the CPU benchmarks: one definition of the task, used by every worker.
+
+The orchestrators (system Python, with ``rlhf_book`` installed) build the artefacts once:
+the tokenizer (``rlhf_book.train_tokenizer`` on the corpus), the 64 prompts, and the
+random-init weights of the policy, the critic and the reward model. Every worker, in
+whatever venv, loads those same files, so ours and TRL start from identical weights.
+
+This module imports neither torch nor rlhf_book at top level: the TRL venvs do not have
+rlhf_book, and workers must set thread env vars before torch loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / ".work"  # gitignored: artefacts and scratch output dirs
+RESULTS = HERE / "results"
+VENV_TRL112 = HERE / ".venv-trl112"
+VENV_TRL116 = HERE / ".venv-trl116"
+
+# The task (the speed issue's CPU benchmark). Change here, not in the workers.
+SETUP = {
+    "n_layer": 4,
+    "n_embd": 256,
+    "n_head": 4,
+    "n_positions": 256,  # room for prompt + 128 new tokens in the scaling sweep
+    "vocab_size": 1024,
+    "n_prompts": 64,
+    "batch_size": 16,  # sequences per iteration
+    "response_length": 24,  # new tokens
+    "ppo_epochs": 1,
+    "minibatches": 1,
+    "dtype": "float32",
+    "threads": 2,
+    "temperature": 1.0,
+    "kl_coef": 0.05,
+    "lr": 1e-5,
+    "seed": 0,
+    "tokenizer_texts": 20_000,
+}
+
+THREAD_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "OMP_NUM_THREADS": str(SETUP["threads"]),
+    "MKL_NUM_THREADS": str(SETUP["threads"]),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "WANDB_DISABLED": "true",
+    "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+    "PYTHONHASHSEED": "0",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """The environment every worker subprocess gets (identical for ours and TRL)."""
+    env = dict(os.environ)
+    for k in ("VIRTUAL_ENV", "PYTHONPATH"):
+        env.pop(k, None)
+    env.update(THREAD_ENV)
+    env.update(extra or {})
+    return env
+
+
+def artifacts_dir(n_layer: int, n_embd: int, n_head: int) -> Path:
+    return WORK / f"setup-L{n_layer}-W{n_embd}-H{n_head}"
+
+
+def build_artifacts(n_layer: int = SETUP["n_layer"], n_embd: int = SETUP["n_embd"], n_head: int = SETUP["n_head"]) -> Path:
+    """Tokenizer, prompts, and random-init policy / critic / reward weights; idempotent. Main Python only."""
+    out = artifacts_dir(n_layer, n_embd, n_head)
+    if (out / "setup.json").exists():
+        return out
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    import rlhf_book  # noqa: F401  (before torch: sets OMP_WAIT_POLICY)
+    from rlhf_book.corpus import generate_examples, sample_prompts
+    from rlhf_book.tokenizer import format_prompt, train_tokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok_dir = WORK / "tokenizer-v1024"
+    if not (tok_dir / "tokenizer.json").exists():
+        examples = generate_examples(SETUP["tokenizer_texts"], seed=SETUP["seed"])
+        tok = train_tokenizer((format_prompt(e.prompt) + e.response for e in examples), vocab_size=SETUP["vocab_size"])
+        tok.save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.padding_side = "left"
+    tok.save_pretrained(tmp / "tokenizer")
+    prompts = [p["prompt"] for p in sample_prompts(SETUP["n_prompts"], seed=SETUP["seed"])]
+    (tmp / "prompts.json").write_text(json.dumps(prompts, indent=0))
+
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=SETUP["n_positions"], n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_labels=1,
+    )
+    torch.manual_seed(SETUP["seed"])
+    GPT2LMHeadModel(cfg).save_pretrained(tmp / "policy")
+    torch.manual_seed(SETUP["seed"] + 1)
+    GPT2ForSequenceClassification(cfg).save_pretrained(tmp / "reward")
+    torch.manual_seed(SETUP["seed"] + 2)
+    GPT2ForSequenceClassification(cfg).save_pretrained(tmp / "value")
+    meta = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": SETUP["n_positions"],
+            "vocab_size": len(tok), "n_prompts": len(prompts), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    (tmp / "setup.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_prompts(art: Path) -> list[str]:
+    return json.loads((Path(art) / "prompts.json").read_text())
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": mem, "platform": platform.platform(),
+            "python": sys.version.split()[0]}
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def summarize(times: list[float], warmup: int, tokens_per_iter: list[int] | None = None,
+              cpu_times: list[float] | None = None) -> dict:
+    """Median / min / max seconds per iteration after ``warmup`` iterations, and generated tokens/s.
+
+    ``cpu_times``: process CPU seconds (all threads, time.process_time) per iteration: less
+    sensitive than wall time to other jobs on a shared machine.
+    """
+    meas = times[warmup:]
+    if not meas:
+        raise ValueError(f"no measured iterations: {len(times)} timed, warmup={warmup}")
+    out = {"iter_seconds": [round(t, 4) for t in times], "warmup": warmup, "measured": len(meas),
+           "median_s_per_iter": round(median(meas), 4), "min_s_per_iter": round(min(meas), 4),
+           "max_s_per_iter": round(max(meas), 4)}
+    if cpu_times:
+        out["cpu_seconds"] = [round(t, 4) for t in cpu_times]
+        out["median_cpu_s_per_iter"] = round(median(cpu_times[warmup:]), 4)
+    if tokens_per_iter:
+        tok = tokens_per_iter[warmup:]
+        out["generated_tokens_per_iter"] = round(sum(tok) / len(tok), 1)
+        out["generated_tokens_per_s"] = round(sum(tok) / sum(meas), 1)
+    return out
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def apply_mallopt() -> bool:
+    """Keep freed tensor memory in the heap instead of returning it to the OS after every op.
+
+    glibc serves allocations above M_MMAP_THRESHOLD (128 KiB, adaptive) with fresh mmaps and
+    trims the heap top above M_TRIM_THRESHOLD, so each large temporary tensor costs page
+    faults. Raising both (the same as MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=536870912 in the environment) reuses the memory. Call before
+    torch allocates anything; returns whether glibc accepted both settings.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 512 * 1024 * 1024) == 1 and ok)
+
+
+def variant_args(ap) -> None:
+    """Worker flags for the fix experiments (both default off: the headline runs are stock)."""
+    ap.add_argument("--mallopt", action="store_true", help="raise glibc's mmap/trim thresholds (see apply_mallopt)")
+    ap.add_argument("--activation", default=None,
+                    help="override GPT2Config.activation_function of every model, e.g. gelu_pytorch_tanh (fused kernel)")
+
+
+def model_kwargs(args) -> dict:
+    return {"activation_function": args.activation} if getattr(args, "activation", None) else {}

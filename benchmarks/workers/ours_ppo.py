@@ -1,0 +1,174 @@
+"""Worker: ``rlhf_book.ppo.PPOTrainer`` on the shared setup; writes one JSON.
+
+Runs in the main Python (rlhf_book installed editable). One iteration = one
+``PPOTrainer.step(prompts)`` on 16 prompts (the 64 prompts in 4 fixed chunks, cycled).
+The reward is the shared random-init GPT2ForSequenceClassification, wrapped as a
+``reward_fn(prompts, responses, terminated)`` (it re-tokenizes the decoded text: that is
+our API, and its cost is ours). ``--critic separate`` (default, like-for-like with TRL's
+``value_model``) passes ``ValueModel.from_reward_model(<the shared value model>)``;
+``--critic head`` uses the book's default (critic=None: a value head on the policy).
+
+Phase times come from thin wrappers installed on the trainer from outside (the library
+is not modified): generation, ``_prepare`` (critic + reference forwards, reward, GAE) with
+the reward function inside it, and the rest of ``step`` (the PPO update and statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+os.environ.update(common.THREAD_ENV)
+import rlhf_book  # noqa: E402  (before torch)
+
+
+def make_reward_fn(reward_model, tokenizer):
+    """reward_fn(prompts, responses, terminated) -> (B,) from a sequence-classification model's last-token score."""
+    import torch
+
+    from rlhf_book.rollout import position_ids_from_mask
+    from rlhf_book.tokenizer import format_prompt
+
+    eos = tokenizer.eos_token
+
+    @torch.no_grad()
+    def reward_fn(prompts, responses, terminated=None):
+        term = [True] * len(prompts) if terminated is None else [bool(t) for t in terminated]
+        texts = [format_prompt(p) + r + (eos if t else "") for p, r, t in zip(prompts, responses, term)]
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        tokenizer.padding_side = side
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        out = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        return out.logits[:, 0].float()
+
+    return reward_fn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--response-length", type=int, default=common.SETUP["response_length"])
+    ap.add_argument("--batch-size", type=int, default=common.SETUP["batch_size"])
+    ap.add_argument("--critic", choices=["separate", "head"], default="separate")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of the measured iterations here")
+    common.variant_args(ap)
+    args = ap.parse_args()
+    mallopt_ok = common.apply_mallopt() if args.mallopt else None
+    load_start = common.loadavg()
+    t_start = time.perf_counter()
+
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    import rlhf_book.ppo as ppo_mod
+    from rlhf_book.critic import ValueModel
+    from rlhf_book.ppo import PPOConfig, PPOTrainer
+
+    S = common.SETUP
+    rlhf_book.configure_threads(S["threads"])
+    rlhf_book.set_seed(S["seed"])
+    art = Path(args.artifacts)
+    mk = common.model_kwargs(args)
+    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
+    tok.padding_side = "left"
+    prompts = common.load_prompts(art)
+    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
+    ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
+    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk).eval().requires_grad_(False)
+    critic = None
+    if args.critic == "separate":
+        critic = ValueModel.from_reward_model(GPT2ForSequenceClassification.from_pretrained(art / "value", dtype=torch.float32, **mk))
+
+    cfg = PPOConfig(
+        batch_size=args.batch_size, minibatch_size=args.batch_size, ppo_epochs=S["ppo_epochs"],
+        max_new_tokens=args.response_length, temperature=S["temperature"], lr=S["lr"], kl_coef=S["kl_coef"],
+        missing_eos_score=None,  # TRL: missing_eos_penalty=None
+        seed=S["seed"], progress=False,
+    )
+    reward_fn = make_reward_fn(reward, tok)
+    phase = {"generate": 0.0, "prepare": 0.0, "reward_fn": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phase[name] += time.perf_counter() - t
+        return wrapper
+
+    ppo_mod.generate = timed("generate", ppo_mod.generate)  # the name PPOTrainer.step calls
+    trainer = PPOTrainer(policy, ref, tok, timed("reward_fn", reward_fn), cfg, critic=critic, gold_fn=None)
+    trainer._prepare = timed("prepare", trainer._prepare)
+    setup_s = time.perf_counter() - t_start
+
+    chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    times, cpu, tokens, real, phases = [], [], [], [], []
+    prof = None
+    for it in range(args.warmup + args.iters):
+        if args.profile and it == args.warmup:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        for k in phase:
+            phase[k] = 0.0
+        t, c = time.perf_counter(), time.process_time()
+        stats = trainer.step(chunks[it % len(chunks)])
+        dt = time.perf_counter() - t
+        cpu.append(time.process_time() - c)
+        ro = trainer.last_rollout
+        times.append(dt)
+        tokens.append(int(ro.response_ids.numel()))
+        real.append(int(ro.response_mask.sum()))
+        phases.append({"generate": phase["generate"], "critic_ref_forwards_gae": phase["prepare"] - phase["reward_fn"],
+                       "reward_fn": phase["reward_fn"],
+                       "update_and_stats": dt - phase["generate"] - phase["prepare"]})
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+    meas = phases[args.warmup:]
+    phase_median = {k: round(common.median([p[k] for p in meas]), 4) for k in meas[0]}
+    res = {
+        "impl": "ours_ppo" if args.critic == "separate" else "ours_ppo_value_head",
+        "label": "rlhf_book PPOTrainer" + (" (separate critic)" if args.critic == "separate" else " (value head on policy, critic=None)"),
+        "versions": {"rlhf_book": rlhf_book.__version__,
+                     "rlhf_book_ppo_sha1": __import__("hashlib").sha1(Path(ppo_mod.__file__).read_bytes()).hexdigest()[:12],
+                     "transformers": transformers.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
+        "threads": torch.get_num_threads(),
+        "variant": {"mallopt": mallopt_ok, "activation": args.activation or policy.config.activation_function},
+        "config": {"batch_size": args.batch_size, "response_length": args.response_length,
+                   "n_layer": policy.config.n_layer, "n_embd": policy.config.n_embd, "n_head": policy.config.n_head,
+                   "critic": "ValueModel.from_reward_model(value GPT2ForSequenceClassification)" if critic is not None
+                   else "PolicyWithValueHead (detached value head)", "gold_fn": None},
+        **common.summarize(times, args.warmup, tokens, cpu),
+        "generation_s_median": phase_median["generate"],
+        "phase_s_median": phase_median,
+        "real_tokens_per_iter": round(sum(real[args.warmup:]) / len(real[args.warmup:]), 1),
+        "last_stats": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()},
+        "setup_s": round(setup_s, 2),
+        "peak_rss_mib": round(common.peak_rss_mib(), 1),
+        "loadavg_start": load_start,
+        "loadavg_end": common.loadavg(),
+    }
+    common.write_json(Path(args.out), res)
+    print(f"{res['impl']}: {res['median_s_per_iter']} s/iter, {res.get('generated_tokens_per_s')} tok/s, "
+          f"peak RSS {res['peak_rss_mib']} MiB, phases {phase_median}")
+
+
+if __name__ == "__main__":
+    main()
