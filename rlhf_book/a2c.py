@@ -32,15 +32,15 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .advantage import gae, masked_mean, masked_whiten
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, set_rng_state
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
 from .gold import gold_reward_fn
 from .kl import kl_k1, sequence_kl
 from .losses import entropy_bonus, policy_gradient_loss, value_loss
 from .rewards import per_token_rewards
+from .trainer import OnPolicyTrainer
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -110,7 +110,7 @@ class A2CConfig:
         return cls(**d)
 
 
-class A2CTrainer:
+class A2CTrainer(OnPolicyTrainer):
     """A2C on a causal LM against ``reward_fn``, with a per-token KL penalty toward ``ref_model``.
 
     ``policy`` (the actor) is trained in place: a causal LM or a
@@ -121,6 +121,9 @@ class A2CTrainer:
     ``reward_fn(prompts, responses, terminated) -> (B,)`` is what is optimised; ``gold_fn``
     (same signature, or None) is only logged.
     """
+
+    name = "A2C"
+    checkpoint_name = CHECKPOINT_NAME
 
     def __init__(
         self,
@@ -310,56 +313,8 @@ class A2CTrainer:
         set_rng_state(state["rng"])
         self.iteration, self.history = int(state["iteration"]), list(state["history"])
 
-    def save(self, path: str | Path) -> Path:
-        """Atomically write :meth:`state_dict` to ``path``."""
-        return save_checkpoint(path, **self.state_dict())
-
-    def load(self, path: str | Path) -> None:
-        """Restore a run saved with :meth:`save`."""
-        self.load_state_dict(load_checkpoint(path))
-
-    # ------------------------------------------------------------------ the loop
-    def train(
-        self,
-        prompt_list: Sequence,
-        iterations: int,
-        checkpoint_dir: str | Path | None = None,
-        eval_prompts: Sequence | None = None,
-    ) -> list[dict]:
-        """Run A2C until ``iterations`` iterations are done; returns the history (one dict per iteration).
-
-        Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
-        ``eval_prompts``, a record for iteration 0 (before training), every ``eval_every``-th
-        iteration and the last one carry ``eval_*`` statistics. With ``checkpoint_dir`` the
-        run is saved every ``checkpoint_every`` iterations and at the end; calling again with
-        the same directory resumes and reproduces the uninterrupted run exactly.
-        """
-        cfg = self.config
-        texts = prompt_texts(prompt_list)
-        if len(texts) < cfg.batch_size:
-            raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
-        eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        if ckpt is not None and ckpt.exists():
-            self.load(ckpt)
-        if eval_texts is not None and self.iteration == 0 and not any(h["iteration"] == 0 for h in self.history):
-            self.history.append({"iteration": 0, **self.evaluate(eval_texts)})
-        bar = tqdm(total=iterations, initial=min(self.iteration, iterations), desc="A2C", disable=not cfg.progress)
-        while self.iteration < iterations:
-            order = torch.randperm(len(texts), generator=self.generator, device=self.device)[: cfg.batch_size]
-            stats = self.step([texts[i] for i in order.tolist()])
-            last = self.iteration == iterations
-            if eval_texts is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
-                stats.update(self.evaluate(eval_texts))
-            self.history.append(stats)
-            bar.update(1)
-            bar.set_postfix(
-                reward=f"{stats['proxy_reward']:.2f}", kl=f"{stats['kl']:.2f}", ev=f"{stats['explained_variance']:.2f}"
-            )
-            if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
-                self.save(ckpt)
-        bar.close()
-        return self.history
+    def progress_postfix(self, stats: dict) -> dict:
+        return {"reward": f"{stats['proxy_reward']:.2f}", "kl": f"{stats['kl']:.2f}", "ev": f"{stats['explained_variance']:.2f}"}
 
 
 def train(

@@ -34,15 +34,15 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .advantage import gae, masked_mean, masked_whiten
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, set_rng_state
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
 from .gold import gold_reward_fn
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .losses import value_loss
 from .rewards import per_token_rewards
+from .trainer import OnPolicyTrainer
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -195,7 +195,7 @@ def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-class PPOTrainer:
+class PPOTrainer(OnPolicyTrainer):
     """PPO on a causal LM against ``reward_fn``, regularised toward the frozen ``ref_model``.
 
     ``policy``: a causal LM (trained in place) or a :class:`~rlhf_book.critic.PolicyWithValueHead`.
@@ -204,6 +204,9 @@ class PPOTrainer:
     :func:`build_critic`). ``reward_fn(prompts, responses, terminated) -> (B,)`` is the proxy
     being optimised; ``gold_fn`` (same signature, or None) is only logged.
     """
+
+    name = "PPO"
+    checkpoint_name = CHECKPOINT_NAME
 
     def __init__(
         self,
@@ -441,58 +444,9 @@ class PPOTrainer:
         set_rng_state(state["rng"])
         self.iteration, self.history = int(state["iteration"]), list(state["history"])
 
-    def save(self, path: str | Path) -> Path:
-        """Atomically write :meth:`state_dict` to ``path``."""
-        return save_checkpoint(path, **self.state_dict())
-
-    def load(self, path: str | Path) -> None:
-        """Restore a run saved with :meth:`save`."""
-        self.load_state_dict(load_checkpoint(path))
-
-    # ------------------------------------------------------------------ the loop
-    def train(
-        self,
-        prompt_list: Sequence,
-        iterations: int,
-        checkpoint_dir: str | Path | None = None,
-        eval_prompts: Sequence | None = None,
-        progress: bool | None = None,
-    ) -> list[dict]:
-        """Run PPO until ``iterations`` iterations are done; returns the history (one dict per iteration).
-
-        Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
-        ``eval_prompts``, iteration 0 (before training), every ``eval_every`` iterations and
-        the last one also carry ``eval_*`` statistics and a few samples. With
-        ``checkpoint_dir``, the run is saved every ``checkpoint_every`` iterations and at the
-        end, and a later call with the same directory resumes where it stopped, reproducing
-        the uninterrupted run exactly. ``progress`` (default ``config.progress``) shows a tqdm bar.
-        """
-        cfg = self.config
-        texts = prompt_texts(prompt_list)
-        if len(texts) < cfg.batch_size:
-            raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
-        eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        if ckpt is not None and ckpt.exists():
-            self.load(ckpt)
-        if eval_texts is not None and self.iteration == 0 and not any(h["iteration"] == 0 for h in self.history):
-            self.history.append({"iteration": 0, **self.evaluate(eval_texts)})
-        show = cfg.progress if progress is None else progress
-        bar = tqdm(total=iterations, initial=self.iteration, desc="PPO", disable=not show)
-        while self.iteration < iterations:
-            order = torch.randperm(len(texts), generator=self.generator, device=self.device)[: cfg.batch_size]
-            stats = self.step([texts[i] for i in order.tolist()])
-            last = self.iteration == iterations
-            if eval_texts is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
-                stats.update(self.evaluate(eval_texts))
-            self.history.append(stats)
-            bar.update(1)
-            bar.set_postfix(proxy=f"{stats['proxy_reward']:.2f}", gold=f"{stats.get('gold_reward', float('nan')):.2f}",
-                            kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
-            if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
-                self.save(ckpt)
-        bar.close()
-        return self.history
+    def progress_postfix(self, stats: dict) -> dict:
+        return {"proxy": f"{stats['proxy_reward']:.2f}", "gold": f"{stats.get('gold_reward', float('nan')):.2f}",
+                "kl": f"{stats['kl']:.2f}", "beta": f"{stats['beta']:.3f}"}
 
 
 def save_history(history: list[dict], path: str | Path) -> Path:

@@ -1,0 +1,96 @@
+"""The loop every on-policy trainer of the book shares (A2C, PPO).
+
+One iteration = draw a batch of distinct prompts, ``step`` on them (rollout, rewards,
+advantages, updates), sometimes ``evaluate`` on held-out prompts, append the stats to
+``history``, checkpoint. A subclass supplies ``step``, ``evaluate``, ``state_dict`` and
+``load_state_dict``; everything here is the bookkeeping that makes a run resumable
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .rollout import prompt_texts
+
+__all__ = ["OnPolicyTrainer"]
+
+
+class OnPolicyTrainer:
+    """Base class: subclasses set ``config`` (with batch_size, eval_every, checkpoint_every, progress),
+    ``generator``, ``device``, ``iteration`` and ``history``, and the class attributes below."""
+
+    name = "RL"  # shown on the progress bar
+    checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
+
+    def step(self, prompts: Sequence[str]) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, prompts: Sequence) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def progress_postfix(self, stats: dict) -> dict:
+        """What the progress bar shows after an iteration."""
+        return {"reward": f"{stats['proxy_reward']:.2f}", "kl": f"{stats['kl']:.2f}"}
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically write :meth:`state_dict` to ``path``."""
+        return save_checkpoint(path, **self.state_dict())
+
+    def load(self, path: str | Path) -> None:
+        """Restore a run saved with :meth:`save`."""
+        self.load_state_dict(load_checkpoint(path))
+
+    def train(
+        self,
+        prompt_list: Sequence,
+        iterations: int,
+        checkpoint_dir: str | Path | None = None,
+        eval_prompts: Sequence | None = None,
+        progress: bool | None = None,
+    ) -> list[dict]:
+        """Run until ``iterations`` iterations are done; returns the history (one dict per iteration).
+
+        Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
+        ``eval_prompts``, iteration 0 (before training), every ``eval_every``-th iteration and
+        the last one also carry ``eval_*`` statistics. With ``checkpoint_dir`` the run is saved
+        every ``checkpoint_every`` iterations and at the end; calling again with the same
+        directory resumes and reproduces the uninterrupted run exactly. ``progress``
+        (default ``config.progress``) shows a tqdm bar.
+        """
+        cfg = self.config
+        texts = prompt_texts(prompt_list)
+        if len(texts) < cfg.batch_size:
+            raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
+        eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
+        ckpt = Path(checkpoint_dir) / self.checkpoint_name if checkpoint_dir is not None else None
+        if ckpt is not None and ckpt.exists():
+            self.load(ckpt)
+        if eval_texts is not None and self.iteration == 0 and not any(h["iteration"] == 0 for h in self.history):
+            self.history.append({"iteration": 0, **self.evaluate(eval_texts)})
+        show = cfg.progress if progress is None else progress
+        bar = tqdm(total=iterations, initial=min(self.iteration, iterations), desc=self.name, disable=not show)
+        while self.iteration < iterations:
+            order = torch.randperm(len(texts), generator=self.generator, device=self.device)[: cfg.batch_size]
+            stats = self.step([texts[i] for i in order.tolist()])
+            last = self.iteration == iterations
+            if eval_texts is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
+                stats.update(self.evaluate(eval_texts))
+            self.history.append(stats)
+            bar.update(1)
+            bar.set_postfix(self.progress_postfix(stats))
+            if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
+                self.save(ckpt)
+        bar.close()
+        return self.history
