@@ -26,7 +26,7 @@ time, and no importance ratio or clipping is needed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from .advantage import gae, masked_mean, masked_whiten
-from .checkpoint import rng_state, set_rng_state
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
 from .gold import gold_reward_fn
 from .kl import kl_k1, sequence_kl
@@ -265,10 +264,7 @@ class A2CTrainer(OnPolicyTrainer):
         """
         cfg = self.config
         texts = [p for p in prompt_texts(prompts) for _ in range(cfg.eval_samples_per_prompt)]
-        g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
-        ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g)
-        ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-        ref_lp = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+        ro, ref_lp = self.eval_rollout(texts, seed)
         kl = sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask)
         out = {
             "eval_proxy_reward": score_rollout(self.reward_fn, ro, self.device).mean().item(),
@@ -284,34 +280,8 @@ class A2CTrainer(OnPolicyTrainer):
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """Everything needed to continue the run bit-for-bit."""
-        state = {
-            "model": self.model.state_dict(),
-            "actor_optimizer": self.actor_optimizer.state_dict(),
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "rng": rng_state(),
-            "iteration": self.iteration,
-            "history": self.history,
-            "config": asdict(self.config),
-        }
-        if self.critic is not None:
-            state["critic"] = self.critic.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.model.load_state_dict(state["model"])
-        if self.critic is not None:
-            if "critic" not in state:
-                raise ValueError("checkpoint has no separate critic but this trainer has one")
-            self.critic.load_state_dict(state["critic"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
-        self.iteration, self.history = int(state["iteration"]), list(state["history"])
+    def stateful(self) -> dict:
+        return {"actor_optimizer": self.actor_optimizer, "critic_optimizer": self.critic_optimizer}
 
     def progress_postfix(self, stats: dict) -> dict:
         return {"reward": f"{stats['proxy_reward']:.2f}", "kl": f"{stats['kl']:.2f}", "ev": f"{stats['explained_variance']:.2f}"}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from .advantage import gae, masked_mean, masked_whiten
-from .checkpoint import rng_state, set_rng_state
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
 from .gold import gold_reward_fn
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
@@ -394,11 +393,7 @@ class PPOTrainer(OnPolicyTrainer):
         """
         cfg = self.config
         n_samples = cfg.eval_samples if n_samples is None else n_samples
-        texts = prompt_texts(prompts)
-        g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
-        ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g)
-        ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-        ref_lp = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+        ro, ref_lp = self.eval_rollout(prompt_texts(prompts), seed)
         raw, _ = self._score(ro)
         out = {
             "eval_proxy_reward": raw.mean().item(),
@@ -420,29 +415,8 @@ class PPOTrainer(OnPolicyTrainer):
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """Everything needed to continue the run bit-for-bit."""
-        state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "generator": self.generator.get_state(), "rng": rng_state(), "iteration": self.iteration,
-            "history": self.history, "config": asdict(self.config),
-        }
-        if self.critic is not None:
-            state["critic"] = self.critic.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.critic is not None:
-            if "critic" not in state:
-                raise ValueError("checkpoint has no critic but this trainer has a separate critic")
-            self.critic.load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
-        self.iteration, self.history = int(state["iteration"]), list(state["history"])
+    def stateful(self) -> dict:
+        return {"optimizer": self.optimizer, "kl_ctl": self.kl_ctl}
 
     def progress_postfix(self, stats: dict) -> dict:
         return {"proxy": f"{stats['proxy_reward']:.2f}", "gold": f"{stats.get('gold_reward', float('nan')):.2f}",

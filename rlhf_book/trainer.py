@@ -9,21 +9,25 @@ bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .rollout import prompt_texts
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .rollout import Rollout, generate, prompt_texts, response_logprobs
 
 __all__ = ["OnPolicyTrainer"]
 
 
 class OnPolicyTrainer:
-    """Base class: subclasses set ``config`` (with batch_size, eval_every, checkpoint_every, progress),
-    ``generator``, ``device``, ``iteration`` and ``history``, and the class attributes below."""
+    """Base class. Subclasses set ``config`` (a dataclass with batch_size, eval_every,
+    checkpoint_every, progress, max_new_tokens, temperature, seed), ``model`` (what is trained),
+    ``lm`` (the causal LM that samples), ``ref``, ``tokenizer``, ``critic`` (or None),
+    ``generator``, ``device``, ``iteration`` and ``history``, and implement ``step``,
+    ``evaluate`` and ``stateful`` (optimizers, controllers: whatever else a checkpoint needs)."""
 
     name = "RL"  # shown on the progress bar
     checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
@@ -34,11 +38,46 @@ class OnPolicyTrainer:
     def evaluate(self, prompts: Sequence) -> dict:
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def stateful(self) -> dict:
+        """Objects with ``state_dict``/``load_state_dict`` besides model and critic, by checkpoint key."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run bit for bit."""
+        state = {
+            "model": self.model.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
+            "iteration": self.iteration, "history": self.history, "config": asdict(self.config),
+            **{k: v.state_dict() for k, v in self.stateful().items()},
+        }
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+        return state
+
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        """Restore what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        if self.critic is not None:
+            if "critic" not in state:
+                raise ValueError("checkpoint has no separate critic but this trainer has one")
+            self.critic.load_state_dict(state["critic"])
+        for k, v in self.stateful().items():
+            v.load_state_dict(state[k])
+        self.generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        self.iteration, self.history = int(state["iteration"]), list(state["history"])
+
+    @torch.no_grad()
+    def eval_rollout(self, texts: Sequence[str], seed: int | None = None) -> tuple[Rollout, torch.Tensor]:
+        """Sample ``texts`` with a private generator (seed ``config.seed + 1`` unless given) -> (rollout, ref log-probs).
+
+        The generator is its own, so evaluating never changes the training run and every
+        evaluation sees the same random numbers.
+        """
+        cfg = self.config
+        g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
+        ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g)
+        ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+        return ro, response_logprobs(self.ref, *ids, temperature=cfg.temperature)
 
     def progress_postfix(self, stats: dict) -> dict:
         """What the progress bar shows after an iteration."""
