@@ -26,7 +26,7 @@ time, and no importance ratio or clipping is needed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,7 +39,7 @@ from .gold import gold_reward_fn
 from .kl import kl_k1, sequence_kl
 from .losses import entropy_bonus, policy_gradient_loss, value_loss
 from .rewards import per_token_rewards
-from .trainer import OnPolicyTrainer
+from .trainer import OnPolicyTrainer, check_config, config_from_dict
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -86,27 +86,20 @@ class A2CConfig:
     progress: bool = True  # tqdm bar in train()
 
     def __post_init__(self):
-        for name in ("batch_size", "max_new_tokens", "temperature", "lr", "critic_lr", "eval_samples_per_prompt"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"A2CConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("value_updates", "vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"A2CConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"A2CConfig.gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        check_config(
+            self,
+            positive=("batch_size", "max_new_tokens", "temperature", "lr", "critic_lr", "eval_samples_per_prompt"),
+            positive_or_none=("max_grad_norm",),
+            nonnegative=("value_updates", "vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every"),
+            unit_interval=("gamma", "lam"),
+        )
         if self.critic not in ("head", "separate"):
             raise ValueError(f"A2CConfig.critic must be 'head' or 'separate', got {self.critic!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"A2CConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "A2CConfig":
         """Build from a dict, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown A2CConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class A2CTrainer(OnPolicyTrainer):
@@ -327,10 +320,7 @@ def plot_history(
     """:func:`rlhf_book.plotting.plot_runs` for A2C histories (one run or ``{label: history}``); returns the figure."""
     from .plotting import plot_runs
 
-    fig = plot_runs(runs if isinstance(runs, dict) else {"A2C": runs}, keys=keys, title=title)
-    for ax in fig.axes:
-        ax.set_xlabel("A2C iteration")
-    return fig
+    return plot_runs(runs if isinstance(runs, dict) else {"A2C": runs}, keys=keys, title=title, xlabel="A2C iteration")
 
 
 def policy_gradient_variance(

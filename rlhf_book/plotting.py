@@ -44,8 +44,8 @@ def _style(key: str) -> dict:
     return {"marker": "o", "ms": 3} if key.startswith("eval_") else {"lw": 1.2}
 
 
-def plot_run(history: Sequence[Mapping], title: str | None = None, panels=None):
-    """The diagnostics of one PPO run, one labelled panel per quantity (3 x 3); returns the figure."""
+def plot_run(history: Sequence[Mapping], title: str | None = None, panels=None, xlabel: str = "PPO iteration"):
+    """The diagnostics of one run, one labelled panel per quantity (3 x 3); returns the figure."""
     import matplotlib.pyplot as plt
 
     panels = PANELS if panels is None else panels
@@ -60,7 +60,7 @@ def plot_run(history: Sequence[Mapping], title: str | None = None, panels=None):
                 ax.plot(xs, ys, label=label, **_style(key))
                 drawn = True
         ax.set_title(name)
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn and len(keys) > 1:
@@ -83,6 +83,7 @@ def plot_runs(
         ("eval_kl", "KL to reference (nats)"),
     ),
     title: str | None = None,
+    xlabel: str = "PPO iteration",
 ):
     """Several runs (``{label: history}``) overlaid, one panel per ``(key, y label)``; returns the figure."""
     import matplotlib.pyplot as plt
@@ -93,7 +94,7 @@ def plot_runs(
             xs, ys = series(history, key)
             if xs:
                 ax.plot(xs, ys, label=label, **_style(key))
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

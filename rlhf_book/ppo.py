@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,7 +41,7 @@ from .gold import gold_reward_fn
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .losses import value_loss
 from .rewards import per_token_rewards
-from .trainer import OnPolicyTrainer
+from .trainer import OnPolicyTrainer, check_config, config_from_dict
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -138,20 +138,14 @@ class PPOConfig:
     progress: bool = True  # tqdm bar in train()
 
     def __post_init__(self):
-        positive = ["batch_size", "max_new_tokens", "temperature", "lr", "adam_eps", "ppo_epochs", "minibatch_size",
-                    "clip_range"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0 or None, got {v!r}")
-        for name in ("vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every", "eval_samples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"PPOConfig.gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        check_config(
+            self,
+            positive=("batch_size", "max_new_tokens", "temperature", "lr", "adam_eps", "ppo_epochs", "minibatch_size",
+                      "clip_range"),
+            positive_or_none=("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target"),
+            nonnegative=("vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every", "eval_samples"),
+            unit_interval=("gamma", "lam"),
+        )
         if self.kl_penalty not in ("reward", "loss"):
             raise ValueError(f"PPOConfig.kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
         if self.kl_target is not None and self.kl_coef <= 0:
@@ -160,11 +154,7 @@ class PPOConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PPOConfig":
         """Build from a dict (e.g. a config file's [ppo] table), naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PPOConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

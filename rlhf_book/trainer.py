@@ -9,7 +9,7 @@ bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +19,34 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .rollout import Rollout, generate, prompt_texts, response_logprobs
 
-__all__ = ["OnPolicyTrainer"]
+__all__ = ["OnPolicyTrainer", "check_config", "config_from_dict"]
+
+
+def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=()) -> None:
+    """Raise ValueError naming the first field of dataclass ``cfg`` outside its allowed range."""
+    name = type(cfg).__name__
+    for f in positive:
+        if not getattr(cfg, f) > 0:
+            raise ValueError(f"{name}.{f} must be > 0, got {getattr(cfg, f)!r}")
+    for f in positive_or_none:
+        v = getattr(cfg, f)
+        if v is not None and not v > 0:
+            raise ValueError(f"{name}.{f} must be > 0 or None, got {v!r}")
+    for f in nonnegative:
+        if getattr(cfg, f) < 0:
+            raise ValueError(f"{name}.{f} must be >= 0, got {getattr(cfg, f)!r}")
+    for f in unit_interval:
+        if not 0.0 <= getattr(cfg, f) <= 1.0:
+            raise ValueError(f"{name}.{f} must be in [0, 1], got {getattr(cfg, f)!r}")
+
+
+def config_from_dict(cls, d: dict):
+    """``cls(**d)`` for a config dataclass, naming any unknown key (e.g. a typo in a config file)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
 
 
 class OnPolicyTrainer:
