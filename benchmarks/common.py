@@ -237,3 +237,28 @@ def variant_args(ap) -> None:
 
 def model_kwargs(args) -> dict:
     return {"activation_function": args.activation} if getattr(args, "activation", None) else {}
+
+
+def worker_footer(setup_s: float, load_start: list[float]) -> dict:
+    """The fields every worker's result ends with: setup time, peak RSS, load at start and end."""
+    return {
+        "setup_s": round(setup_s, 2),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+    }
+
+
+def run_header(benchmark: str, load_start: list[float], t0: float) -> dict:
+    """The fields every orchestrator's result starts with: name, date, machine, load, wall time, command."""
+    import shlex
+
+    return {
+        "benchmark": benchmark,
+        "date": now(),
+        "machine": machine_info(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "total_wall_s": round(time.perf_counter() - t0, 1),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    }

@@ -166,13 +166,7 @@ def main() -> None:
             raw[n].append(run_worker(n, art, scratch / f"{n}_r{rnd}.json", args.warmup, args.iters, []))
     impls = {n: merge(rs) for n, rs in raw.items()}
     res = {
-        "benchmark": "cpu_ppo_vs_trl",
-        "date": common.now(),
-        "machine": common.machine_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": common.loadavg(),
-        "total_wall_s": round(time.perf_counter() - t0, 1),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        **common.run_header("cpu_ppo_vs_trl", load_start, t0),
         "setup": common.SETUP,
         "vocab_size": vocab,
         "warmup": args.warmup,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -84,13 +83,7 @@ def main() -> None:
     k_w_gen = fit_exponent([r["width"] for r in width_rows], [r["generate_s"] for r in width_rows])
     k_w_upd = fit_exponent([r["width"] for r in width_rows], [r["update_and_stats_s"] for r in width_rows])
     res = {
-        "benchmark": "cpu_scaling",
-        "date": common.now(),
-        "machine": common.machine_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": common.loadavg(),
-        "total_wall_s": round(time.perf_counter() - t0, 1),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        **common.run_header("cpu_scaling", load_start, t0),
         "setup": {**S, "critic": "separate (ValueModel.from_reward_model)"},
         "warmup": args.warmup,
         "iters": args.iters,

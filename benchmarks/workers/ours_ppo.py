@@ -160,10 +160,7 @@ def main() -> None:
         "phase_s_median": phase_median,
         "real_tokens_per_iter": round(sum(real[args.warmup:]) / len(real[args.warmup:]), 1),
         "last_stats": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()},
-        "setup_s": round(setup_s, 2),
-        "peak_rss_mib": round(common.peak_rss_mib(), 1),
-        "loadavg_start": load_start,
-        "loadavg_end": common.loadavg(),
+        **common.worker_footer(setup_s, load_start),
     }
     common.write_json(Path(args.out), res)
     print(f"{res['impl']}: {res['median_s_per_iter']} s/iter, {res.get('generated_tokens_per_s')} tok/s, "

@@ -144,10 +144,7 @@ def main() -> None:
                    "token_count_source": "policy.generate" if tokens is gen_tokens else "assumed B*R"},
         **common.summarize(times, args.warmup, tokens, cpu),
         "generation_s_median": round(common.median(gen_times[args.warmup:]), 4) if len(gen_times) > args.warmup else None,
-        "setup_s": round(setup_s, 2),
-        "peak_rss_mib": round(common.peak_rss_mib(), 1),
-        "loadavg_start": load_start,
-        "loadavg_end": common.loadavg(),
+        **common.worker_footer(setup_s, load_start),
     }
     common.write_json(Path(args.out), res)
     print(f"trl_{args.algo}: {res['median_s_per_iter']} s/iter, {res.get('generated_tokens_per_s')} tok/s, "

@@ -189,10 +189,7 @@ def main() -> None:
                                                     zip(times[args.warmup:], gen_times[args.warmup:], per_iter_phase[args.warmup:])]), 4),
         },
         "real_tokens_per_iter": round(sum(real_tokens[args.warmup:]) / max(1, len(real_tokens[args.warmup:])), 1),
-        "setup_s": round(setup_s, 2),
-        "peak_rss_mib": round(common.peak_rss_mib(), 1),
-        "loadavg_start": load_start,
-        "loadavg_end": common.loadavg(),
+        **common.worker_footer(setup_s, load_start),
     }
     common.write_json(Path(args.out), res)
     print(f"trl_ppo: {res['median_s_per_iter']} s/iter, {res.get('generated_tokens_per_s')} tok/s, "
