@@ -126,9 +126,7 @@ def generate(
     device = next(model.parameters()).device
     ctx = _context_size(model)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
-    rollout = generate_from_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator)
-    rollout.prompts = list(prompts)
-    return rollout
+    return generate_from_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts)
 
 
 @torch.no_grad()
@@ -141,8 +139,9 @@ def generate_from_ids(
     temperature: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Rollout:
-    """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` holds their text."""
+    """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` is their text (decoded if None)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
     ctx = _context_size(model)
@@ -183,10 +182,11 @@ def generate_from_ids(
     response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(alive, 1).long()
     texts = decode_responses(tokenizer, response_ids, response_mask)
-    prompts = [tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(prompt_ids, prompt_mask)]
+    if prompts is None:
+        prompts = [tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(prompt_ids, prompt_mask)]
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
-        logprobs=torch.stack(logps, 1), terminated=finished, prompts=prompts, responses=texts, temperature=temperature,
+        logprobs=torch.stack(logps, 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
     )
 
 
