@@ -39,7 +39,8 @@ from .gold import gold_reward_fn
 from .kl import kl_k1, sequence_kl
 from .losses import entropy_bonus, policy_gradient_loss, value_loss
 from .rewards import per_token_rewards
-from .trainer import OnPolicyTrainer, check_config, config_from_dict
+from .runtime import adam
+from .trainer import OnPolicyTrainer, check_config, check_precision, config_from_dict
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -78,6 +79,11 @@ class A2CConfig:
     lam: float = 0.95  # GAE lambda (0: one-step TD advantage, 1: Monte-Carlo return minus V)
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 per batch
     kl_coef: float = 0.05  # beta of the per-token KL penalty -beta (log pi - log pi_ref) in the reward
+    # --- speed (as in PPOConfig; measured in benchmarks/README.md)
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU that supports it, else fp32; or "fp32" / "bf16"
+    tf32: bool = True  # on CUDA, let fp32 matmuls use TF32 tensor cores
+    compile: bool = False  # torch.compile the teacher-forced forwards (worth it on GPUs; a CPU needs a C++ compiler)
+    generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
     # --- bookkeeping
     seed: int = 0  # seeds prompt order and sampling
     eval_every: int = 10  # iterations between held-out evaluations in train() (0: first and last only)
@@ -89,10 +95,11 @@ class A2CConfig:
         check_config(
             self,
             positive=("batch_size", "max_new_tokens", "temperature", "lr", "critic_lr", "eval_samples_per_prompt"),
-            positive_or_none=("max_grad_norm",),
+            positive_or_none=("max_grad_norm", "generation_threads"),
             nonnegative=("value_updates", "vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every"),
             unit_interval=("gamma", "lam"),
         )
+        check_precision(self)
         if self.critic not in ("head", "separate"):
             raise ValueError(f"A2CConfig.critic must be 'head' or 'separate', got {self.critic!r}")
 
@@ -150,8 +157,9 @@ class A2CTrainer(OnPolicyTrainer):
         self.actor_params = [p for p in lm.parameters() if p.requires_grad]
         critic_module = self.model.value_head if self.critic is None else self.critic
         self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
-        self.actor_optimizer = torch.optim.Adam(self.actor_params, lr=cfg.lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic_params, lr=cfg.critic_lr)
+        self.actor_optimizer = adam(self.actor_params, lr=cfg.lr)
+        self.critic_optimizer = adam(self.critic_params, lr=cfg.critic_lr)
+        self.setup_speed()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.iteration = 0
         self.history: list[dict] = []
@@ -160,32 +168,39 @@ class A2CTrainer(OnPolicyTrainer):
     def values(self, rollout: Rollout) -> torch.Tensor:
         """V(s_t) of every response token under the current critic, (B, R) (with grad)."""
         ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
-        if self.critic is None:
-            return forward_logprobs_and_values(self.model, *ids, temperature=self.config.temperature)[1]
-        return response_values(self.critic, *ids)
+        with self.autocast():
+            if self.critic is None:
+                return forward_logprobs_and_values(self.compiled(self.model), *ids, temperature=self.config.temperature)[1].float()
+            return response_values(self.compiled(self.critic), *ids).float()
 
     def step(self, prompts: Sequence) -> dict:
         """One A2C iteration on ``prompts`` (strings or records); returns its statistics (floats)."""
         cfg, t0 = self.config, time.perf_counter()
         texts = prompt_texts(prompts)
         # 1. act
-        rollout = generate(
-            self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=self.generator
-        )
+        with self.autocast():
+            rollout = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature,
+                               generator=self.generator, threads=cfg.generation_threads)
         ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
         mask = rollout.response_mask
         # 2. judge: the reward function scores each response, the reference gives log pi_ref
         with torch.no_grad():
             scores = score_rollout(self.reward_fn, rollout, self.device)
-            ref_logprobs = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+            with self.autocast():
+                ref_logprobs = response_logprobs(self.compiled(self.ref), *ids, temperature=cfg.temperature)
         # 3. per-token rewards; log pi(a_t | s_t) was recorded while sampling
         rewards, kl = per_token_rewards(scores, mask, rollout.logprobs, ref_logprobs, kl_coef=cfg.kl_coef)
         # 4. criticise: V(s_t); the same forward gives the actor's log-probs (with grad) and entropy
         self.model.train()
-        logprobs, values, entropy = forward_logprobs_and_values(self.model, *ids, temperature=cfg.temperature)
         if self.critic is not None:
             self.critic.train()
-            values = response_values(self.critic, *ids)
+        with self.autocast():
+            logprobs, values, entropy = forward_logprobs_and_values(
+                self.compiled(self.model), *ids, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef > 0
+            )
+            if self.critic is not None:
+                values = response_values(self.compiled(self.critic), *ids)
+        values = values.float()
         # 5. advantages and value targets (constants)
         advantages, returns = gae(rewards, values.detach(), mask, cfg.gamma, cfg.lam)
         ev = explained_variance(values.detach(), returns, mask)

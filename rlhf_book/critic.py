@@ -26,7 +26,7 @@ from torch import nn
 
 from .advantage import masked_var
 from .losses import entropy_from_logits
-from .rollout import position_ids_from_mask, token_logprobs
+from .rollout import logits_to_keep_kwargs, position_ids_from_mask, token_logprobs
 
 __all__ = [
     "ValueHead",
@@ -87,8 +87,11 @@ class PolicyWithValueHead(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> PolicyValueOutput:
-        """Logits and V of every column; position ids default to those derived from ``attention_mask``."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **kwargs) -> PolicyValueOutput:
+        """Logits and V of every column; position ids default to those derived from ``attention_mask``.
+
+        ``logits_to_keep`` > 0: logits of the last that many columns only (V still covers every column).
+        """
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
         out = self.lm(
@@ -96,6 +99,7 @@ class PolicyWithValueHead(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=True,
+            **logits_to_keep_kwargs(self.lm, logits_to_keep),
             **kwargs,
         )
         hidden = out.hidden_states[-1]
@@ -197,22 +201,27 @@ def forward_logprobs_and_values(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float = 1.0,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One teacher-forced forward -> (log pi(a_t | s_t), V(s_t), entropy H(pi(. | s_t))), each (B, R), masked 0.
 
     ``model`` is a :class:`PolicyWithValueHead` (values from the same forward) or a
     bare causal LM (then values is None; get them from a separate critic with
     :func:`response_values`). Log-probs and entropy use softmax(logits / temperature).
+    ``entropy_grad=False`` computes the entropy outside the graph, for when it is only
+    logged (no entropy bonus): its backward through a (B, R, V) softmax is then skipped.
     """
-    P = prompt_ids.size(1)
+    P, R = prompt_ids.size(1), response_ids.size(1)
     ids = torch.cat([prompt_ids, response_ids], 1)
     mask = torch.cat([prompt_mask, response_mask], 1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-    logits = out.logits[:, P - 1 : -1].float() / temperature
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                **logits_to_keep_kwargs(model, R + 1))
+    logits = out.logits[:, -(R + 1) : -1].float() / temperature  # columns P - 1 ... P + R - 2
     m = response_mask.bool()
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     logprobs = torch.where(m, token_logprobs(logits, response_ids), zero)
-    entropy = torch.where(m, entropy_from_logits(logits), zero)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = torch.where(m, entropy_from_logits(logits), zero)
     values = getattr(out, "values", None)
     if isinstance(values, torch.Tensor):
         values = torch.where(m, values[:, P - 1 : -1], zero)

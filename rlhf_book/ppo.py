@@ -6,7 +6,9 @@ One PPO iteration on a batch of prompts (what :meth:`PPOTrainer.step` does):
    log pi_old(a_t | s_t) from the sampling itself (no second forward);
 2. **score**: one forward of the frozen reference pi_ref for log pi_ref(a_t | s_t), one
    forward of the critic for V(s_t), the reward function for the score r(x, y)
-   (replaced by ``missing_eos_score`` when the response never ended);
+   (replaced by ``missing_eos_score`` when the response never ended). The first
+   minibatch's forward (step 4) is done here, at theta_old: it gives V_old of its rows and
+   its graph is kept for the first update, so no row is forwarded twice with the same weights;
 3. **rewards and advantages**: r_t = -beta (log pi_old - log pi_ref) + [t = last] score
    (:func:`rlhf_book.rewards.per_token_rewards`), optionally scaled (whitened without mean
    shift), then GAE (:func:`rlhf_book.advantage.gae`) and whitened advantages;
@@ -40,8 +42,9 @@ from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward
 from .gold import gold_reward_fn
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .losses import value_loss
+from .runtime import adam
 from .rewards import per_token_rewards
-from .trainer import OnPolicyTrainer, check_config, config_from_dict
+from .trainer import OnPolicyTrainer, check_config, check_precision, config_from_dict
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -58,6 +61,7 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t); (B, T) -> (scalar, stats).
 
@@ -65,7 +69,8 @@ def ppo_policy_loss(
     The mean is over real tokens of the batch. ``stats`` (floats): ``clipfrac`` (share of
     tokens where the clipped term is the active one, so their gradient is 0),
     ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) per token, >= 0), ``approx_kl_k1``
-    and ``ratio_mean``.
+    and ``ratio_mean``. ``as_tensors=True`` leaves them as 0-d tensors on the device
+    (reading a float from a GPU waits for it; the trainer reads once per iteration).
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -82,13 +87,13 @@ def ppo_policy_loss(
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
             # samples come from pi_old: KL(pi_old || pi_theta) with log r = log pi_theta - log pi_old
-            "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), logprobs), mask).item(),
-            "approx_kl_k1": masked_mean(-log_ratio, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
+            "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), logprobs), mask),
+            "approx_kl_k1": masked_mean(-log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
         }
-    return loss, stats
+    return loss, (stats if as_tensors else {k: v.item() for k, v in stats.items()})
 
 
 @dataclass
@@ -130,6 +135,11 @@ class PPOConfig:
     detach_value_head: bool = True  # value head on the policy reads detached features (value loss can't move the trunk)
     disable_dropout: bool = True  # dropout off in policy, reference and critic (else the ratio is noisy at the start)
     recompute_old_logprobs: bool = False  # re-forward for log pi_old instead of using the rollout's own (equal) ones
+    # --- speed (each measured in benchmarks/README.md)
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU that supports it, else fp32; or "fp32" / "bf16"
+    tf32: bool = True  # on CUDA, let fp32 matmuls use TF32 tensor cores
+    compile: bool = False  # torch.compile the teacher-forced forwards (worth it on GPUs; a CPU needs a C++ compiler)
+    generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
     # --- bookkeeping
     seed: int = 0  # seeds prompt sampling, generation and minibatch shuffling
     eval_every: int = 10  # iterations between held-out evaluations in train() (0: only first and last)
@@ -142,12 +152,14 @@ class PPOConfig:
             self,
             positive=("batch_size", "max_new_tokens", "temperature", "lr", "adam_eps", "ppo_epochs", "minibatch_size",
                       "clip_range"),
-            positive_or_none=("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target"),
+            positive_or_none=("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target",
+                              "generation_threads"),
             nonnegative=("vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every", "eval_samples"),
             unit_interval=("gamma", "lam"),
         )
         if self.kl_penalty not in ("reward", "loss"):
             raise ValueError(f"PPOConfig.kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
+        check_precision(self)
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ValueError("PPOConfig.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
 
@@ -178,10 +190,6 @@ def build_critic(kind: str, policy: nn.Module | None = None, reward_model: nn.Mo
             raise ValueError("critic='base' needs the policy LM")
         return ValueModel.from_causal_lm(policy)
     raise ValueError(f"unknown critic kind {kind!r}; choose 'head', 'reward_model' or 'base'")
-
-
-def _mean(xs: list[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -233,7 +241,8 @@ class PPOTrainer(OnPolicyTrainer):
             critic_params = [p for p in self.critic.parameters() if p.requires_grad]
             groups.append({"params": critic_params, "lr": cfg.critic_lr or cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
+        self.optimizer = adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
+        self.setup_speed()
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.iteration = 0
@@ -248,22 +257,61 @@ class PPOTrainer(OnPolicyTrainer):
             return raw, raw
         return raw, torch.where(rollout.terminated, raw, torch.full_like(raw, self.config.missing_eos_score))
 
+    def _forward(self, rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi_theta(a_t | s_t), V(s_t), entropy) of responses ``idx``, (b, R) each, with grad.
+
+        One teacher-forced forward of the policy (which also gives V with a value head),
+        plus one of the separate critic if there is one.
+        """
+        ids = (rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], rollout.response_mask[idx])
+        with self.autocast():
+            logprobs, values, entropy = forward_logprobs_and_values(
+                self.compiled(self.model), *ids, temperature=self.config.temperature,
+                entropy_grad=self.config.entropy_coef > 0,
+            )
+            if self.critic is not None:
+                values = response_values(self.compiled(self.critic), *ids)
+        return logprobs, values.float(), entropy
+
     @torch.no_grad()
-    def _prepare(self, rollout: Rollout) -> dict:
-        """Old log-probs, ref log-probs, old values, rewards, advantages and returns of a rollout, (B, R) each."""
+    def _prepare(self, rollout: Rollout, first: tuple | None = None) -> dict:
+        """Old log-probs, ref log-probs, old values, rewards, advantages and returns of a rollout, (B, R) each.
+
+        ``first = (idx, forward)``: the rows ``idx`` were already forwarded at theta_old by
+        :meth:`_forward` (the first minibatch's forward, kept for its update); their V_old
+        (and log pi_old when recomputed) are read from it instead of a second forward.
+        """
         cfg = self.config
-        ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
-        mask = rollout.response_mask
-        # the rollout recorded log pi_old(a_t | s_t) while sampling, at this temperature: no second forward
-        recompute = cfg.recompute_old_logprobs or rollout.temperature != cfg.temperature
-        if recompute and self.critic is None:  # one policy forward gives both
-            old_logprobs, values, _ = forward_logprobs_and_values(self.model, *ids, temperature=cfg.temperature)
-        else:
-            values = response_values(self.critic if self.critic is not None else self.model, *ids)
-            old_logprobs = rollout.logprobs
+        B, mask = len(rollout), rollout.response_mask
+        # the rollout recorded log pi_old(a_t | s_t) while sampling, at this temperature: no second forward.
+        # Under bf16 sampling and teacher forcing round differently (~1e-2), so log pi_old comes from the
+        # training forward and the first ratio is exactly 1.
+        recompute = cfg.recompute_old_logprobs or rollout.temperature != cfg.temperature or self.precision == "bf16"
+        old_logprobs = rollout.logprobs.clone() if recompute else rollout.logprobs
+        values = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        rest = torch.arange(B, device=self.device)
+        if first is not None:
+            idx, (lp, v, _) = first
+            values[idx] = v.detach()
             if recompute:
-                old_logprobs = response_logprobs(self.lm, *ids, temperature=cfg.temperature)
-        ref_logprobs = response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+                old_logprobs[idx] = lp.detach()
+            keep = torch.ones(B, dtype=torch.long, device=self.device).index_fill(0, idx, 0)
+            rest = torch.argsort(keep, descending=True, stable=True)[: B - idx.numel()]  # the other rows, in order
+        if rest.numel() > 0:
+            ids = (rollout.prompt_ids[rest], rollout.prompt_mask[rest], rollout.response_ids[rest], mask[rest])
+            with self.autocast():
+                if recompute and self.critic is None:  # one policy forward gives both
+                    lp, v, _ = forward_logprobs_and_values(self.model, *ids, temperature=cfg.temperature)
+                else:
+                    v = response_values(self.critic if self.critic is not None else self.model, *ids)
+                    if recompute:
+                        lp = response_logprobs(self.lm, *ids, temperature=cfg.temperature)
+            values[rest] = v.float()
+            if recompute:
+                old_logprobs[rest] = lp
+        ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, mask)
+        with self.autocast():
+            ref_logprobs = response_logprobs(self.compiled(self.ref), *ids, temperature=cfg.temperature)
         raw, scores = self._score(rollout)
         beta = self.kl_ctl.value
         kl_coef = beta if cfg.kl_penalty == "reward" else 0.0
@@ -278,59 +326,67 @@ class PPOTrainer(OnPolicyTrainer):
             "advantages": advantages, "returns": returns, "raw_scores": raw, "scores": scores, "kl": kl, "beta": beta,
         }
 
-    def _minibatch_loss(self, rollout: Rollout, batch: dict, idx: torch.Tensor, beta: float):
-        """(PPO loss, stats) of the responses ``idx`` of ``rollout``: one forward of the policy (and critic)."""
+    def _minibatch_loss(self, rollout: Rollout, batch: dict, idx: torch.Tensor, beta: float, forward=None):
+        """(PPO loss, stats as 0-d tensors) of the responses ``idx``; ``forward``: their :meth:`_forward` if done already."""
         cfg = self.config
         mask = rollout.response_mask[idx]
-        ids = (rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask)
-        logprobs, values, entropy = forward_logprobs_and_values(self.model, *ids, temperature=cfg.temperature)
-        if self.critic is not None:
-            values = response_values(self.critic, *ids)
+        logprobs, values, entropy = forward if forward is not None else self._forward(rollout, idx)
         old, adv = batch["old_logprobs"][idx], batch["advantages"][idx]
-        pg_loss, stats = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_range)
+        pg_loss, stats = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_range, as_tensors=True)
         v_loss = value_loss(values, batch["returns"][idx], mask, batch["values"][idx], cfg.value_clip_range)
         ent = masked_mean(entropy, mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * ent
         if cfg.kl_penalty == "loss" and beta > 0:
             loss = loss + beta * kl_loss(logprobs, batch["ref_logprobs"][idx], mask)
-        stats.update(policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=ent.item(), loss=loss.item())
+        stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=ent.detach(), loss=loss.detach())
         return loss, stats
 
     def step(self, prompts: Sequence) -> dict:
-        """One PPO iteration on ``prompts`` (strings or records); returns its statistics (floats)."""
+        """One PPO iteration on ``prompts`` (strings or records); returns its statistics (floats).
+
+        The update loop never reads a number back from the device (that would stall a GPU)
+        except for ``target_kl``'s test; the statistics are read once at the end.
+        """
         cfg, t0 = self.config, time.perf_counter()
         texts = prompt_texts(prompts)
-        rollout = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature,
-                           generator=self.generator)
-        batch = self._prepare(rollout)
+        with self.autocast():
+            rollout = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature,
+                               generator=self.generator, threads=cfg.generation_threads)
         mask = rollout.response_mask
         B = len(rollout)
         mb = min(cfg.minibatch_size, B)
         self.model.train(not cfg.disable_dropout)
         if self.critic is not None:
             self.critic.train(not cfg.disable_dropout)
+        perm = torch.randperm(B, generator=self.generator, device=self.device)  # the first epoch's order
+        # The first minibatch's forward runs at theta_old: it gives V_old for its rows, and its
+        # graph is kept for the first update, so those rows are not forwarded twice (with
+        # dropout on, V_old must come from a dropout-free forward instead).
+        first = (perm[:mb], self._forward(rollout, perm[:mb])) if cfg.disable_dropout else None
+        batch = self._prepare(rollout, first)
         mb_stats: list[dict] = []
-        first_mb: dict | None = None
         early_stop, epochs_run = False, 0
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=self.generator, device=self.device)
+        for epoch in range(cfg.ppo_epochs):
+            if epoch > 0:
+                perm = torch.randperm(B, generator=self.generator, device=self.device)
             for start in range(0, B, mb):
                 idx = perm[start : start + mb]
-                loss, stats = self._minibatch_loss(rollout, batch, idx, batch["beta"])
+                reuse = first[1] if (first is not None and epoch == 0 and start == 0) else None
+                loss, stats = self._minibatch_loss(rollout, batch, idx, batch["beta"], reuse)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                stats["grad_norm"] = float("nan")
+                stats["grad_norm"] = torch.tensor(float("nan"), device=self.device)
                 if cfg.max_grad_norm:
-                    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 mb_stats.append(stats)
-                first_mb = first_mb or stats
-                if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+                if cfg.target_kl is not None and stats["approx_kl"].item() > cfg.target_kl:
                     early_stop = True
                     break
             epochs_run += 1
             if early_stop:
                 break
+        first = None  # release the first forward's graph
         self.model.eval()
         if self.critic is not None:
             self.critic.eval()
@@ -360,11 +416,12 @@ class PPOTrainer(OnPolicyTrainer):
             stats["gold_reward"] = float(torch.as_tensor(gold).float().mean())
         averaged = ("clipfrac", "approx_kl", "approx_kl_k1", "ratio_mean", "policy_loss", "value_loss", "entropy",
                     "loss", "grad_norm")
-        for key in averaged:
-            stats[key] = _mean([s[key] for s in mb_stats])
+        firsts = ("ratio_mean", "clipfrac", "approx_kl")
+        per_mb = torch.stack([torch.stack([s[k].float() for k in averaged]) for s in mb_stats])  # (updates, keys)
+        read = torch.cat([per_mb.mean(0), per_mb[0, [averaged.index(k) for k in firsts]]]).tolist()  # one host read
+        stats.update(zip(averaged, read[: len(averaged)]))
+        stats.update(zip([f"first_{k}" for k in firsts], read[len(averaged) :]))
         stats.update(
-            first_ratio_mean=first_mb["ratio_mean"], first_clipfrac=first_mb["clipfrac"],
-            first_approx_kl=first_mb["approx_kl"],
             epochs=epochs_run, updates=len(mb_stats), early_stop=early_stop, step_seconds=time.perf_counter() - t0,
         )
         self.iteration += 1

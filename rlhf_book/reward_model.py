@@ -48,7 +48,7 @@ from .cache import cache_dir, cached_artifact
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .preferences import PREFERENCE_RECIPES, load_preference_data, validate_preferences
 from .rollout import _context_size, generate, position_ids_from_mask
-from .runtime import get_device, set_seed
+from .runtime import adam, autocast, enable_tf32, get_device, set_seed
 
 __all__ = [
     "RM_VERSION",
@@ -365,7 +365,10 @@ def train_reward_model(
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     per_epoch = math.ceil(len(train) / batch_size)
     total = epochs * per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    device = _device(model)
+    # GPU path: fused AdamW, TF32, bf16 autocast; a CPU keeps the fp32 recipe the cached models were built with
+    enable_tf32(device)
+    opt = adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, round(warmup_frac * total))))
     history = {
         "step": [],
@@ -392,7 +395,9 @@ def train_reward_model(
         if epoch != batches_epoch:
             batches, batches_epoch = _epoch_batches(pairs, batch_size, seed * 1000 + epoch), epoch
         batch = [pairs[i] for i in batches[k]]
-        rc, rr = _pairs_forward(model, batch, tokenizer.pad_token_id)
+        with autocast(device):
+            rc, rr = _pairs_forward(model, batch, tokenizer.pad_token_id)
+        rc, rr = rc.float(), rr.float()
         loss = bradley_terry_loss(rc, rr, margin)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -15,17 +15,20 @@ pass (what every trainer does later). Two details make them agree:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .runtime import intra_op_threads
 from .tokenizer import format_prompt
 
 __all__ = [
     "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
-    "position_ids_from_mask", "forward_logits", "encode_prompts", "decode_responses", "prompt_texts", "score_rollout",
+    "position_ids_from_mask", "forward_logits", "logits_to_keep_kwargs", "encode_prompts", "decode_responses", "prompt_texts", "score_rollout",
 ]
 
 
@@ -34,10 +37,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) of a padded batch, with position ids derived from the mask."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-    return out.logits
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_type: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def logits_to_keep_kwargs(model, n: int) -> dict:
+    """``{"logits_to_keep": n}`` if ``model``'s forward takes it (transformers' causal LMs do), else ``{}``.
+
+    The LM head then runs on the last ``n`` columns only: the prompt's columns predict
+    prompt tokens, which no RL loss needs (with a 50k vocabulary the full logits of
+    64 x 512 tokens are 6.6 GB in fp32).
+    """
+    return {"logits_to_keep": n} if n > 0 and _takes_logits_to_keep(type(model)) else {}
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    """Logits (B, T, V) of a padded batch, with position ids derived from the mask; (B, n, V) for the last n = ``logits_to_keep``."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                **logits_to_keep_kwargs(model, logits_to_keep))
+    return out.logits[:, -logits_to_keep:] if logits_to_keep > 0 else out.logits
 
 
 @dataclass
@@ -113,20 +135,25 @@ def generate(
     temperature: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    threads: int | None = None,
 ) -> Rollout:
     """Sample one response per prompt (KV cache, stop at EOS) and record log pi(a_t | s_t).
 
     Sampling uses softmax(logits / temperature); ``greedy`` takes the argmax instead.
     ``generator`` (a torch.Generator on the model's device) makes sampling reproducible.
-    Raises ValueError for an empty prompt list, an empty prompt, or a prompt that
-    leaves no room for ``max_new_tokens`` in the model's context.
+    ``threads``: CPU intra-op threads while sampling (None: the process setting; see
+    :func:`rlhf_book.runtime.intra_op_threads`). Raises ValueError for an empty prompt
+    list, an empty prompt, or a prompt that leaves no room for ``max_new_tokens`` in
+    the model's context.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     ctx = _context_size(model)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
-    return generate_from_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts)
+    return generate_from_ids(
+        model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts, threads
+    )
 
 
 @torch.no_grad()
@@ -140,8 +167,14 @@ def generate_from_ids(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     prompts: Sequence[str] | None = None,
+    threads: int | None = None,
 ) -> Rollout:
-    """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` is their text (decoded if None)."""
+    """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` is their text (decoded if None).
+
+    On a GPU the loop asks "has every response ended?" only every 8 tokens: the answer
+    is a device-to-host copy that stalls the queue of kernels. Columns sampled after
+    the last EOS are PAD and are cut off, so the rollout is the same as checking every token.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
     ctx = _context_size(model)
@@ -152,41 +185,45 @@ def generate_from_ids(
     was_training = model.training
     model.eval()
 
-    B = prompt_ids.size(0)
-    mask = prompt_mask
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
-    logits, past = out.logits[:, -1], out.past_key_values
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps, alive = [], [], []
-    for _ in range(max_new_tokens):
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)
-        if greedy:
-            tok = logp.argmax(-1)
-        else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        tok = torch.where(finished, torch.full_like(tok, pad), tok)
-        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        alive.append(~finished)
-        logps.append(torch.where(finished, torch.zeros_like(lp), lp))
-        tokens.append(tok)
-        finished = finished | (tok == eos)
-        if bool(finished.all()):
-            break
-        mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
-        pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+    check_every = 1 if device.type == "cpu" else 8  # a host sync is free on a CPU, a stall on a GPU
+    with intra_op_threads(threads if device.type == "cpu" else None):
+        B = prompt_ids.size(0)
+        mask = prompt_mask
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                    **logits_to_keep_kwargs(model, 1))
         logits, past = out.logits[:, -1], out.past_key_values
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens, logps, alive = [], [], []
+        for t in range(max_new_tokens):
+            logp = F.log_softmax(logits.float() / temperature, dim=-1)
+            if greedy:
+                tok = logp.argmax(-1)
+            else:
+                tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+            alive.append(~finished)
+            logps.append(torch.where(finished, torch.zeros_like(lp), lp))
+            tokens.append(tok)
+            finished = finished | (tok == eos)
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+                break
+            mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
+            pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            logits, past = out.logits[:, -1], out.past_key_values
     if was_training:
         model.train()
 
-    response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(alive, 1).long()
+    R = int(response_mask.any(0).nonzero().max()) + 1  # drop columns sampled after every response ended
+    response_ids, response_mask = torch.stack(tokens, 1)[:, :R], response_mask[:, :R]
     texts = decode_responses(tokenizer, response_ids, response_mask)
     if prompts is None:
         prompts = [tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(prompt_ids, prompt_mask)]
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
-        logprobs=torch.stack(logps, 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
+        logprobs=torch.stack(logps[:R], 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
     )
 
 
@@ -243,11 +280,12 @@ def response_logprobs(
     """Teacher-forced log pi(a_t | s_t) of each response token, (B, R); 0 where response_mask is 0.
 
     The logits at column P - 1 + t (last prompt token, then each response token)
-    predict response token t: that is the ``[:, P - 1 : -1]`` slice.
+    predict response token t: that is the ``[:, P - 1 : -1]`` slice, i.e. the last
+    R + 1 columns but the very last (only those go through the LM head).
     """
-    P = prompt_ids.size(1)
+    R = response_ids.size(1)
     ids = torch.cat([prompt_ids, response_ids], 1)
     mask = torch.cat([prompt_mask, response_mask], 1)
-    logits = forward_logits(model, ids, mask)[:, P - 1 : -1]
+    logits = forward_logits(model, ids, mask, logits_to_keep=R + 1)[:, :-1]
     lp = token_logprobs(logits, response_ids, temperature)
     return torch.where(response_mask.bool(), lp, torch.zeros_like(lp))

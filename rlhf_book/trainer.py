@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .rollout import Rollout, generate, prompt_texts, response_logprobs
+from .runtime import PRECISIONS, autocast, enable_tf32, resolve_precision
 
-__all__ = ["OnPolicyTrainer", "check_config", "config_from_dict"]
+__all__ = ["OnPolicyTrainer", "check_config", "check_precision", "config_from_dict"]
 
 
 def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=()) -> None:
@@ -40,6 +41,12 @@ def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_int
             raise ValueError(f"{name}.{f} must be in [0, 1], got {getattr(cfg, f)!r}")
 
 
+def check_precision(cfg) -> None:
+    """Raise ValueError unless ``cfg.precision`` is one of :data:`rlhf_book.runtime.PRECISIONS`."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"{type(cfg).__name__}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+
+
 def config_from_dict(cls, d: dict):
     """``cls(**d)`` for a config dataclass, naming any unknown key (e.g. a typo in a config file)."""
     known = {f.name for f in fields(cls)}
@@ -54,13 +61,41 @@ class OnPolicyTrainer:
     checkpoint_every, progress, max_new_tokens, temperature, seed), ``model`` (what is trained),
     ``lm`` (the causal LM that samples), ``ref``, ``tokenizer``, ``critic`` (or None),
     ``generator``, ``device``, ``iteration`` and ``history``, and implement ``step``,
-    ``evaluate`` and ``stateful`` (optimizers, controllers: whatever else a checkpoint needs)."""
+    ``evaluate`` and ``stateful`` (optimizers, controllers: whatever else a checkpoint needs).
+    A config with ``precision``, ``tf32``, ``compile`` and ``generation_threads`` gets the
+    speed switches of :meth:`setup_speed`."""
 
     name = "RL"  # shown on the progress bar
     checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
 
     def step(self, prompts: Sequence[str]) -> dict:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ speed switches
+    def setup_speed(self) -> None:
+        """Resolve ``config.precision`` for this device, switch on TF32 on CUDA (``config.tf32``)."""
+        cfg = self.config
+        self.precision = resolve_precision(getattr(cfg, "precision", "fp32"), self.device)
+        if getattr(cfg, "tf32", False):
+            enable_tf32(self.device)
+        self._compiled: dict[int, torch.nn.Module] = {}
+
+    def autocast(self):
+        """Context for forward passes: bf16 autocast when the run's precision is bf16, else nothing."""
+        return autocast(self.device, getattr(self, "precision", "fp32"))
+
+    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module``, or (``config.compile``) its ``torch.compile`` wrapper: same parameters, compiled forward.
+
+        ``dynamic=True`` because every batch has its own prompt and response lengths.
+        The wrapper is built once per module and only used for teacher-forced forwards;
+        sampling and checkpoints use the module itself.
+        """
+        if not getattr(self.config, "compile", False):
+            return module
+        if id(module) not in self._compiled:
+            self._compiled[id(module)] = torch.compile(module, dynamic=True)
+        return self._compiled[id(module)]
 
     def evaluate(self, prompts: Sequence) -> dict:
         raise NotImplementedError
@@ -102,9 +137,11 @@ class OnPolicyTrainer:
         """
         cfg = self.config
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
-        ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g)
-        ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-        return ro, response_logprobs(self.ref, *ids, temperature=cfg.temperature)
+        with self.autocast():
+            ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g,
+                          threads=getattr(cfg, "generation_threads", None))
+            ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+            return ro, response_logprobs(self.ref, *ids, temperature=cfg.temperature)
 
     def progress_postfix(self, stats: dict) -> dict:
         """What the progress bar shows after an iteration."""
