@@ -184,10 +184,9 @@ class A2CTrainer(OnPolicyTrainer):
         ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
         mask = rollout.response_mask
         # 2. judge: the reward function scores each response, the reference gives log pi_ref
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():  # a reward model's forward runs in bf16 too
             scores = score_rollout(self.reward_fn, rollout, self.device)
-            with self.autocast():
-                ref_logprobs = response_logprobs(self.compiled(self.ref), *ids, temperature=cfg.temperature)
+            ref_logprobs = response_logprobs(self.compiled(self.ref), *ids, temperature=cfg.temperature)
         # 3. per-token rewards; log pi(a_t | s_t) was recorded while sampling
         rewards, kl = per_token_rewards(scores, mask, rollout.logprobs, ref_logprobs, kl_coef=cfg.kl_coef)
         # 4. criticise: V(s_t); the same forward gives the actor's log-probs (with grad) and entropy
@@ -273,9 +272,11 @@ class A2CTrainer(OnPolicyTrainer):
         cfg = self.config
         texts = [p for p in prompt_texts(prompts) for _ in range(cfg.eval_samples_per_prompt)]
         ro, ref_lp = self.eval_rollout(texts, seed)
+        with self.autocast():
+            proxy = score_rollout(self.reward_fn, ro, self.device)
         kl = sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask)
         out = {
-            "eval_proxy_reward": score_rollout(self.reward_fn, ro, self.device).mean().item(),
+            "eval_proxy_reward": proxy.mean().item(),
             "eval_kl": kl.mean().item(),
             "eval_response_length": ro.response_lengths.float().mean().item(),
         }

@@ -154,6 +154,13 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
     t0 = time.time()
     model.train()
     bar = tqdm(range(start, preset.steps), desc="base LM", disable=not progress, initial=start, total=preset.steps)
+    pending: list[torch.Tensor] = []  # per-step losses still on the device, read in one go (a read stalls a GPU)
+
+    def flush() -> None:
+        if pending:
+            history["train_loss"].extend(round(v, 5) for v in torch.stack(pending).tolist())
+            pending.clear()
+
     for step in bar:
         batch = train_ids[step * preset.batch_size : (step + 1) * preset.batch_size]
         ids, mask = _collate(batch, tokenizer.pad_token_id)
@@ -165,12 +172,14 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
         opt.step()
         sched.step()
         history["step"].append(step + 1)
-        history["train_loss"].append(round(loss.item(), 5))
+        pending.append(loss.detach())
         if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
+            flush()
             history["val_step"].append(step + 1)
             history["val_loss"].append(round(_val_loss(model, val_ids, tokenizer.pad_token_id, device), 5))
             bar.set_postfix(val_loss=history["val_loss"][-1])
         if (step + 1) % preset.checkpoint_every == 0 and step + 1 < preset.steps:
+            flush()
             save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, history=history, rng=rng_state())
     model.eval()
     model.save_pretrained(workdir)

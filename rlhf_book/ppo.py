@@ -252,7 +252,8 @@ class PPOTrainer(OnPolicyTrainer):
     @torch.no_grad()
     def _score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw reward-function scores, scores after the missing-EOS rule), both (B,)."""
-        raw = score_rollout(self.reward_fn, rollout, self.device)
+        with self.autocast():  # a reward model's forward runs in bf16 too
+            raw = score_rollout(self.reward_fn, rollout, self.device)
         if self.config.missing_eos_score is None:
             return raw, raw
         return raw, torch.where(rollout.terminated, raw, torch.full_like(raw, self.config.missing_eos_score))

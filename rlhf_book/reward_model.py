@@ -97,8 +97,12 @@ def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> flo
     """Fraction of pairs with r_c > r_r (a tie counts 1/2); (B,), (B,) -> float."""
     if r_chosen.numel() == 0:
         raise ValueError("preference_accuracy needs at least one pair")
-    wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
-    return wins.mean().item()
+    return _wins(r_chosen, r_rejected).mean().item()
+
+
+def _wins(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """1 where r_c > r_r, 1/2 on a tie, else 0; (B,), (B,) -> (B,)."""
+    return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
 
 
 # ------------------------------------------------------------------- scoring
@@ -390,6 +394,16 @@ def train_reward_model(
     model.train()
     bar = tqdm(total=total, initial=step, desc="reward model", disable=not progress)
     batches, batches_epoch = None, -1
+    pending: list[torch.Tensor] = []  # (loss, accuracy) per step, still on the device: read in one go (a read stalls a GPU)
+
+    def flush() -> None:
+        if pending:
+            for loss_v, acc_v in torch.stack(pending).tolist():
+                history["loss"].append(round(loss_v, 5))
+                history["accuracy"].append(round(acc_v, 5))
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+            pending.clear()
+
     while step < stop:
         epoch, k = divmod(step, per_epoch)
         if epoch != batches_epoch:
@@ -406,11 +420,13 @@ def train_reward_model(
         sched.step()
         step += 1
         history["step"].append(step)
-        history["loss"].append(round(loss.item(), 5))
-        history["accuracy"].append(round(preference_accuracy(rc.detach(), rr.detach()), 5))
+        with torch.no_grad():
+            pending.append(torch.stack([loss.detach(), _wins(rc, rr).mean()]))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 25 == 0:
+            flush()
         if step % per_epoch == 0 or step == total:
+            flush()
             history["epoch"].append(math.ceil(step / per_epoch))
             if validation:
                 ev = evaluate_preferences(model, tokenizer, validation)
@@ -418,11 +434,13 @@ def train_reward_model(
                 history["val_loss"].append(round(ev["loss"], 5))
                 history["val_accuracy"].append(round(ev["accuracy"], 5))
                 history["val_gold_accuracy"].append(round(ev.get("gold_accuracy", float("nan")), 5))
-                bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{ev['accuracy']:.3f}")
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_acc=f"{ev['accuracy']:.3f}")
         if ckpt is not None and (step % checkpoint_every == 0 or step == total):
+            flush()
             save_checkpoint(
                 ckpt, model=model, optimizer=opt, scheduler=sched, step=step, history=history, rng=rng_state()
             )
+    flush()
     bar.close()
     model.eval()
     return history

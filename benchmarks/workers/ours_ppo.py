@@ -11,6 +11,11 @@ our API, and its cost is ours). ``--critic separate`` (default, like-for-like wi
 Phase times come from thin wrappers installed on the trainer from outside (the library
 is not modified): generation, ``_prepare`` (critic + reference forwards, reward, GAE) with
 the reward function inside it, and the rest of ``step`` (the PPO update and statistics).
+
+``--device cuda --precision bf16`` (benchmarks/run_gpu.py) moves every model to the GPU and
+sets ``PPOConfig.precision``; the reward forward runs under the same autocast. On CUDA each
+clock read is preceded by ``torch.cuda.synchronize()`` (kernels run asynchronously) and the
+result adds the peak GPU memory. The defaults (cpu, fp32) are the CPU benchmark unchanged.
 """
 
 from __future__ import annotations
@@ -28,28 +33,60 @@ os.environ.update(common.THREAD_ENV)
 import rlhf_book  # noqa: E402  (before torch)
 
 
-def make_reward_fn(reward_model, tokenizer):
-    """reward_fn(prompts, responses, terminated) -> (B,) from a sequence-classification model's last-token score."""
+def make_reward_fn(reward_model, tokenizer, precision: str = "fp32"):
+    """reward_fn(prompts, responses, terminated) -> (B,) from a sequence-classification model's last-token score.
+
+    The forward runs on the reward model's device, under bf16 autocast when ``precision`` is bf16.
+    """
     import torch
 
     from rlhf_book.rollout import position_ids_from_mask
+    from rlhf_book.runtime import autocast
     from rlhf_book.tokenizer import format_prompt
 
     eos = tokenizer.eos_token
+    device = next(reward_model.parameters()).device
 
     @torch.no_grad()
     def reward_fn(prompts, responses, terminated=None):
-        term = [True] * len(prompts) if terminated is None else [bool(t) for t in terminated]
+        if terminated is None:
+            term = [True] * len(prompts)
+        else:  # one device-to-host copy, not one per element
+            term = [bool(t) for t in (terminated.tolist() if hasattr(terminated, "tolist") else terminated)]
         texts = [format_prompt(p) + r + (eos if t else "") for p, r, t in zip(prompts, responses, term)]
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         enc = tokenizer(texts, padding=True, return_tensors="pt")
         tokenizer.padding_side = side
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        out = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        with autocast(device, precision):
+            out = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
         return out.logits[:, 0].float()
 
     return reward_fn
+
+
+def make_clock(device: str):
+    """A perf_counter that first waits for the device's queued kernels (CUDA runs asynchronously)."""
+    import torch
+
+    def clock() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return clock
+
+
+def gpu_memory(device: str) -> dict:
+    """Peak GPU memory of this process in MiB (allocated by tensors, and reserved by the caching allocator)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {"peak_gpu_mib": None, "peak_gpu_reserved_mib": None, "device_name": "cpu"}
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+            "device_name": torch.cuda.get_device_name()}
 
 
 def main() -> None:
@@ -62,6 +99,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=common.SETUP["batch_size"])
     ap.add_argument("--critic", choices=["separate", "head"], default="separate")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the measured iterations here")
+    ap.add_argument("--device", default="cpu", help="cpu (the CPU benchmark) or cuda")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="PPOConfig.precision")
+    ap.add_argument("--compile", action="store_true", help="PPOConfig.compile: torch.compile the teacher-forced forwards")
     common.variant_args(ap)
     args = ap.parse_args()
     mallopt_ok = common.apply_mallopt() if args.mallopt else None
@@ -90,23 +130,27 @@ def main() -> None:
     critic = None
     if args.critic == "separate":
         critic = ValueModel.from_reward_model(GPT2ForSequenceClassification.from_pretrained(art / "value", dtype=torch.float32, **mk))
+    for m in (policy, ref, reward, critic):  # PPOTrainer runs on the device of the policy's parameters
+        if m is not None:
+            m.to(args.device)
 
     cfg = PPOConfig(
         batch_size=args.batch_size, minibatch_size=args.batch_size, ppo_epochs=S["ppo_epochs"],
         max_new_tokens=args.response_length, temperature=S["temperature"], lr=S["lr"], kl_coef=S["kl_coef"],
         missing_eos_score=None,  # TRL: missing_eos_penalty=None
-        seed=S["seed"], progress=False,
+        seed=S["seed"], progress=False, precision=args.precision, compile=args.compile,
     )
-    reward_fn = make_reward_fn(reward, tok)
+    reward_fn = make_reward_fn(reward, tok, args.precision)
+    clock = make_clock(args.device)
     phase = {"generate": 0.0, "prepare": 0.0, "reward_fn": 0.0}
 
     def timed(name, fn):
         def wrapper(*a, **k):
-            t = time.perf_counter()
+            t = clock()
             try:
                 return fn(*a, **k)
             finally:
-                phase[name] += time.perf_counter() - t
+                phase[name] += clock() - t
         return wrapper
 
     ppo_mod.generate = timed("generate", ppo_mod.generate)  # the name PPOTrainer.step calls
@@ -115,7 +159,7 @@ def main() -> None:
     setup_s = time.perf_counter() - t_start
 
     chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    times, cpu, tokens, real, phases = [], [], [], [], []
+    times, cpu, tokens, real, phases, train_tokens, max_id = [], [], [], [], [], [], []
     prof = None
     for it in range(args.warmup + args.iters):
         if args.profile and it == args.warmup:
@@ -125,14 +169,17 @@ def main() -> None:
             prof.__enter__()
         for k in phase:
             phase[k] = 0.0
-        t, c = time.perf_counter(), time.process_time()
+        t, c = clock(), time.process_time()
         stats = trainer.step(chunks[it % len(chunks)])
-        dt = time.perf_counter() - t
+        dt = clock() - t
         cpu.append(time.process_time() - c)
         ro = trainer.last_rollout
         times.append(dt)
         tokens.append(int(ro.response_ids.numel()))
         real.append(int(ro.response_mask.sum()))
+        # tokens trained: every (prompt + response) column of every sequence, once per PPO epoch
+        train_tokens.append(len(ro) * (ro.prompt_ids.shape[1] + ro.response_ids.shape[1]) * cfg.ppo_epochs)
+        max_id.append(int(ro.response_ids.max()))
         phases.append({"generate": phase["generate"], "critic_ref_forwards_gae": phase["prepare"] - phase["reward_fn"],
                        "reward_fn": phase["reward_fn"],
                        "update_and_stats": dt - phase["generate"] - phase["prepare"]})
@@ -150,15 +197,25 @@ def main() -> None:
                      "transformers": transformers.__version__, "torch": torch.__version__,
                      "python": sys.version.split()[0]},
         "threads": torch.get_num_threads(),
+        "device": args.device,
+        "precision": trainer.precision,
+        "compile": args.compile,
         "variant": {"mallopt": mallopt_ok, "activation": args.activation or policy.config.activation_function},
         "config": {"batch_size": args.batch_size, "response_length": args.response_length,
                    "n_layer": policy.config.n_layer, "n_embd": policy.config.n_embd, "n_head": policy.config.n_head,
+                   "vocab_size": policy.config.vocab_size, "ppo_epochs": cfg.ppo_epochs,
                    "critic": "ValueModel.from_reward_model(value GPT2ForSequenceClassification)" if critic is not None
                    else "PolicyWithValueHead (detached value head)", "gold_fn": None},
         **common.summarize(times, args.warmup, tokens, cpu),
         "generation_s_median": phase_median["generate"],
         "phase_s_median": phase_median,
         "real_tokens_per_iter": round(sum(real[args.warmup:]) / len(real[args.warmup:]), 1),
+        # per iteration, warm-up included (run_gpu.py computes tokens/s and MFU from these)
+        "per_iter": {"generation_s": [round(p["generate"], 4) for p in phases],
+                     "update_s": [round(p["update_and_stats"], 4) for p in phases],
+                     "generated_tokens": tokens, "train_tokens": train_tokens},
+        "max_sampled_id": max(max_id),
+        **gpu_memory(args.device),
         "last_stats": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()},
         **common.worker_footer(setup_s, load_start),
     }
