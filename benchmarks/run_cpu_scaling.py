@@ -101,6 +101,10 @@ def main() -> None:
 
 def write_markdown(res: dict, path: Path) -> None:
     S, k = res["setup"], res["fitted_exponents"]
+    upd = [r["update_and_stats_s"] for r in res["width_sweep"]]
+    tot = [r["median_s_per_iter"] for r in res["response_length_sweep"]]
+    fwd = [r["critic_ref_forwards_gae_s"] for r in res["response_length_sweep"]]
+    gen = [r["generate_s"] for r in res["width_sweep"]]
     hdr = "| {} | s/iter | CPU s/iter | gen tokens/s | generation s | critic+ref fwd s | reward s | update s | peak RSS MiB | load 1-min |"
     sep = "|---|---|---|---|---|---|---|---|---|---|"
 
@@ -143,14 +147,18 @@ def write_markdown(res: dict, path: Path) -> None:
         "fixed per-step work (dozens of small ops per layer, KV-cache appends), not by FLOPs. The scoring forwards "
         "(reference, critic, reward) and the update (policy + critic forward and backward) process prompt + "
         "response columns (prompts left-padded to 14-16 tokens, plus R), so they grow like (15 + R): sub-linear in R while the prompt is a large "
-        "share, approaching linear as R grows. Attention's T^2 term is still small at T <= 140 against the "
-        "T x width^2 matmuls, so no super-linear growth shows up yet. Overall: each doubling of the length costs "
-        "~1.6x at short lengths and approaches 2x; peak RSS grows with the activations kept for backward (B x T x "
-        "vocab logits and B x T x width per layer)."),
+        "share, approaching linear as R grows. Measured per doubling of the length: the iteration "
+        + ", ".join(f"{b / a:.2f}x" for a, b in zip(tot, tot[1:]))
+        + ", the scoring forwards " + ", ".join(f"{b / a:.1f}x" for a, b in zip(fwd, fwd[1:]))
+        + ". Where a doubling costs more than 2x, attention's T^2 term and the memory of the activations kept "
+        "for backward (B x T x width per layer, B x R x vocab logits; see peak RSS) have started to matter."),
         ("* **Width.** Matmul FLOPs and the weights, gradients and Adam state of the four models (policy, "
-        "reference, critic, reward) grow like width^2. The update, which is compute-bound, tracks that "
-        "(~width^2 from 256 to 512); generation grows more slowly because its per-step overhead does not depend on "
-        "the width. At 128 the fixed overheads dominate, so halving the width buys only ~2x, not 4x."),
+        "reference, critic, reward) grow like width^2 (4x per doubling). Measured per doubling: the update "
+        + ", ".join(f"{b / a:.1f}x" for a, b in zip(upd, upd[1:]))
+        + ", generation " + ", ".join(f"{b / a:.1f}x" for a, b in zip(gen, gen[1:]))
+        + ". The update is compute-bound and approaches width^2 as the matmuls grow; generation grows more "
+        "slowly because its per-step overhead (hundreds of small ops per token) does not depend on the width. "
+        "At small widths the fixed overheads dominate, so halving the width buys much less than 4x."),
         "",
     ]
     path.write_text("\n".join(lines))

@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (the CPU benchmark) or cuda")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="PPOConfig.precision")
     ap.add_argument("--compile", action="store_true", help="PPOConfig.compile: torch.compile the teacher-forced forwards")
+    ap.add_argument("--generation-threads", type=int, default=None,
+                    help="PPOConfig.generation_threads (0: None, i.e. the process setting); default: the library's")
     common.variant_args(ap)
     args = ap.parse_args()
     mallopt_ok = common.apply_mallopt() if args.mallopt else None
@@ -139,6 +141,7 @@ def main() -> None:
         max_new_tokens=args.response_length, temperature=S["temperature"], lr=S["lr"], kl_coef=S["kl_coef"],
         missing_eos_score=None,  # TRL: missing_eos_penalty=None
         seed=S["seed"], progress=False, precision=args.precision, compile=args.compile,
+        **({} if args.generation_threads is None else {"generation_threads": args.generation_threads or None}),
     )
     reward_fn = make_reward_fn(reward, tok, args.precision)
     clock = make_clock(args.device)
