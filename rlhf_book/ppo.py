@@ -356,15 +356,18 @@ class PPOTrainer(OnPolicyTrainer):
         mask = rollout.response_mask
         B = len(rollout)
         mb = min(cfg.minibatch_size, B)
-        self.model.train(not cfg.disable_dropout)
+        self.model.eval()  # V_old and log pi_old without dropout
         if self.critic is not None:
-            self.critic.train(not cfg.disable_dropout)
+            self.critic.eval()
         perm = torch.randperm(B, generator=self.generator, device=self.device)  # the first epoch's order
         # The first minibatch's forward runs at theta_old: it gives V_old for its rows, and its
         # graph is kept for the first update, so those rows are not forwarded twice (with
         # dropout on, V_old must come from a dropout-free forward instead).
         first = (perm[:mb], self._forward(rollout, perm[:mb])) if cfg.disable_dropout else None
         batch = self._prepare(rollout, first)
+        self.model.train(not cfg.disable_dropout)
+        if self.critic is not None:
+            self.critic.train(not cfg.disable_dropout)
         mb_stats: list[dict] = []
         early_stop, epochs_run = False, 0
         for epoch in range(cfg.ppo_epochs):

@@ -251,3 +251,28 @@ def test_entropy_is_only_differentiated_when_it_is_in_the_loss(tiny_world):
     idx = torch.arange(4)
     assert not _trainer(tiny_world)._forward(ro, idx)[2].requires_grad
     assert _trainer(tiny_world, entropy_coef=0.01)._forward(ro, idx)[2].requires_grad
+
+
+def test_with_dropout_on_v_old_comes_from_a_dropout_free_forward(tiny_world):
+    """The reuse of the first forward is off with dropout (its V would be noisy); V_old is an eval-mode forward."""
+    from rlhf_book.critic import response_values
+
+    tr = _trainer(tiny_world, disable_dropout=False, critic_lr=1e-9, lr=1e-9)
+    for m in tr.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    seen = {}
+    prepare = tr._prepare
+
+    def spy(rollout, first=None):
+        seen["first"], seen["batch"], seen["rollout"] = first, prepare(rollout, first), rollout
+        return seen["batch"]
+
+    tr._prepare = spy
+    tr.step(PROMPTS)
+    assert seen["first"] is None
+    ro = seen["rollout"]
+    tr.model.eval()
+    with torch.no_grad():
+        expected = response_values(tr.model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+    torch.testing.assert_close(seen["batch"]["values"], expected, atol=1e-4, rtol=1e-3)
