@@ -197,6 +197,14 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_the_first_ratio_at_one
     assert stats["first_ratio_mean"] == 1.0 and stats["first_approx_kl"] == 0.0
     assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if isinstance(v, float) and k != "grad_norm")
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # weights and Adam state stay fp32
+    # log pi_old comes from the bf16 training forward, not from sampling (on a GPU the two round differently)
+    ro = generate(tr.lm, tr.tokenizer, PROMPTS, 8, generator=torch.Generator().manual_seed(2))
+    ro.logprobs = torch.zeros_like(ro.logprobs)  # what sampling recorded no longer matters
+    idx = torch.arange(4)
+    first = (idx, tr._forward(ro, idx))
+    old = tr._prepare(ro, first)["old_logprobs"]
+    torch.testing.assert_close(old[idx], first[1][0].detach())
+    assert (old[4:][ro.response_mask[4:].bool()] < 0).all()  # the other rows are recomputed too
 
 
 def test_fp32_on_cpu_is_the_default(tiny_world):
