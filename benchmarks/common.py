@@ -132,6 +132,46 @@ def load_prompts(art: Path) -> list[str]:
     return json.loads((Path(art) / "prompts.json").read_text())
 
 
+def worker_args(ap) -> None:
+    """The flags every worker takes: where the artefacts are, where to write, how many iterations."""
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=8)
+
+
+def load_tokenizer_and_prompts(art: Path):
+    """The shared tokenizer (left padding) and the 64 prompts; imports transformers, so call after the env is set."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(art) / "tokenizer")
+    tok.padding_side = "left"
+    return tok, load_prompts(art)
+
+
+def make_clock(device: str):
+    """A perf_counter that first waits for the device's queued kernels (CUDA runs asynchronously)."""
+    import torch
+
+    def clock() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return clock
+
+
+def gpu_memory(device: str) -> dict:
+    """Peak GPU memory of this process in MiB (allocated by tensors, and reserved by the caching allocator)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {"peak_gpu_mib": None, "peak_gpu_reserved_mib": None, "device_name": "cpu"}
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+            "device_name": torch.cuda.get_device_name()}
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

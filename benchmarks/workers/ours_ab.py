@@ -30,15 +30,14 @@ import rlhf_book  # noqa: E402  (before torch)
 def build(art: Path, activation: str | None, critic_kind: str):
     import torch
     from ours_ppo import make_reward_fn
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from rlhf_book.critic import ValueModel
     from rlhf_book.ppo import PPOConfig, PPOTrainer
 
     S = common.SETUP
     mk = {"activation_function": activation} if activation else {}
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
-    tok.padding_side = "left"
+    tok, _ = common.load_tokenizer_and_prompts(art)
     policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
     ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
     reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk).eval().requires_grad_(False)

@@ -66,35 +66,9 @@ def make_reward_fn(reward_model, tokenizer, precision: str = "fp32"):
     return reward_fn
 
 
-def make_clock(device: str):
-    """A perf_counter that first waits for the device's queued kernels (CUDA runs asynchronously)."""
-    import torch
-
-    def clock() -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    return clock
-
-
-def gpu_memory(device: str) -> dict:
-    """Peak GPU memory of this process in MiB (allocated by tensors, and reserved by the caching allocator)."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return {"peak_gpu_mib": None, "peak_gpu_reserved_mib": None, "device_name": "cpu"}
-    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-            "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
-            "device_name": torch.cuda.get_device_name()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--artifacts", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=8)
+    common.worker_args(ap)
     ap.add_argument("--response-length", type=int, default=common.SETUP["response_length"])
     ap.add_argument("--batch-size", type=int, default=common.SETUP["batch_size"])
     ap.add_argument("--critic", choices=["separate", "head"], default="separate")
@@ -112,7 +86,7 @@ def main() -> None:
 
     import torch
     import transformers
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     import rlhf_book.ppo as ppo_mod
     from rlhf_book.critic import ValueModel
@@ -123,9 +97,7 @@ def main() -> None:
     rlhf_book.set_seed(S["seed"])
     art = Path(args.artifacts)
     mk = common.model_kwargs(args)
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
-    tok.padding_side = "left"
-    prompts = common.load_prompts(art)
+    tok, prompts = common.load_tokenizer_and_prompts(art)
     policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
     ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
     reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk).eval().requires_grad_(False)
@@ -144,7 +116,7 @@ def main() -> None:
         **({} if args.generation_threads is None else {"generation_threads": args.generation_threads or None}),
     )
     reward_fn = make_reward_fn(reward, tok, args.precision)
-    clock = make_clock(args.device)
+    clock = common.make_clock(args.device)
     phase = {"generate": 0.0, "prepare": 0.0, "reward_fn": 0.0}
 
     def timed(name, fn):
@@ -218,7 +190,7 @@ def main() -> None:
                      "update_s": [round(p["update_and_stats"], 4) for p in phases],
                      "generated_tokens": tokens, "train_tokens": train_tokens},
         "max_sampled_id": max(max_id),
-        **gpu_memory(args.device),
+        **common.gpu_memory(args.device),
         "last_stats": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()},
         **common.worker_footer(setup_s, load_start),
     }

@@ -27,10 +27,7 @@ os.environ.update(common.THREAD_ENV)  # before torch loads
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--algo", choices=["grpo", "rloo"], required=True)
-    ap.add_argument("--artifacts", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=8)
+    common.worker_args(ap)
     ap.add_argument("--num-generations", type=int, default=4)
     common.variant_args(ap)
     args = ap.parse_args()
@@ -42,7 +39,7 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
 
     if args.algo == "grpo":
         from trl import GRPOConfig as Config
@@ -56,9 +53,7 @@ def main() -> None:
     torch.set_num_threads(S["threads"])
     art = Path(args.artifacts)
     mk = common.model_kwargs(args)
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
-    tok.padding_side = "left"
-    prompts = common.load_prompts(art)
+    tok, prompts = common.load_tokenizer_and_prompts(art)
     policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
     reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk)
     ds = Dataset.from_dict({"prompt": [p + "\n" for p in prompts]})  # format_prompt(p), as on our side

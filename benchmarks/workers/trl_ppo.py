@@ -34,10 +34,7 @@ os.environ.update(common.THREAD_ENV)  # before torch loads
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--artifacts", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=8)
+    common.worker_args(ap)
     ap.add_argument("--response-length", type=int, default=common.SETUP["response_length"])
     ap.add_argument("--batch-size", type=int, default=common.SETUP["batch_size"])
     ap.add_argument("--no-gc", action="store_true",
@@ -57,16 +54,14 @@ def main() -> None:
     import trl
     import trl.experimental.ppo.ppo_trainer as ppo_mod
     from datasets import Dataset
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     S = common.SETUP
     torch.set_num_threads(S["threads"])
     art = Path(args.artifacts)
     mk = common.model_kwargs(args)
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
-    tok.padding_side = "left"
-    prompts = common.load_prompts(art)
+    tok, prompts = common.load_tokenizer_and_prompts(art)
     torch.manual_seed(S["seed"])
     policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
     ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
@@ -76,11 +71,7 @@ def main() -> None:
         m.to(args.device)
     cuda = args.device.startswith("cuda")
 
-    def clock() -> float:
-        """perf_counter after the GPU's queued kernels have finished (CUDA runs asynchronously)."""
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    clock = common.make_clock(args.device)
 
     def rollout_autocast():
         """bf16 autocast for generation and the scoring forwards (``--bf16-scope all``), else nothing."""
@@ -239,10 +230,7 @@ def main() -> None:
                                   for t, g, p in zip(times, gen_times, per_iter_phase)],
                      "generated_tokens": gen_tokens, "train_tokens": train_tokens},
         "max_sampled_id": max(max_id),
-        **({"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-            "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
-            "device_name": torch.cuda.get_device_name()} if cuda
-           else {"peak_gpu_mib": None, "peak_gpu_reserved_mib": None, "device_name": "cpu"}),
+        **common.gpu_memory(args.device),
         **common.worker_footer(setup_s, load_start),
     }
     common.write_json(Path(args.out), res)
