@@ -40,7 +40,7 @@ from .kl import kl_k1, sequence_kl
 from .losses import entropy_bonus, policy_gradient_loss, value_loss
 from .rewards import per_token_rewards
 from .runtime import adam
-from .trainer import OnPolicyTrainer, check_config, check_precision, config_from_dict
+from .trainer import OnPolicyTrainer, SpeedConfig, check_config, config_from_dict
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -56,7 +56,7 @@ CHECKPOINT_NAME = "a2c_state.pt"
 
 
 @dataclass
-class A2CConfig:
+class A2CConfig(SpeedConfig):
     """Every knob of :class:`A2CTrainer`; the defaults are the measured CPU recipe of chapter 3."""
 
     # --- rollouts
@@ -79,11 +79,7 @@ class A2CConfig:
     lam: float = 0.95  # GAE lambda (0: one-step TD advantage, 1: Monte-Carlo return minus V)
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 per batch
     kl_coef: float = 0.05  # beta of the per-token KL penalty -beta (log pi - log pi_ref) in the reward
-    # --- speed (as in PPOConfig; measured in benchmarks/README.md)
-    precision: str = "auto"  # "auto": bf16 autocast on a GPU that supports it, else fp32; or "fp32" / "bf16"
-    tf32: bool = True  # on CUDA, let fp32 matmuls use TF32 tensor cores
-    compile: bool = False  # torch.compile the teacher-forced forwards (worth it on GPUs; a CPU needs a C++ compiler)
-    generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
+    # --- speed: precision, tf32, compile, generation_threads (inherited from SpeedConfig)
     # --- bookkeeping
     seed: int = 0  # seeds prompt order and sampling
     eval_every: int = 10  # iterations between held-out evaluations in train() (0: first and last only)
@@ -95,11 +91,11 @@ class A2CConfig:
         check_config(
             self,
             positive=("batch_size", "max_new_tokens", "temperature", "lr", "critic_lr", "eval_samples_per_prompt"),
-            positive_or_none=("max_grad_norm", "generation_threads"),
+            positive_or_none=("max_grad_norm",),
             nonnegative=("value_updates", "vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every"),
             unit_interval=("gamma", "lam"),
         )
-        check_precision(self)
+        self.check_speed()
         if self.critic not in ("head", "separate"):
             raise ValueError(f"A2CConfig.critic must be 'head' or 'separate', got {self.critic!r}")
 

@@ -44,7 +44,7 @@ from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .losses import value_loss
 from .runtime import adam
 from .rewards import per_token_rewards
-from .trainer import OnPolicyTrainer, check_config, check_precision, config_from_dict
+from .trainer import OnPolicyTrainer, SpeedConfig, check_config, config_from_dict
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 
 __all__ = [
@@ -97,7 +97,7 @@ def ppo_policy_loss(
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(SpeedConfig):
     """Every knob of :class:`PPOTrainer`; defaults are the measured CPU recipe (chapter 5)."""
 
     # --- rollouts
@@ -135,11 +135,7 @@ class PPOConfig:
     detach_value_head: bool = True  # value head on the policy reads detached features (value loss can't move the trunk)
     disable_dropout: bool = True  # dropout off in policy, reference and critic (else the ratio is noisy at the start)
     recompute_old_logprobs: bool = False  # re-forward for log pi_old instead of using the rollout's own (equal) ones
-    # --- speed (each measured in benchmarks/README.md)
-    precision: str = "auto"  # "auto": bf16 autocast on a GPU that supports it, else fp32; or "fp32" / "bf16"
-    tf32: bool = True  # on CUDA, let fp32 matmuls use TF32 tensor cores
-    compile: bool = False  # torch.compile the teacher-forced forwards (worth it on GPUs; a CPU needs a C++ compiler)
-    generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
+    # --- speed: precision, tf32, compile, generation_threads (inherited from SpeedConfig)
     # --- bookkeeping
     seed: int = 0  # seeds prompt sampling, generation and minibatch shuffling
     eval_every: int = 10  # iterations between held-out evaluations in train() (0: only first and last)
@@ -152,14 +148,13 @@ class PPOConfig:
             self,
             positive=("batch_size", "max_new_tokens", "temperature", "lr", "adam_eps", "ppo_epochs", "minibatch_size",
                       "clip_range"),
-            positive_or_none=("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target",
-                              "generation_threads"),
+            positive_or_none=("value_clip_range", "critic_lr", "max_grad_norm", "target_kl", "kl_target"),
             nonnegative=("vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every", "eval_samples"),
             unit_interval=("gamma", "lam"),
         )
         if self.kl_penalty not in ("reward", "loss"):
             raise ValueError(f"PPOConfig.kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
-        check_precision(self)
+        self.check_speed()
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ValueError("PPOConfig.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
 

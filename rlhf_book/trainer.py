@@ -9,7 +9,7 @@ bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .rollout import Rollout, generate, prompt_texts, response_logprobs
 from .runtime import PRECISIONS, autocast, enable_tf32, resolve_precision
 
-__all__ = ["OnPolicyTrainer", "check_config", "check_precision", "config_from_dict"]
+__all__ = ["OnPolicyTrainer", "SpeedConfig", "check_config", "config_from_dict"]
 
 
 def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=()) -> None:
@@ -41,10 +41,20 @@ def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_int
             raise ValueError(f"{name}.{f} must be in [0, 1], got {getattr(cfg, f)!r}")
 
 
-def check_precision(cfg) -> None:
-    """Raise ValueError unless ``cfg.precision`` is one of :data:`rlhf_book.runtime.PRECISIONS`."""
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"{type(cfg).__name__}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+@dataclass
+class SpeedConfig:
+    """The speed switches every on-policy trainer's config has (each measured in benchmarks/README.md)."""
+
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU that supports it, else fp32; or "fp32" / "bf16"
+    tf32: bool = True  # on CUDA, let fp32 matmuls use TF32 tensor cores
+    compile: bool = False  # torch.compile the teacher-forced forwards (worth it on GPUs; a CPU needs a C++ compiler)
+    generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
+
+    def check_speed(self) -> None:
+        """Raise ValueError naming a speed field outside its allowed values."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{type(self).__name__}.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_config(self, positive_or_none=("generation_threads",))
 
 
 def config_from_dict(cls, d: dict):
@@ -62,8 +72,7 @@ class OnPolicyTrainer:
     ``lm`` (the causal LM that samples), ``ref``, ``tokenizer``, ``critic`` (or None),
     ``generator``, ``device``, ``iteration`` and ``history``, and implement ``step``,
     ``evaluate`` and ``stateful`` (optimizers, controllers: whatever else a checkpoint needs).
-    A config with ``precision``, ``tf32``, ``compile`` and ``generation_threads`` gets the
-    speed switches of :meth:`setup_speed`."""
+    The config is a :class:`SpeedConfig`; subclasses call :meth:`setup_speed` once."""
 
     name = "RL"  # shown on the progress bar
     checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
@@ -75,14 +84,14 @@ class OnPolicyTrainer:
     def setup_speed(self) -> None:
         """Resolve ``config.precision`` for this device, switch on TF32 on CUDA (``config.tf32``)."""
         cfg = self.config
-        self.precision = resolve_precision(getattr(cfg, "precision", "fp32"), self.device)
-        if getattr(cfg, "tf32", False):
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.tf32:
             enable_tf32(self.device)
         self._compiled: dict[int, torch.nn.Module] = {}
 
     def autocast(self):
         """Context for forward passes: bf16 autocast when the run's precision is bf16, else nothing."""
-        return autocast(self.device, getattr(self, "precision", "fp32"))
+        return autocast(self.device, self.precision)
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module``, or (``config.compile``) its ``torch.compile`` wrapper: same parameters, compiled forward.
@@ -91,7 +100,7 @@ class OnPolicyTrainer:
         The wrapper is built once per module and only used for teacher-forced forwards;
         sampling and checkpoints use the module itself.
         """
-        if not getattr(self.config, "compile", False):
+        if not self.config.compile:
             return module
         if id(module) not in self._compiled:
             self._compiled[id(module)] = torch.compile(module, dynamic=True)
@@ -139,7 +148,7 @@ class OnPolicyTrainer:
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
         with self.autocast():
             ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g,
-                          threads=getattr(cfg, "generation_threads", None))
+                          threads=cfg.generation_threads)
             ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
             return ro, response_logprobs(self.ref, *ids, temperature=cfg.temperature)
 
