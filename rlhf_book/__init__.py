@@ -14,6 +14,9 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ruff: noqa: E402, I001  (the environment must be set before torch is imported)
+from .cache import resolve_cache_env as _resolve_cache_env
+
+_resolve_cache_env()  # a relative $RLHF_BOOK_CACHE means the same folder in every kernel this process starts
 # the world
 from .runtime import configure_threads, get_device, set_seed
 from .corpus import generate_examples, prompt_split, sample_prompts

@@ -65,7 +65,7 @@ class A2CConfig(SpeedConfig):
     temperature: float = 1.0  # sampling temperature; log-probs of policy and reference use the same one
     # --- optimisation
     lr: float = 3e-4  # Adam learning rate of the actor
-    critic_lr: float = 1e-3  # Adam learning rate of the critic (the separate ValueModel, or the value head)
+    critic_lr: float | None = 1e-3  # Adam learning rate of the critic (the separate ValueModel, or the value head); None: lr
     critic: str = (
         "separate"  # "separate": a ValueModel (copy of the base LM's trunk); "head": a value head on the policy
     )
@@ -90,8 +90,8 @@ class A2CConfig(SpeedConfig):
     def __post_init__(self):
         check_config(
             self,
-            positive=("batch_size", "max_new_tokens", "temperature", "lr", "critic_lr", "eval_samples_per_prompt"),
-            positive_or_none=("max_grad_norm",),
+            positive=("batch_size", "max_new_tokens", "temperature", "lr", "eval_samples_per_prompt"),
+            positive_or_none=("max_grad_norm", "critic_lr"),
             nonnegative=("value_updates", "vf_coef", "entropy_coef", "kl_coef", "eval_every", "checkpoint_every"),
             unit_interval=("gamma", "lam"),
         )
@@ -154,7 +154,7 @@ class A2CTrainer(OnPolicyTrainer):
         critic_module = self.model.value_head if self.critic is None else self.critic
         self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
         self.actor_optimizer = adam(self.actor_params, lr=cfg.lr)
-        self.critic_optimizer = adam(self.critic_params, lr=cfg.critic_lr)
+        self.critic_optimizer = adam(self.critic_params, lr=cfg.critic_lr if cfg.critic_lr is not None else cfg.lr)
         self.setup_speed()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.iteration = 0

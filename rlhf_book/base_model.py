@@ -8,8 +8,11 @@ treated as a Hugging Face model name or a local directory, so a reader with a hu
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,20 +23,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from transformers.utils import logging as hf_logging
 
-from .cache import cache_dir, cached_artifact
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .cache import artifact_key, cache_dir, cached_artifact
+from .checkpoint import resume_or_restart, rng_state, save_checkpoint, set_rng_state
+from .export import save_model
 from .corpus import generate_examples
 from .runtime import adam, autocast, enable_tf32, get_device, set_seed
-from .tokenizer import EOS, PAD, format_prompt, train_tokenizer
+from .rollout import _context_size
+from .tokenizer import EOS, PAD, format_prompt, save_tokenizer, train_tokenizer
 
 __all__ = [
     "Preset", "PRESETS", "WORLD_VERSION", "load_base_model", "build_base_model", "encode_examples", "lm_loss",
-    "base_model_path", "base_model_metadata",
+    "base_model_path", "base_model_metadata", "artifact_name", "resolve_model_name", "SAVE_FORMAT",
 ]
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the book's own
 
 WORLD_VERSION = 1  # bump when the corpus, tokenizer or training recipe changes
+SAVE_FORMAT = 2  # bump when what a saved model directory holds changes (2: tokenizer settings, model card)
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,13 @@ def _val_loss(model, data: list[list[int]], pad_id: int, device, batch_size: int
     return tot / n
 
 
-def build_base_model(preset: Preset, workdir: Path, device: torch.device | None = None, progress: bool = True) -> dict:
+def build_base_model(preset: Preset, workdir: Path, device: torch.device | None = None, progress: bool = True,
+                     preset_name: str | None = None) -> dict:
     """Train tokenizer + GPT-2 for ``preset`` into ``workdir``; resumes from ``workdir/train_state.pt``.
+
+    Every step of a build can be killed: the tokenizer directory appears only when
+    complete, an unreadable checkpoint is discarded, and a build that saved everything
+    is not repeated.
 
     Returns metadata (parameters, losses, seconds) that is also written to ``workdir/metadata.json``.
     """
@@ -112,13 +123,18 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
     n_train = preset.steps * preset.batch_size
     examples = generate_examples(n_train, seed=preset.seed)
     val_examples = generate_examples(512, seed=preset.seed + 1_000_003)
+    done = _finished_build(workdir)
+    if done is not None:  # killed after the model was saved but before the cache marker
+        return done
     tok_dir = workdir / "tokenizer"
-    if tok_dir.exists():
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    else:
+    tokenizer = _resume_tokenizer(tok_dir)
+    if tokenizer is None:
         texts = (format_prompt(e.prompt) + e.response for e in examples[:20_000])
         tokenizer = train_tokenizer(texts, vocab_size=preset.vocab_size)
-        tokenizer.save_pretrained(tok_dir)
+        tmp = workdir / "tokenizer.tmp"  # written whole, then renamed: "tokenizer/" exists only when complete
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tokenizer(tokenizer, tmp, preset.n_positions)
+        os.rename(tmp, tok_dir)
     train_ids = encode_examples(tokenizer, examples)
     val_ids = encode_examples(tokenizer, val_examples)
     longest = max(len(s) for s in train_ids)
@@ -147,8 +163,8 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     start, ckpt = 0, workdir / "train_state.pt"
-    if ckpt.exists():
-        state = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+    state = resume_or_restart(ckpt, model=model, optimizer=opt, scheduler=sched)  # an unreadable one is discarded
+    if state is not None:
         start, history = state["step"], state["history"]
         set_rng_state(state["rng"])
     t0 = time.time()
@@ -182,23 +198,51 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
             flush()
             save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, history=history, rng=rng_state())
     model.eval()
-    model.save_pretrained(workdir)
-    tokenizer.save_pretrained(workdir)
+    save_model(
+        model, tokenizer, workdir, title=f"rlhf_book base LM, preset {preset_name!r}" if preset_name else "rlhf_book base LM",
+        description=(
+            f"A GPT-2 ({preset.n_layer} layers x {preset.n_embd}, context {preset.n_positions}) trained from scratch "
+            "on the book's generated corpus of short reviews; the reference policy of every RL chapter."
+        ),
+    )
+    shutil.rmtree(tok_dir, ignore_errors=True)  # the training-time copy; the saved model has its own
     meta = {
         "preset": asdict(preset), "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer), "final_val_loss": history["val_loss"][-1], "train_seconds": round(time.time() - t0, 1),
-        "device": str(device), "history": history, "world_version": WORLD_VERSION,
+        "device": str(device), "history": history, "world_version": WORLD_VERSION, "save_format": SAVE_FORMAT,
     }
-    import json
-
-    (workdir / "metadata.json").write_text(json.dumps(meta))
+    tmp = workdir / "metadata.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, workdir / "metadata.json")  # last: its presence means the model and tokenizer are saved
     if ckpt.exists():
         ckpt.unlink()
     return {k: v for k, v in meta.items() if k != "history"}
 
 
-def _artifact_name(preset_name: str, preset: Preset) -> str:
-    return f"base-{preset_name}-w{WORLD_VERSION}-s{preset.seed}"
+def _finished_build(workdir: Path) -> dict | None:
+    """The metadata of a build that saved everything but was killed before the cache marker, else None."""
+    try:
+        meta = json.loads((workdir / "metadata.json").read_text())
+        AutoTokenizer.from_pretrained(workdir)
+    except Exception:  # absent, cut off, or unloadable: build (the rest of) it
+        return None
+    return {k: v for k, v in meta.items() if k != "history"}
+
+
+def _resume_tokenizer(tok_dir: Path):
+    """The tokenizer an interrupted build already trained, or None (and the directory removed) if it does not load."""
+    if not tok_dir.exists():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir)
+    except Exception:  # e.g. emptied by a kill in an older version: retrain (training is deterministic)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        return None
+
+
+def artifact_name(preset_name: str, preset: Preset) -> str:
+    """The cache key of a base LM: its preset, the world (corpus) version and the saved format."""
+    return artifact_key("base", preset_name, {"preset": asdict(preset), "world": WORLD_VERSION, "format": SAVE_FORMAT})
 
 
 def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None = None, progress: bool = True):
@@ -209,15 +253,19 @@ def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None
     tokenizer pads on the left and has a PAD token distinct from EOS.
     """
     device = torch.device(device) if device is not None else get_device()
+    path = resolve_model_name(name_or_path)
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
-        path = cached_artifact(_artifact_name(name_or_path, preset), lambda d: build_base_model(preset, d, device, progress))
-    else:
-        path = name_or_path
+        path = cached_artifact(artifact_name(name_or_path, preset),
+                               lambda d: build_base_model(preset, d, device, progress, name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as e:
+        if name_or_path in PRESETS:
+            raise ValueError(
+                f"the cached base LM {name_or_path!r} at {path} does not load ({e}). Delete that folder to rebuild it."
+            ) from None
         where = "is not a local directory" if not os.path.isdir(str(path)) else "is a directory without a saved model"
         raise ValueError(
             f"cannot load model {str(name_or_path)!r}: it is not a preset ({', '.join(PRESETS)}), {where}, "
@@ -225,7 +273,30 @@ def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None
         ) from None
     _ensure_pad_token(model, tokenizer)
     tokenizer.padding_side = "left"
+    ctx = _context_size(model)
+    if ctx is not None and not tokenizer.model_max_length <= ctx:  # hub tokenizers often say 1e30
+        tokenizer.model_max_length = ctx
     return model.to(device).eval(), tokenizer
+
+
+def resolve_model_name(name_or_path) -> str:
+    """Check a model argument before anything slow: a preset, an existing directory, or a hub name.
+
+    A name one typo away from a preset (``"tinyy"``) fails at once instead of after a
+    minute of hub retries.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ValueError(f"model must be a preset ({', '.join(PRESETS)}), a directory or a hub name, got {name_or_path!r}")
+    name = str(name_or_path)
+    if name in PRESETS or os.path.isdir(name):
+        return name
+    close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
+    if close:
+        raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}) nor a directory; "
+                         f"did you mean the preset {close[0]!r}?")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:  # a path, not "org/name"
+        raise ValueError(f"cannot load model {name!r}: no such directory")
+    return name
 
 
 def _ensure_pad_token(model, tokenizer) -> None:
@@ -242,13 +313,11 @@ def _ensure_pad_token(model, tokenizer) -> None:
 
 def base_model_path(name: str = "cpu") -> Path:
     """Where the cached preset ``name`` lives (it may not be built yet)."""
-    return cache_dir() / _artifact_name(name, PRESETS[name])
+    return cache_dir() / artifact_name(name, PRESETS[name])
 
 
 def base_model_metadata(name: str = "cpu") -> dict:
     """Training record of a built preset (parameters, loss history, seconds); builds it if needed."""
-    import json
-
     if not (base_model_path(name) / "metadata.json").exists():
         load_base_model(name, device="cpu", progress=False)
     return json.loads((base_model_path(name) / "metadata.json").read_text())

@@ -7,29 +7,60 @@ loads a complete directory, never half a checkpoint, and a killed build leaves
 only the ``.partial`` folder, which the next build resumes from (its trainer
 checkpoints there) but nothing ever loads as a model.
 
-The cache lives in ``$RLHF_BOOK_CACHE`` (default ``~/.cache/rlhf_book``).
+The cache lives in ``$RLHF_BOOK_CACHE`` (default ``~/.cache/rlhf_book``). A relative
+``$RLHF_BOOK_CACHE`` is resolved once, against the working directory of the first
+``import rlhf_book``, and written back to the environment as an absolute path, so the
+kernels and workers that process starts (nbval, ``make book``) use the same cache.
+
+An artifact's name is :func:`artifact_key` of its recipe and of its inputs' names:
+change anything that went into it (a recipe field, a format version, an upstream
+artifact) and the name changes, so a stale artifact is never reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
-__all__ = ["cache_dir", "cached_artifact", "is_complete", "file_lock"]
+from filelock import FileLock
+
+__all__ = ["cache_dir", "cached_artifact", "is_complete", "file_lock", "artifact_key", "resolve_cache_env"]
 
 MARKER = "COMPLETE.json"
+ENV = "RLHF_BOOK_CACHE"
+
+
+def resolve_cache_env() -> None:
+    """Make a relative ``$RLHF_BOOK_CACHE`` absolute (against the current directory), in ``os.environ``."""
+    value = os.environ.get(ENV)
+    if value and not os.path.isabs(os.path.expanduser(value)):
+        os.environ[ENV] = str(Path(value).expanduser().resolve())
 
 
 def cache_dir() -> Path:
-    """The cache root: ``$RLHF_BOOK_CACHE`` or ``~/.cache/rlhf_book`` (created if missing)."""
-    root = Path(os.environ.get("RLHF_BOOK_CACHE") or Path.home() / ".cache" / "rlhf_book").expanduser()
+    """The cache root: ``$RLHF_BOOK_CACHE`` or ``~/.cache/rlhf_book`` (created if missing), an absolute path."""
+    resolve_cache_env()
+    root = Path(os.environ.get(ENV) or Path.home() / ".cache" / "rlhf_book").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def artifact_key(kind: str, label: str, recipe: dict, upstream: Sequence[str] = ()) -> str:
+    """``<kind>-<label>-<hash>``: the one name of an artifact, from everything that determines it.
+
+    ``recipe`` holds every setting and format version of the build (JSON-serialisable);
+    ``upstream`` the keys of the artifacts it is built from, so a change anywhere up the
+    chain (corpus -> base LM -> preferences -> reward model) changes every key below it.
+    ``label`` (e.g. the preset name) only makes the name readable.
+    """
+    blob = json.dumps({"kind": kind, "recipe": recipe, "upstream": list(upstream)}, sort_keys=True, default=str)
+    return f"{kind}-{label}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def is_complete(path: Path) -> bool:
@@ -39,18 +70,9 @@ def is_complete(path: Path) -> bool:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``path`` (POSIX ``flock``; a no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    """Exclusive inter-process lock on ``path`` (``filelock``: flock on POSIX, msvcrt on Windows)."""
+    with FileLock(str(path)):
         yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cached_artifact(name: str, build: Callable[[Path], dict | None], root: Path | None = None) -> Path:

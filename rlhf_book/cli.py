@@ -5,12 +5,14 @@
     rlhf-book base --preset cpu                                 # only build/cache the base LM
     rlhf-book reward --preset cpu                               # only build/cache the reward model
 
-A config is TOML (or JSON) with two tables: ``[pipeline]`` (see :data:`PIPELINE_DEFAULTS`)
+A config is TOML (or JSON) with two tables: ``[pipeline]`` (see :class:`PipelineConfig`)
 and ``[ppo]`` (any :class:`rlhf_book.ppo.PPOConfig` field). The output directory receives
-``config.json`` (the resolved config), ``history.json``, ``diagnostics.png``,
-``samples.jsonl`` (held-out responses after training, with proxy and gold scores) and
-``ppo_state.pt`` (the checkpoint). Running the same command again resumes from the
-checkpoint; a finished run is not repeated.
+``run_config.json`` (the resolved config), ``metrics.jsonl`` (one line per iteration, written
+as the run goes), ``history.json``, ``diagnostics.png``, ``samples.jsonl`` (held-out
+responses after training, with proxy and gold scores), ``policy/`` (the trained policy and
+its tokenizer, ``save_pretrained`` format) and ``ppo_state.pt`` (the checkpoint). Running the
+same command again resumes from the checkpoint; a finished run is not repeated; a run
+whose config was changed since is refused, naming the changed fields.
 """
 
 from __future__ import annotations
@@ -18,65 +20,146 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-__all__ = ["PIPELINE_DEFAULTS", "load_config", "run_pipeline", "main"]
+from .trainer import check_config, config_changes
 
-PIPELINE_DEFAULTS = {
-    "preset": "cpu",  # base LM preset (tiny / cpu / gpu) or a saved model directory
-    "reward": "model",  # "model": the learned reward model of the preset; "gold": optimise the gold reward itself
-    "critic": "head",  # "head" (value head on the policy), "reward_model" (ValueModel from the RM) or "base"
-    "iterations": 60,  # PPO iterations
-    "out_dir": None,  # default: runs/<config file name>
-    "n_eval": 32,  # held-out prompts (rlhf_book.corpus.prompt_split)
-    "split_seed": 0,  # seed of the prompt split
-    "n_samples": 8,  # held-out samples written to samples.jsonl
-    "device": None,  # default: rlhf_book.get_device()
-    "threads": None,  # torch intra-op threads (default: rlhf_book.configure_threads())
-}
+__all__ = ["PipelineConfig", "PIPELINE_DEFAULTS", "load_config", "run_pipeline", "main", "RUN_CONFIG_NAME"]
+
+RUN_CONFIG_NAME = "run_config.json"  # not HF's "config.json": runs/<name>/policy/ holds that one
+# [pipeline] keys that may change when a run is continued
+RESUMABLE_PIPELINE_KEYS = frozenset({"iterations", "out_dir", "n_samples", "threads", "device"})
+
+
+@dataclass
+class PipelineConfig:
+    """The ``[pipeline]`` table: which world to build and how long to train."""
+
+    preset: str = "cpu"  # base LM preset (tiny / cpu / gpu), a saved model directory, or (reward = "gold") a hub name
+    reward: str = "model"  # "model": the learned reward model of the preset; "gold": optimise the gold reward itself
+    critic: str = "head"  # "head" (value head on the policy), "reward_model" (ValueModel from the RM) or "base"
+    iterations: int = 60  # PPO iterations (>= 1; a larger number continues a finished run)
+    out_dir: str | None = None  # default: runs/<config file name>
+    n_eval: int = 32  # held-out prompts (rlhf_book.corpus.prompt_split takes n_eval // 6 per domain, at least 1)
+    split_seed: int = 0  # seed of the prompt split
+    n_samples: int = 8  # held-out samples written to samples.jsonl
+    device: str | None = None  # default: rlhf_book.get_device()
+    threads: int | None = None  # torch intra-op threads (default: rlhf_book.configure_threads())
+
+    def __post_init__(self):
+        check_config(self, positive=("iterations", "n_eval"), positive_or_none=("threads",), nonnegative=("n_samples",))
+        if self.reward not in ("model", "gold"):
+            raise ValueError(f"[pipeline] reward must be 'model' or 'gold', got {self.reward!r}")
+        if self.critic not in ("head", "reward_model", "base"):
+            raise ValueError(f"[pipeline] critic must be 'head', 'reward_model' or 'base', got {self.critic!r}")
+        if self.critic == "reward_model" and self.reward != "model":
+            raise ValueError("[pipeline] critic = 'reward_model' needs reward = 'model'")
+        from .base_model import PRESETS, resolve_model_name
+
+        resolve_model_name(self.preset)  # a typo of a preset fails here, before anything is built
+        if self.reward == "model" and self.preset not in PRESETS:
+            raise ValueError(f"[pipeline] reward = 'model' needs one of the presets {', '.join(PRESETS)} (its reward "
+                             f"model is built from the preset's data), got preset = {self.preset!r}")
+        if self.device is not None:
+            _check_device(self.device, available=False)
+
+
+PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
+
+
+def _check_device(name: str, available: bool = True) -> None:
+    """ValueError unless ``name`` is a torch device (and, with ``available``, one this machine has)."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"[pipeline] device {name!r} is not a torch device ({e})") from None
+    if not available:
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"[pipeline] device = {name!r}, but this torch build has no CUDA device available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"[pipeline] device = {name!r}, but MPS is not available here")
+
+
+def _read_table_file(path: Path) -> dict:
+    """Parse a TOML or JSON file; ValueError naming the file on a syntax error."""
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError(f"{path}: reading TOML needs Python >= 3.11 (or `pip install tomli`); use a .json config") from None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a TOML or JSON config into ``{"pipeline": {...}, "ppo": {...}}``, defaults filled in, keys checked."""
+    """Read a TOML or JSON config into ``{"pipeline": {...}, "ppo": {...}}``, defaults filled in, every value checked."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config {path} is a directory, not a file")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    if path.suffix == ".json":
-        raw = json.loads(path.read_text())
-    else:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            try:
-                import tomli as tomllib
-            except ModuleNotFoundError:
-                raise ValueError(
-                    f"{path}: reading TOML needs Python >= 3.11 (or `pip install tomli`); use a .json config"
-                ) from None
-        raw = tomllib.loads(path.read_text())
+    raw = _read_table_file(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected tables [pipeline] and [ppo], got a {type(raw).__name__}")
     unknown = sorted(set(raw) - {"pipeline", "ppo"})
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {unknown}; expected [pipeline] and [ppo]")
     pipe = dict(raw.get("pipeline", {}))
     bad = sorted(set(pipe) - set(PIPELINE_DEFAULTS))
     if bad:
-        raise ValueError(f"{path}: unknown [pipeline] key(s) {bad}; known: {sorted(PIPELINE_DEFAULTS)}")
-    pipe = {**PIPELINE_DEFAULTS, **pipe}
-    if pipe["reward"] not in ("model", "gold"):
-        raise ValueError(f"{path}: [pipeline] reward must be 'model' or 'gold', got {pipe['reward']!r}")
-    if pipe["critic"] not in ("head", "reward_model", "base"):
-        raise ValueError(f"{path}: [pipeline] critic must be 'head', 'reward_model' or 'base', got {pipe['critic']!r}")
-    if pipe["critic"] == "reward_model" and pipe["reward"] != "model":
-        raise ValueError(f"{path}: critic = 'reward_model' needs reward = 'model'")
-    if pipe["out_dir"] is None:
+        raise ValueError(f"{path}: unknown [pipeline] key(s) {bad}{_did_you_mean(bad, PIPELINE_DEFAULTS)}")
+    if pipe.get("out_dir") is None:
         pipe["out_dir"] = str(Path("runs") / path.stem)
+    try:
+        pipe = asdict(PipelineConfig(**pipe))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     from .ppo import PPOConfig
 
+    ppo = dict(raw.get("ppo", {}))
     try:
-        PPOConfig.from_dict(dict(raw.get("ppo", {})))
-    except (ValueError, TypeError) as e:
+        PPOConfig.from_dict(ppo)
+    except ValueError as e:
         raise ValueError(f"{path}: [ppo] {e}") from None
-    return {"pipeline": pipe, "ppo": dict(raw.get("ppo", {}))}
+    return {"pipeline": pipe, "ppo": ppo}
+
+
+def _did_you_mean(bad: list[str], known) -> str:
+    import difflib
+
+    hints = [f"{b!r} -> {m[0]!r}" for b in bad if (m := difflib.get_close_matches(b, list(known), n=1))]
+    return f"; did you mean {', '.join(hints)}?" if hints else f"; known: {sorted(known)}"
+
+
+def _check_resume(out: Path, record: dict) -> None:
+    """Refuse to continue a run in ``out`` whose recorded config differs (beyond what may change on resume)."""
+    from .ppo import CHECKPOINT_NAME
+
+    saved_path = out / RUN_CONFIG_NAME
+    if not (out / CHECKPOINT_NAME).exists() or not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [f"[pipeline] {c}" for c in config_changes(saved.get("pipeline", {}), record["pipeline"],
+                                                         RESUMABLE_PIPELINE_KEYS)]
+    changed += [f"[ppo] {c}" for c in config_changes(saved.get("ppo", {}), record["ppo"])]
+    if changed:
+        raise ValueError(
+            f"{out} holds a run made with another config ({'; '.join(changed)}). Put those values back to continue "
+            f"it, or give the changed config another out_dir (--out) to start a new run."
+        )
 
 
 def run_pipeline(config: dict, iterations: int | None = None, progress: bool = True) -> dict:
@@ -90,12 +173,17 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
     pipe = dict(config["pipeline"])
     if iterations is not None:
         pipe["iterations"] = iterations
+    pipe = asdict(PipelineConfig(**pipe))  # checks an --iterations override too
     out = Path(pipe["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    configure_threads(pipe["threads"])
-    device = get_device(pipe["device"])
     ppo_cfg = PPOConfig.from_dict({**config["ppo"], "progress": progress})
-    (out / "config.json").write_text(json.dumps({"pipeline": pipe, "ppo": config["ppo"]}, indent=1))
+    record = {"pipeline": pipe, "ppo": {k: v for k, v in asdict(ppo_cfg).items() if k != "progress"}}
+    _check_resume(out, record)
+    if pipe["device"] is not None:
+        _check_device(pipe["device"])
+    out.mkdir(parents=True, exist_ok=True)
+    threads = configure_threads(pipe["threads"])
+    device = get_device(pipe["device"])
+    (out / RUN_CONFIG_NAME).write_text(json.dumps({**record, "threads_used": threads}, indent=1))
     set_seed(ppo_cfg.seed)
 
     print(f"[1/3] base LM ({pipe['preset']})", flush=True)
@@ -127,6 +215,7 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
     fig = plot_run(history, title=f"PPO on {pipe['preset']} ({pipe['reward']} reward)")
     fig.savefig(out / "diagnostics.png", dpi=100)
     plt.close(fig)
+    trainer.export(out / "policy")
     final = trainer.evaluate(eval_set, n_samples=pipe["n_samples"])
     with (out / "samples.jsonl").open("w") as f:
         for s in final.pop("samples"):
@@ -140,6 +229,7 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
         "eval_proxy_reward_end": final.get("eval_proxy_reward"),
         "eval_kl_end": final.get("eval_kl"),
         "out_dir": str(out),
+        "policy": str(out / "policy"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

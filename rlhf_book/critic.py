@@ -26,7 +26,7 @@ from torch import nn
 
 from .advantage import masked_var
 from .losses import entropy_from_logits
-from .rollout import logits_to_keep_kwargs, position_ids_from_mask, token_logprobs
+from .rollout import cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs
 
 __all__ = [
     "ValueHead",
@@ -62,11 +62,18 @@ def _hidden_size(config) -> int:
 
 @dataclass
 class PolicyValueOutput:
-    """What :class:`PolicyWithValueHead` returns: logits (B, T, V), values (B, T), past_key_values (for generation)."""
+    """What :class:`PolicyWithValueHead` returns: logits (B, T, V), values (B, T), the KV cache (for generation).
+
+    The cache sits under both names transformers has used for it (``cache`` from 5.24, ``past_key_values`` before).
+    """
 
     logits: torch.Tensor
     values: torch.Tensor
-    past_key_values: Any = None
+    cache: Any = None
+
+    @property
+    def past_key_values(self):
+        return self.cache
 
 
 class PolicyWithValueHead(nn.Module):
@@ -104,9 +111,7 @@ class PolicyWithValueHead(nn.Module):
         )
         hidden = out.hidden_states[-1]
         values = self.value_head(hidden.detach() if self.detach_value_head else hidden)
-        return PolicyValueOutput(
-            logits=out.logits, values=values, past_key_values=getattr(out, "past_key_values", None)
-        )
+        return PolicyValueOutput(logits=out.logits, values=values, cache=output_cache(out, cache_kwarg(self.lm)))
 
     def value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """V of every column, (B, T) -> (B, T)."""

@@ -155,6 +155,11 @@ class PPOConfig(SpeedConfig):
         if self.kl_penalty not in ("reward", "loss"):
             raise ValueError(f"PPOConfig.kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
         self.check_speed()
+        if self.minibatch_size < self.batch_size and self.batch_size % self.minibatch_size:
+            raise ValueError(
+                f"PPOConfig.batch_size ({self.batch_size}) must be a multiple of minibatch_size ({self.minibatch_size}): "
+                "otherwise the last minibatch of every epoch is smaller and its tokens weigh more"
+            )
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ValueError("PPOConfig.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
 
@@ -234,7 +239,7 @@ class PPOTrainer(OnPolicyTrainer):
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.lr}]
         if self.critic is not None:
             critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-            groups.append({"params": critic_params, "lr": cfg.critic_lr or cfg.lr})
+            groups.append({"params": critic_params, "lr": cfg.critic_lr if cfg.critic_lr is not None else cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
         self.setup_speed()

@@ -21,11 +21,25 @@ model never saw.
 
 ``load_preference_data("cpu")`` builds the data set once (30-45 s on two cores)
 and caches it with :func:`rlhf_book.cache.cached_artifact`.
+
+Files are UTF-8 JSONL (a leading BOM is accepted). Validation also rejects strings
+with lone surrogates, non-finite or non-numeric ``*_gold`` and ``*_temperature``
+values, and temperatures that are not > 0.
+
+TRL bridge: TRL's DPOTrainer / RewardTrainer read the same ``prompt`` / ``chosen`` /
+``rejected`` columns but tokenize prompt and reply separately, concatenate the ids
+with no separator and always append EOS to the reply. The book conditions on
+``format_prompt(prompt)`` (prompt + ``"\\n"``) and adds EOS only to terminated
+replies. :func:`to_trl_records` / :func:`to_trl_dataset` (a ``datasets.Dataset``)
+put the separator into ``prompt`` so TRL's ids equal the book's, and by default drop
+pairs with an unterminated reply (``unterminated="keep"`` keeps them, and TRL then
+adds an EOS the book would not).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -55,7 +69,10 @@ __all__ = [
     "build_preference_data",
     "load_preference_data",
     "preference_data_path",
+    "preference_data_key",
     "write_sample",
+    "to_trl_records",
+    "to_trl_dataset",
 ]
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -68,11 +85,27 @@ def _token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
+def _is_number(value) -> bool:
+    """A real number as JSON holds it: int or float, not bool (a bool is an int in Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def validate_record(record, where: str, tokenizer=None, max_length: int | None = None) -> dict:
     """Check one record and return it; raise ValueError naming ``where`` (e.g. "line 3") and the field.
 
-    Rules: ``prompt``, ``chosen``, ``rejected`` are strings; ``chosen`` and ``rejected`` are
-    not empty and not equal; optional ``*_terminated`` flags are booleans. With a
+    Rules: ``prompt``, ``chosen``, ``rejected`` are strings; no string field holds a lone
+    surrogate (JSON ``"\\ud800"``, not valid Unicode); ``chosen`` and ``rejected`` are
+    not empty and not equal; optional ``*_terminated`` flags are booleans; optional
+    ``*_gold`` scores are finite numbers and optional ``*_temperature`` values finite
+    numbers > 0 (int or float, not bool, string or null). With a
     ``tokenizer``, the formatted prompt plus one reply token and EOS must fit in
     ``max_length`` tokens (default ``tokenizer.model_max_length``), and so must
     prompt + reply + EOS for both replies.
@@ -86,6 +119,9 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
             raise ValueError(f"{where}: missing field {field!r} (a record needs {', '.join(FIELDS)})")
         if not isinstance(record[field], str):
             raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+    for field, value in record.items():
+        if isinstance(value, str) and _has_lone_surrogate(value):
+            raise ValueError(f"{where}: field {field!r} is not valid Unicode (lone surrogate)")
     if not record["prompt"].strip():
         raise ValueError(f"{where}: field 'prompt' is empty")
     for field in ("chosen", "rejected"):
@@ -96,6 +132,15 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
     for field in ("chosen_terminated", "rejected_terminated"):
         if field in record and not isinstance(record[field], bool):
             raise ValueError(f"{where}: field {field!r} must be true or false, got {record[field]!r}")
+    for field in ("chosen_gold", "rejected_gold", "chosen_temperature", "rejected_temperature"):
+        if field not in record:
+            continue
+        value = record[field]
+        positive = field.endswith("_temperature")
+        ok = _is_number(value) and not (isinstance(value, float) and not math.isfinite(value))
+        if not ok or (positive and not value > 0):
+            need = "a finite number > 0" if positive else "a finite number"
+            raise ValueError(f"{where}: field {field!r} must be {need}, got {value!r}")
     if tokenizer is not None or max_length is not None:
         if tokenizer is None:
             raise ValueError("max_length was given without a tokenizer to count tokens with")
@@ -128,20 +173,31 @@ def validate_preferences(records: Sequence[dict], tokenizer=None, max_length: in
 
 
 def load_preferences(path: str | Path, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """Read and validate a preference JSONL file; ValueError names ``<path> line N`` and the field."""
+    """Read and validate a preference JSONL file; ValueError names ``<path> line N`` and the field.
+
+    The file is UTF-8, optionally with a BOM; bytes that are not UTF-8 raise ValueError
+    naming the line rather than a bare UnicodeDecodeError.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such preference file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i}: not valid JSON ({e.msg})") from None
-            records.append(validate_record(rec, f"{path} line {i}", tokenizer, max_length))
+    # bytes.splitlines splits on \n, \r\n and \r, as text mode does; decode per line to name it
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} line {i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line: "
+                f"{e.reason})"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i}: not valid JSON ({e.msg})") from None
+        records.append(validate_record(rec, f"{path} line {i}", tokenizer, max_length))
     if not records:
         raise ValueError(f"{path}: the file holds no records")
     return records
@@ -158,6 +214,56 @@ def save_preferences(records: Sequence[dict], path: str | Path, tokenizer=None, 
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------- TRL bridge
+UNTERMINATED_CHOICES = ("drop", "keep")
+
+
+def to_trl_records(records: Sequence[dict], unterminated: str = "drop") -> list[dict]:
+    """Validated copies of ``records`` for TRL: ``prompt`` becomes ``format_prompt(prompt)``.
+
+    TRL tokenizes ``prompt`` and each reply separately, concatenates the ids and appends
+    EOS to the reply; with the separator in ``prompt`` those ids are the book's
+    (:func:`rlhf_book.reward_model.encode_replies`). ``chosen``, ``rejected`` and every
+    extra field are kept unchanged; the input records are not modified.
+
+    ``unterminated`` says what to do with a pair in which either reply has
+    ``*_terminated`` false (it ended without EOS): ``"drop"`` (default) leaves the pair
+    out, because TRL's EOS would change what the reply means; ``"keep"`` keeps it, and
+    TRL then adds an EOS the book would not. ValueError if every pair is dropped.
+    """
+    if not isinstance(unterminated, str) or unterminated not in UNTERMINATED_CHOICES:
+        raise ValueError(
+            f"unterminated must be one of {', '.join(map(repr, UNTERMINATED_CHOICES))}, got {unterminated!r}"
+        )
+    records = validate_preferences(records)
+    out = []
+    for r in records:
+        if unterminated == "drop" and not (r.get("chosen_terminated", True) and r.get("rejected_terminated", True)):
+            continue
+        out.append({**r, "prompt": format_prompt(r["prompt"])})
+    if not out:
+        raise ValueError(
+            f"all {len(records)} pairs have an unterminated reply and were dropped; "
+            "pass unterminated='keep' to keep them"
+        )
+    return out
+
+
+def to_trl_dataset(records: Sequence[dict], unterminated: str = "drop"):
+    """:func:`to_trl_records` as a ``datasets.Dataset`` for TRL's DPOTrainer / RewardTrainer.
+
+    The columns are every field of any record (``Dataset.from_list`` alone would keep
+    only the first record's); a record without a field holds None there.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("to_trl_dataset needs the Hugging Face datasets library: pip install datasets") from e
+    rows = to_trl_records(records, unterminated)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return datasets.Dataset.from_list([{k: r.get(k) for k in columns} for r in rows])
 
 
 # ------------------------------------------------------------------- generation
@@ -321,10 +427,14 @@ def build_preference_data(
     return meta
 
 
-def _artifact_name(base: str, recipe: PreferenceRecipe) -> str:
-    from .base_model import PRESETS, WORLD_VERSION
+def preference_data_key(base: str) -> str:
+    """The cache key of base preset ``base``'s preference data: its recipe, version and the base LM's key."""
+    from .base_model import PRESETS, artifact_name
+    from .cache import artifact_key
 
-    return f"prefs-{base}-w{WORLD_VERSION}-v{PREFERENCE_VERSION}-s{recipe.seed}-b{PRESETS[base].seed}"
+    recipe = PREFERENCE_RECIPES[base]
+    return artifact_key("prefs", base, {"recipe": asdict(recipe), "version": PREFERENCE_VERSION},
+                        upstream=[artifact_name(base, PRESETS[base])])
 
 
 def preference_data_path(base: str = "cpu", progress: bool = True) -> Path:
@@ -339,7 +449,7 @@ def preference_data_path(base: str = "cpu", progress: bool = True) -> Path:
         model, tokenizer = load_base_model(base, progress=progress)
         return build_preference_data(model, tokenizer, recipe, workdir, progress)
 
-    return cached_artifact(_artifact_name(base, recipe), build)
+    return cached_artifact(preference_data_key(base), build)
 
 
 def load_preference_data(base: str = "cpu", progress: bool = True) -> dict[str, list[dict]]:

@@ -20,6 +20,15 @@ Ziegler et al. (2019), to mean 0 and std 1 on replies of the reference policy
 normalisation ``r = gain * raw + bias`` is stored in the model config
 (``reward_gain``, ``reward_bias``) and :func:`reward_scores` applies it.
 
+Loading it without the library: ``AutoModelForSequenceClassification`` and
+``AutoTokenizer`` on the saved folder give the *raw* score as ``logits[:, 0]``, equal to
+the library's ``reward_scores(..., normalize=False)``; the normalised score is
+``config.reward_gain * logits[:, 0] + config.reward_bias``. (GPT-2's score head has no
+bias, so the shift cannot live in the head; rewriting the trunk to hold it would change
+the Bradley-Terry scale that chapter 2 calibrates.) The saved tokenizer pads on the
+*right*: a plain GPT-2 forward numbers positions from column 0 whatever the mask says,
+so only right padding gives it the library's scores.
+
 Stable entry points for later chapters::
 
     rm, tok = load_reward_model("cpu")          # built and cached on first use
@@ -43,10 +52,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .base_model import PRESETS, WORLD_VERSION, _collate, encode_examples, load_base_model
-from .cache import cache_dir, cached_artifact
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .preferences import PREFERENCE_RECIPES, load_preference_data, validate_preferences
+from .base_model import PRESETS, SAVE_FORMAT, WORLD_VERSION, _collate, encode_examples, load_base_model
+from .base_model import artifact_name as base_artifact_name
+from .cache import artifact_key, cache_dir, cached_artifact
+from .checkpoint import resume_or_restart, rng_state, save_checkpoint, set_rng_state
+from .export import save_model
+from .preferences import PREFERENCE_RECIPES, load_preference_data, preference_data_key, validate_preferences
 from .rollout import _context_size, generate, position_ids_from_mask
 from .runtime import adam, autocast, enable_tf32, get_device, set_seed
 
@@ -72,6 +83,7 @@ __all__ = [
     "load_reward_model",
     "reward_model_path",
     "reward_model_info",
+    "artifact_name",
 ]
 
 RM_VERSION = 2  # bump when the recipe, the input format or the normalisation changes
@@ -385,8 +397,8 @@ def train_reward_model(
     }
     step = 0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    if ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+    state = resume_or_restart(ckpt, model=model, optimizer=opt, scheduler=sched) if ckpt is not None else None
+    if state is not None:  # (an unreadable checkpoint is discarded with a warning: training restarts)
         step, history = state["step"], state["history"]
         set_rng_state(state["rng"])
     stop = total if max_steps is None else min(total, max_steps)
@@ -536,8 +548,19 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
         rm, tokenizer, *_reference_replies(lm, tokenizer, base, recipe.n_reference, recipe.seed + 1)
     )
     test = evaluate_preferences(rm, tokenizer, data["test"])
-    rm.save_pretrained(workdir)
-    tokenizer.save_pretrained(workdir)
+    save_model(
+        rm, tokenizer, workdir, title=f"rlhf_book reward model, base preset {base!r}", padding_side="right",
+        loader="AutoModelForSequenceClassification",
+        description=(
+            "A Bradley-Terry reward model: the base LM's trunk with a scalar score head, trained on the book's "
+            "simulated preference pairs.\n\n"
+            "- `logits[:, 0]` is the raw score, read at the last non-pad token; pad on the right (the saved "
+            "tokenizer does), since a plain GPT-2 forward does not shift positions for left padding.\n"
+            f"- normalised score = `config.reward_gain * raw + config.reward_bias` (gain {norm['gain']:.6g}, "
+            f"bias {norm['bias']:.6g}): mean 0, std 1 on replies of the base LM. `rlhf_book.reward_scores` "
+            "applies it."
+        ),
+    )
     meta = {
         "base": base,
         "recipe": asdict(recipe),
@@ -557,17 +580,26 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
     return {k: v for k, v in meta.items() if k != "history"}
 
 
-def _artifact_name(base: str) -> str:
-    return f"rm-{base}-w{WORLD_VERSION}-v{RM_VERSION}-s{RM_RECIPES[base].seed}-b{PRESETS[base].seed}"
+def artifact_name(base: str) -> str:
+    """The cache key of a reward model: its recipe and version, and the keys of its preference data and base LM."""
+    return artifact_key(
+        "rm", base, {"recipe": asdict(RM_RECIPES[base]), "rm_version": RM_VERSION, "format": SAVE_FORMAT},
+        upstream=[preference_data_key(base), base_artifact_name(base, PRESETS[base])],
+    )
 
 
 def reward_model_path(base: str = "cpu") -> Path:
     """Where the cached reward model for base preset ``base`` lives (it may not be built yet)."""
-    return cache_dir() / _artifact_name(base)
+    return cache_dir() / artifact_name(base)
 
 
 def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True):
     """Return ``(reward_model, tokenizer)`` in eval mode; the model's config holds the score normalisation.
+
+    The config fields ``reward_gain`` and ``reward_bias`` are the normalisation
+    ``gain * raw + bias`` (:func:`normalize_reward_model`): a plain HF forward gives the raw
+    score, the library's :func:`reward_scores` the normalised one. The tokenizer pads on
+    the right (see the module docstring); the library's scoring does not depend on it.
 
     ``base``: a base preset (``"tiny"``, ``"cpu"``, ``"gpu"``): the reward model trained on that
     base LM's preference data, built and cached on first use (the cpu one in about
@@ -577,22 +609,34 @@ def load_reward_model(base: str = "cpu", device: torch.device | str | None = Non
     """
     device = torch.device(device) if device is not None else get_device()
     if base in RM_RECIPES:
-        path = cached_artifact(_artifact_name(base), lambda d: build_reward_model(base, d, device, progress))
+        path = cached_artifact(artifact_name(base), lambda d: build_reward_model(base, d, device, progress))
     elif os.path.isdir(str(base)):
         path = Path(base)
     else:
         raise ValueError(f"unknown reward model {base!r}: not a preset ({', '.join(RM_RECIPES)}) nor a saved directory")
+    archs = getattr(_saved_config(path), "architectures", None) or []
+    if any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in archs):
+        raise ValueError(f"{path} holds a causal LM ({archs[0]}), not a reward model: load it with load_base_model, "
+                         "or make a reward model from it with reward_model_from_lm")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if model.config.num_labels != 1:
         raise ValueError(f"{path} holds a classifier with {model.config.num_labels} labels, not a reward model (1)")
-    tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer
+
+
+def _saved_config(path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a saved model directory ({e})") from None
 
 
 def reward_model_info(base: str = "cpu", progress: bool = True) -> dict:
     """Metadata of the cached reward model (recipe, training history, normalisation, test metrics); builds if needed."""
     if base not in RM_RECIPES:
         raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
-    path = cached_artifact(_artifact_name(base), lambda d: build_reward_model(base, d, None, progress))
+    path = cached_artifact(artifact_name(base), lambda d: build_reward_model(base, d, None, progress))
     return json.loads((path / "metadata.json").read_text())

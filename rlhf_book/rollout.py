@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,6 +54,39 @@ def logits_to_keep_kwargs(model, n: int) -> dict:
     64 x 512 tokens are 6.6 GB in fp32).
     """
     return {"logits_to_keep": n} if n > 0 and _takes_logits_to_keep(type(model)) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_type: type) -> str:
+    try:
+        params = inspect.signature(model_type.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier).
+
+    transformers 5.24 renamed the argument and the output field (the old name goes in
+    5.40); looking the name up in the signature keeps old and new releases working. A
+    wrapper with an ``lm`` attribute (:class:`~rlhf_book.critic.PolicyWithValueHead`) uses its LM's name.
+    """
+    return _cache_kwarg_of(type(getattr(model, "lm", model)))
+
+
+def output_cache(out, name: str):
+    """The KV cache a forward returned, read under ``name`` (see :func:`cache_kwarg`); None if there is none."""
+    return getattr(out, "cache", None) if name == "cache" else getattr(out, "past_key_values", None)
+
+
+def _step_with_cache(model, past, **inputs):
+    """One forward that takes and returns the KV cache -> (logits of the last column (B, V), cache)."""
+    name = cache_kwarg(model)
+    if past is not None:
+        inputs[name] = past
+    out = model(**inputs, use_cache=True)
+    return out.logits[:, -1], output_cache(out, name)
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
@@ -146,10 +180,14 @@ def generate(
     list, an empty prompt, or a prompt that leaves no room for ``max_new_tokens`` in
     the model's context.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, got one string: wrap a single prompt in a list, [prompt]")
+    _check_sampling(max_new_tokens, temperature)
     device = next(model.parameters()).device
     ctx = _context_size(model)
+    if ctx is not None and max_new_tokens >= ctx:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {ctx} "
+                         f"tokens: use at most {ctx - 2}")
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
     return generate_from_ids(
         model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts, threads
@@ -175,8 +213,7 @@ def generate_from_ids(
     is a device-to-host copy that stalls the queue of kernels. Columns sampled after
     the last EOS are PAD and are cut off, so the rollout is the same as checking every token.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    _check_sampling(max_new_tokens, temperature)
     ctx = _context_size(model)
     if ctx is not None and prompt_ids.size(1) + max_new_tokens > ctx:
         raise ValueError(f"{prompt_ids.size(1)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's context of {ctx}")
@@ -189,9 +226,8 @@ def generate_from_ids(
     with intra_op_threads(threads if device.type == "cpu" else None):
         B = prompt_ids.size(0)
         mask = prompt_mask
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
-                    **logits_to_keep_kwargs(model, 1))
-        logits, past = out.logits[:, -1], out.past_key_values
+        logits, past = _step_with_cache(model, None, input_ids=prompt_ids, attention_mask=mask,
+                                        position_ids=position_ids_from_mask(mask), **logits_to_keep_kwargs(model, 1))
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, logps, alive = [], [], []
         for t in range(max_new_tokens):
@@ -210,8 +246,7 @@ def generate_from_ids(
                 break
             mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
             pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            logits, past = out.logits[:, -1], out.past_key_values
+            logits, past = _step_with_cache(model, past, input_ids=tok[:, None], attention_mask=mask, position_ids=pos)
     if was_training:
         model.train()
 
@@ -227,8 +262,19 @@ def generate_from_ids(
     )
 
 
+def _check_sampling(max_new_tokens, temperature) -> None:
+    """ValueError unless max_new_tokens is an integer >= 1 and temperature a finite number > 0."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 (use greedy=True for argmax), got {temperature!r}")
+
+
 def prompt_texts(prompts: Sequence) -> list[str]:
     """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives)."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list, got one string: wrap a single prompt in a list, [prompt]")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, dict):

@@ -4,11 +4,19 @@ One iteration = draw a batch of distinct prompts, ``step`` on them (rollout, rew
 advantages, updates), sometimes ``evaluate`` on held-out prompts, append the stats to
 ``history``, checkpoint. A subclass supplies ``step``, ``evaluate``, ``state_dict`` and
 ``load_state_dict``; everything here is the bookkeeping that makes a run resumable
-bit for bit.
+bit for bit (at the same CPU thread count: sums over 1 and 2 threads differ at ~1e-7),
+refuses to mix two configs in one run, streams metrics to disk and exports the policy.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import types
+import typing
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -16,15 +24,70 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import fsync_replace, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .export import save_model
 from .rollout import Rollout, generate, prompt_texts, response_logprobs
 from .runtime import PRECISIONS, autocast, enable_tf32, resolve_precision
 
-__all__ = ["OnPolicyTrainer", "SpeedConfig", "check_config", "config_from_dict"]
+__all__ = ["OnPolicyTrainer", "SpeedConfig", "check_config", "check_types", "config_from_dict", "config_changes",
+           "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics", "write_metrics", "read_metrics"]
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _allowed(annotation) -> tuple[tuple[type, ...], bool]:
+    """(the plain types a field declared as ``annotation`` takes, whether None is allowed)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = typing.get_args(annotation)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (annotation,), False
+
+
+def _fits(value, kinds: tuple[type, ...]) -> bool:
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind is str and isinstance(value, str):
+            return True
+        if kind not in _TYPE_NAMES and isinstance(kind, type) and isinstance(value, kind):
+            return True
+    return False
+
+
+def check_types(cfg) -> None:
+    """Raise ValueError naming the first field of dataclass ``cfg`` whose value does not fit its declared type.
+
+    The declarations are the rule: ``bool`` takes only True/False (so ``"no"`` is not
+    silently truthy), ``int`` only integers (not 8.5, "8" or True), ``float`` any finite
+    real number (not inf, NaN or "1e-4"), ``X | None`` also None.
+    """
+    name = type(cfg).__name__
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        kinds, none_ok = _allowed(hints[f.name])
+        value = getattr(cfg, f.name)
+        if value is None:
+            if not none_ok:
+                raise ValueError(f"{name}.{f.name} must not be None (expected {_expected(kinds)})")
+            continue
+        if not _fits(value, kinds):
+            raise ValueError(f"{name}.{f.name} must be {_expected(kinds, none_ok)}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}.{f.name} must be a finite number, got {value!r}")
+
+
+def _expected(kinds, none_ok: bool = False) -> str:
+    words = [_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds]
+    return " or ".join(words + (["None"] if none_ok else []))
 
 
 def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=()) -> None:
-    """Raise ValueError naming the first field of dataclass ``cfg`` outside its allowed range."""
+    """Raise ValueError naming the first field of dataclass ``cfg`` of the wrong type or outside its allowed range."""
+    check_types(cfg)
     name = type(cfg).__name__
     for f in positive:
         if not getattr(cfg, f) > 0:
@@ -55,6 +118,18 @@ class SpeedConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"{type(self).__name__}.precision must be one of {PRECISIONS}, got {self.precision!r}")
         check_config(self, positive_or_none=("generation_threads",))
+
+
+# Fields that may change between a run and its resumption: they change what is shown or saved, not what is learnt.
+RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "eval_every"})
+
+
+def config_changes(saved: dict, current: dict, allowed=RESUMABLE_FIELDS) -> list[str]:
+    """``"field: old -> new"`` for every field (outside ``allowed``) whose value differs between two config dicts."""
+    keys = sorted((set(saved) | set(current)) - set(allowed))
+    missing = object()
+    return [f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}".replace(repr(missing), "(absent)")
+            for k in keys if saved.get(k, missing) != current.get(k, missing)]
 
 
 def config_from_dict(cls, d: dict):
@@ -114,10 +189,11 @@ class OnPolicyTrainer:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the run bit for bit."""
+        """Everything needed to continue the run bit for bit (at the same CPU thread count, see :meth:`load`)."""
         state = {
             "model": self.model.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
             "iteration": self.iteration, "history": self.history, "config": asdict(self.config),
+            "threads": torch.get_num_threads(),
             **{k: v.state_dict() for k, v in self.stateful().items()},
         }
         if self.critic is not None:
@@ -161,8 +237,54 @@ class OnPolicyTrainer:
         return save_checkpoint(path, **self.state_dict())
 
     def load(self, path: str | Path) -> None:
-        """Restore a run saved with :meth:`save`."""
-        self.load_state_dict(load_checkpoint(path))
+        """Restore a run saved with :meth:`save`; refuses a checkpoint written with another config.
+
+        Resuming continues the interrupted run exactly when the process uses as many CPU
+        threads as the one that wrote it (reductions over 1 and 2 threads differ at ~1e-7);
+        with another count it continues, with a warning, but is no longer bit-identical.
+        """
+        state = load_checkpoint(path)
+        changed = config_changes(state.get("config", {}), asdict(self.config))
+        if changed:
+            raise ValueError(
+                f"{path}: cannot resume, this run's config differs from the one the checkpoint was written with "
+                f"({'; '.join(changed)}). Restore those values to continue it, or start a new run in another "
+                f"directory (only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume)."
+            )
+        threads = state.get("threads")
+        if threads is not None and threads != torch.get_num_threads():
+            warnings.warn(
+                f"{path} was written with {threads} CPU threads and this process uses {torch.get_num_threads()}: "
+                "the run continues, but not bit for bit as an uninterrupted one would", RuntimeWarning, stacklevel=2,
+            )
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:  # e.g. "size mismatch": the checkpoint is of another model
+            raise ValueError(
+                f"{path}: the checkpoint does not fit this trainer's models (another base model or critic?): "
+                f"{str(e).splitlines()[0]}. Start a new run in another directory."
+            ) from None
+
+    def export(self, directory: str | Path) -> Path:
+        """Save the trained policy LM and its tokenizer with ``save_pretrained`` (loads with ``AutoModelForCausalLM``).
+
+        Written into a temporary sibling and renamed into place, so ``directory`` is
+        always either the previous export or the new one, never half of one.
+        """
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(
+            self.lm, self.tokenizer, tmp, title=f"{self.name} policy trained with rlhf_book",
+            description=f"A causal LM after {self.iteration} {self.name} iterations (config in the run's run_config.json).",
+        )
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
 
     def train(
         self,
@@ -178,19 +300,30 @@ class OnPolicyTrainer:
         ``eval_prompts``, iteration 0 (before training), every ``eval_every``-th iteration and
         the last one also carry ``eval_*`` statistics. With ``checkpoint_dir`` the run is saved
         every ``checkpoint_every`` iterations and at the end; calling again with the same
-        directory resumes and reproduces the uninterrupted run exactly. ``progress``
-        (default ``config.progress``) shows a tqdm bar.
+        directory resumes and reproduces the uninterrupted run exactly (same thread count;
+        a changed config is refused, see :meth:`load`), and every iteration's statistics are
+        appended to ``checkpoint_dir/metrics.jsonl`` as they happen (one JSON object a line:
+        watch it during a run, read it after a crash). ``progress`` (default
+        ``config.progress``) shows a tqdm bar.
         """
         cfg = self.config
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
         texts = prompt_texts(prompt_list)
         if len(texts) < cfg.batch_size:
             raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
         eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
         ckpt = Path(checkpoint_dir) / self.checkpoint_name if checkpoint_dir is not None else None
+        metrics = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir is not None else None
         if ckpt is not None and ckpt.exists():
             self.load(ckpt)
+        if metrics is not None:  # rows after the last checkpoint were lost with the run: the file restarts from it
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            write_metrics(self.history, metrics)
         if eval_texts is not None and self.iteration == 0 and not any(h["iteration"] == 0 for h in self.history):
             self.history.append({"iteration": 0, **self.evaluate(eval_texts)})
+            if metrics is not None:
+                append_metrics(self.history[-1], metrics)
         show = cfg.progress if progress is None else progress
         bar = tqdm(total=iterations, initial=min(self.iteration, iterations), desc=self.name, disable=not show)
         while self.iteration < iterations:
@@ -200,9 +333,42 @@ class OnPolicyTrainer:
             if eval_texts is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
                 stats.update(self.evaluate(eval_texts))
             self.history.append(stats)
+            if metrics is not None:
+                append_metrics(stats, metrics)
             bar.update(1)
             bar.set_postfix(self.progress_postfix(stats))
             if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
                 self.save(ckpt)
         bar.close()
         return self.history
+
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def append_metrics(row: dict, path: str | Path) -> None:
+    """Append one history row to a JSONL metrics file and flush it to disk (it survives a crash)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_metrics(history: list[dict], path: str | Path) -> None:
+    """(Re)write a JSONL metrics file from a whole history, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    fsync_replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a JSONL metrics file (a last line cut off by a crash is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

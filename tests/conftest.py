@@ -20,19 +20,40 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
-    """(model, tokenizer) of the tiny preset, built once per session in a private cache."""
-    d = tmp_path_factory.mktemp("tiny_cache")
+def tiny_cache_dir(tmp_path_factory):
+    """A private cache directory shared by the session's tiny artifacts."""
+    return tmp_path_factory.mktemp("tiny_cache")
+
+
+def _in_cache(d, fn):
     old = os.environ.get("RLHF_BOOK_CACHE")
     os.environ["RLHF_BOOK_CACHE"] = str(d)
     try:
-        model, tok = rlhf_book.load_base_model("tiny", device="cpu", progress=False)
+        return fn()
     finally:
         if old is None:
             os.environ.pop("RLHF_BOOK_CACHE", None)
         else:
             os.environ["RLHF_BOOK_CACHE"] = old
-    return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_cache_dir):
+    """(model, tokenizer) of the tiny preset, built once per session in a private cache."""
+    return _in_cache(tiny_cache_dir, lambda: rlhf_book.load_base_model("tiny", device="cpu", progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_cache_dir, tiny_world):
+    """Directories of the tiny base LM and reward model as the cache saved them: {"base": Path, "rm": Path}."""
+    from rlhf_book.base_model import base_model_path
+    from rlhf_book.reward_model import load_reward_model, reward_model_path
+
+    def build():
+        load_reward_model("tiny", device="cpu", progress=False)
+        return {"base": base_model_path("tiny"), "rm": reward_model_path("tiny")}
+
+    return _in_cache(tiny_cache_dir, build)
 
 
 @pytest.fixture(scope="session")

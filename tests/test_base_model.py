@@ -44,7 +44,7 @@ def test_interrupted_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(bm, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         load_base_model("tiny", device="cpu", progress=False)
-    assert not (tmp_path / "crash" / bm._artifact_name("tiny", PRESETS["tiny"])).exists()
+    assert not (tmp_path / "crash" / bm.artifact_name("tiny", PRESETS["tiny"])).exists()
     monkeypatch.setattr(bm, "save_checkpoint", real_save)
     resumed, _ = load_base_model("tiny", device="cpu", progress=False)
     assert saves == [10, 20]

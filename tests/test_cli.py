@@ -27,7 +27,7 @@ def test_pipeline_end_to_end_and_resume(tmp_cache, tmp_path):
     cfg = _config(tmp_path, critic="reward_model")
     assert main(["pipeline", "--config", str(cfg), "--no-progress"]) == 0
     out = tmp_path / "run"
-    for name in ("config.json", "history.json", "diagnostics.png", "samples.jsonl", "summary.json", "ppo_state.pt"):
+    for name in ("run_config.json", "metrics.jsonl", "history.json", "diagnostics.png", "samples.jsonl", "summary.json", "ppo_state.pt"):
         assert (out / name).is_file(), name
     history = json.loads((out / "history.json").read_text())
     assert [h["iteration"] for h in history] == [0, 1, 2]
@@ -40,6 +40,26 @@ def test_pipeline_end_to_end_and_resume(tmp_cache, tmp_path):
     history2 = json.loads((out / "history.json").read_text())
     assert [h["iteration"] for h in history2] == [0, 1, 2, 3]
     assert history2[:3] == history
+    # the trained policy is exported in HF format; the run's own config does not take HF's file name
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "policy").config.model_type == "gpt2"
+    assert not (out / "config.json").exists()
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_a_changed_config_names_what_changed(tmp_cache, tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert main(["pipeline", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    text = cfg.read_text()
+    cfg.write_text(text.replace("batch_size = 6", "batch_size = 6\nlr = 0.05\nkl_coef = 0.5"))
+    assert main(["pipeline", "--config", str(cfg), "--iterations", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "[ppo] kl_coef: 0.1 -> 0.5" in err and "[ppo] lr: 0.0001 -> 0.05" in err and "--out" in err
+    cfg.write_text(text.replace('preset = "tiny"', 'preset = "cpu"'))
+    assert main(["pipeline", "--config", str(cfg), "--iterations", "3", "--no-progress"]) == 2
+    assert "[pipeline] preset: 'tiny' -> 'cpu'" in capsys.readouterr().err
 
 
 def test_shipped_configs_are_valid():

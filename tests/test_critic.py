@@ -139,7 +139,8 @@ def test_detach_value_head_keeps_value_loss_off_the_trunk(detach):
 
 def test_value_model_from_reward_model_starts_at_the_rm_score():
     torch.manual_seed(0)
-    rm = GPT2ForSequenceClassification(GPT2Config(**{**_config().to_dict(), "num_labels": 1})).eval()
+    cfg = {**_config().to_dict(), "num_labels": 1, "id2label": {0: "reward"}, "label2id": {"reward": 0}}
+    rm = GPT2ForSequenceClassification(GPT2Config(**cfg)).eval()  # (4.x: a copied 2-label map beats num_labels)
     critic = ValueModel.from_reward_model(rm).eval()
     ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)

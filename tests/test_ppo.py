@@ -175,7 +175,7 @@ def test_ppo_losses_are_padding_invariant(tiny_world, kl_penalty):
     lb, sb = tr._minibatch_loss(padded, b, idx, 0.1)
     torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-4)
     for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"):
-        assert sb[key] == pytest.approx(sa[key], abs=1e-5), key
+        assert float(sb[key]) == pytest.approx(float(sa[key]), abs=1e-5), key
 
 
 def test_early_stop_on_approx_kl(tiny_world):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,11 @@ from rlhf_book.preferences import (
     load_preferences,
     preference_data_path,
     save_preferences,
+    to_trl_dataset,
+    to_trl_records,
     validate_preferences,
 )
+from rlhf_book.reward_model import _encode_pairs
 from rlhf_book.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +84,72 @@ def test_bad_record_writes_nothing(tmp_path, bad, words):
     for w in words[1:]:
         assert w in str(e.value)
     assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+GOOD_LINE = json.dumps(GOOD).encode()
+BOM = b"\xef\xbb\xbf"
+
+
+def _with(**fields) -> bytes:
+    """A line of GOOD plus ``fields`` given as raw JSON text (so NaN, Infinity, escapes reach the file)."""
+    return (json.dumps(GOOD)[:-1] + "".join(f', "{k}": {v}' for k, v in fields.items()) + "}").encode("ascii")
+
+
+FILE_CASES = [
+    # (file bytes, None if the file loads as [GOOD, GOOD], else words the message must contain)
+    (BOM + GOOD_LINE + b"\n" + GOOD_LINE + b"\n", None),
+    (GOOD_LINE + b"\r\n" + GOOD_LINE + b"\r\n", None),
+    (
+        GOOD_LINE + b"\n" + json.dumps({**GOOD, "chosen": "Caf\u00e9 food."}, ensure_ascii=False).encode("latin-1"),
+        ["line 2", "not valid UTF-8", "0xe9"],
+    ),
+    (GOOD_LINE + b"\n" + BOM + GOOD_LINE, ["line 2", "not valid JSON"]),  # a BOM only at the start
+    (GOOD_LINE + b'\n{"prompt": "p", "chosen": "\\ud800", "rejected": "b"}', ["line 2", "'chosen'", "lone surrogate"]),
+    (GOOD_LINE + b"\n" + _with(note='"\\udfff"'), ["line 2", "'note'", "lone surrogate"]),
+    (GOOD_LINE + b"\n" + _with(chosen_gold='"high"'), ["line 2", "'chosen_gold'", "finite number", "'high'"]),
+    (GOOD_LINE + b"\n" + _with(chosen_gold="NaN"), ["line 2", "'chosen_gold'", "finite number", "nan"]),
+    (GOOD_LINE + b"\n" + _with(rejected_gold="null"), ["line 2", "'rejected_gold'", "finite number", "None"]),
+    (GOOD_LINE + b"\n" + _with(rejected_gold="-Infinity"), ["line 2", "'rejected_gold'", "finite number", "-inf"]),
+    (GOOD_LINE + b"\n" + _with(chosen_gold="true"), ["line 2", "'chosen_gold'", "finite number", "True"]),
+    (GOOD_LINE + b"\n" + _with(chosen_temperature="0"), ["line 2", "'chosen_temperature'", "> 0", "got 0"]),
+    (GOOD_LINE + b"\n" + _with(rejected_temperature="-1.5"), ["line 2", "'rejected_temperature'", "> 0"]),
+    (GOOD_LINE + b"\n" + _with(rejected_temperature='"1.0"'), ["line 2", "'rejected_temperature'", "'1.0'"]),
+    (GOOD_LINE + b"\n" + _with(chosen_temperature="Infinity"), ["line 2", "'chosen_temperature'", "inf"]),
+]
+
+
+@pytest.mark.parametrize("data,words", FILE_CASES, ids=[f"file{i}" for i in range(len(FILE_CASES))])
+def test_file_encoding_and_numeric_fields(tmp_path, data, words):
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(data)
+    if words is None:
+        assert load_preferences(path) == [GOOD, GOOD]
+        return
+    with pytest.raises(ValueError) as e:
+        load_preferences(path)
+    assert not isinstance(e.value, UnicodeError), repr(e.value)  # a message, not a bare codec error
+    assert str(e.value).startswith(f"{path} line 2: "), str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_numeric_fields_and_surrogates_in_memory(tmp_path):
+    ok = {**GOOD, "chosen_gold": 1, "rejected_gold": -0.25, "chosen_temperature": 2, "rejected_temperature": 0.5}
+    assert validate_preferences([ok]) == [ok]
+    bad = [
+        ({**GOOD, "rejected": "\ud800"}, "field 'rejected' is not valid Unicode (lone surrogate)"),
+        ({**GOOD, "chosen_gold": float("nan")}, "field 'chosen_gold' must be a finite number, got nan"),
+        ({**GOOD, "rejected_gold": False}, "field 'rejected_gold' must be a finite number, got False"),
+        ({**GOOD, "chosen_temperature": -1}, "field 'chosen_temperature' must be a finite number > 0, got -1"),
+    ]
+    for rec, msg in bad:
+        with pytest.raises(ValueError) as e:
+            validate_preferences([GOOD, rec])
+        assert str(e.value) == f"record 1: {msg}"
+        out = tmp_path / "out.jsonl"
+        with pytest.raises(ValueError, match="record 1"):
+            save_preferences([GOOD, rec], out)
+        assert not out.exists()
 
 
 def test_prompt_longer_than_context_is_rejected(tmp_path, small_tokenizer):
@@ -192,3 +262,67 @@ def test_build_preference_data_given_path(tiny_cache, tmp_path):
             len(load_preferences(tmp_path / "out" / f"{split}.jsonl", tok, model.config.n_positions))
             == meta["splits"][split]["pairs"]
         )
+
+
+# ------------------------------------------------------------------- TRL bridge
+def _trl_ids(tokenizer, prompt: str, reply: str) -> list[int]:
+    """Ids as TRL's DPOTrainer builds them: prompt and reply tokenized apart, concatenated, EOS appended."""
+    return (
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        + tokenizer(reply, add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+    )
+
+
+def _terminated(r: dict) -> bool:
+    return r.get("chosen_terminated", True) and r.get("rejected_terminated", True)
+
+
+def test_trl_dataset_gives_the_books_ids(tiny_world):
+    pytest.importorskip("datasets")
+    _, tok = tiny_world
+    sample = load_preferences(REPO / "data" / "preferences_sample.jsonl")
+    cut = {**sample[0], "chosen_terminated": False}  # a reply that ended without EOS
+    records = sample + [cut]
+    before = json.dumps(records)
+
+    ds = to_trl_dataset(records)  # unterminated="drop"
+    kept = [r for r in records if _terminated(r)]
+    assert len(ds) == len(kept) == len(records) - 1
+    assert all(ds["chosen_terminated"]) and all(ds["rejected_terminated"])
+    assert ds.column_names[:3] == ["prompt", "chosen", "rejected"] and set(ds.column_names) == set(sample[0])
+    for row, rec, (chosen_ids, rejected_ids) in zip(ds, kept, _encode_pairs(tok, kept, None)):
+        assert row == {**rec, "prompt": rec["prompt"] + "\n"}  # extra fields kept unchanged
+        assert _trl_ids(tok, row["prompt"], row["chosen"]) == chosen_ids
+        assert _trl_ids(tok, row["prompt"], row["rejected"]) == rejected_ids
+        # tokenizing prompt + reply as one string gives the same ids with this tokenizer
+        assert tok(row["prompt"] + row["chosen"])["input_ids"] + [tok.eos_token_id] == chosen_ids
+        # the raw prompt (no separator) does not: the check above can fail
+        assert _trl_ids(tok, rec["prompt"], rec["chosen"]) != chosen_ids
+        assert _trl_ids(tok, rec["prompt"], rec["rejected"]) != rejected_ids
+
+    keep = to_trl_dataset(records, unterminated="keep")
+    assert len(keep) == len(records) and keep["chosen_terminated"].count(False) == 1
+    ((chosen_ids, rejected_ids),) = _encode_pairs(tok, [cut], None)
+    assert chosen_ids[-1] != tok.eos_token_id  # the book scores the cut reply without EOS ...
+    assert _trl_ids(tok, keep[-1]["prompt"], keep[-1]["chosen"]) == chosen_ids + [tok.eos_token_id]  # ... TRL adds one
+    assert _trl_ids(tok, keep[-1]["prompt"], keep[-1]["rejected"]) == rejected_ids
+    assert json.dumps(records) == before  # the input records are not modified
+
+
+def test_trl_records_arguments(monkeypatch):
+    cut = {**GOOD, "rejected_terminated": False}
+    assert to_trl_records([GOOD, cut]) == [{**GOOD, "prompt": GOOD["prompt"] + "\n"}]
+    assert len(to_trl_records([GOOD, cut], unterminated="keep")) == 2
+    for bad in ("maybe", None, True):
+        with pytest.raises(ValueError, match=r"unterminated must be one of 'drop', 'keep', got"):
+            to_trl_records([GOOD], unterminated=bad)
+    with pytest.raises(ValueError, match="unterminated='keep'"):
+        to_trl_records([cut])
+    with pytest.raises(ValueError, match="record 1: missing field 'rejected'"):
+        to_trl_records([GOOD, {"prompt": "p", "chosen": "a"}])
+    with pytest.raises(ValueError, match="empty"):
+        to_trl_records([])
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if datasets were not installed
+    with pytest.raises(ImportError, match="pip install datasets"):
+        to_trl_dataset([GOOD])

@@ -33,6 +33,9 @@ def build(selected: list[str], out: Path, timeout: int) -> int:
     (out / "chapters").mkdir(parents=True, exist_ok=True)
     (out / "html").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from rlhf_book.cache import resolve_cache_env
+
+    resolve_cache_env()  # the kernels inherit an absolute $RLHF_BOOK_CACHE (they run in chapters/)
     exporter = HTMLExporter()
     rows, failed = [], 0
     for path in chapters:

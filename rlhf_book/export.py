@@ -1,0 +1,46 @@
+"""Saving models so that plain transformers (and TRL) load them exactly as the library does.
+
+One function, :func:`save_model`, writes a model directory: the weights and config
+(``save_pretrained``), the tokenizer with its padding side and context length
+(:func:`rlhf_book.tokenizer.save_tokenizer`) and a short model card (``README.md``)
+saying what the model is and how to load it. The base LM, the reward model and a
+trained policy are all written this way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .rollout import _context_size
+from .tokenizer import save_tokenizer
+
+__all__ = ["save_model"]
+
+
+def save_model(model, tokenizer, directory: str | Path, title: str, description: str, padding_side: str = "left",
+               loader: str = "AutoModelForCausalLM") -> Path:
+    """``save_pretrained`` model + tokenizer into ``directory`` and write a model card; returns the directory.
+
+    ``padding_side``: what ``AutoTokenizer`` will use. Causal LMs get "left" (generation
+    continues the prompt at the right edge, and ``generate`` derives positions from the
+    mask); a GPT-2 reward model gets "right", the side on which a plain HF forward, whose
+    position ids ignore padding, scores exactly what the library scores.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    ctx = _context_size(model)
+    save_tokenizer(tokenizer, directory, ctx, padding_side)
+    card = [
+        f"# {title}", "", description.strip(), "",
+        "## Loading it", "", "```python",
+        f"from transformers import AutoTokenizer, {loader}",
+        f'tok = AutoTokenizer.from_pretrained("{directory.name}")   # the path of this folder',
+        f'model = {loader}.from_pretrained("{directory.name}")', "```", "",
+        f"- tokenizer: PAD `{tokenizer.pad_token}` (id {tokenizer.pad_token_id}) distinct from EOS `{tokenizer.eos_token}` "
+        f"(id {tokenizer.eos_token_id}); pads on the {padding_side}; `model_max_length` = {ctx} (the context).",
+        "- input format: the prompt, then `\\n`, then the reply, then EOS (`rlhf_book.tokenizer.format_prompt`).",
+        "", "Written by `rlhf_book.export.save_model` (the RLHF notebook textbook's library).", "",
+    ]
+    (directory / "README.md").write_text("\n".join(card))
+    return directory
