@@ -89,6 +89,7 @@ class PolicyWithValueHead(nn.Module):
         self.lm = lm
         self.value_head = ValueHead(_hidden_size(lm.config))
         self.detach_value_head = detach_value_head
+        self._cache_name = cache_kwarg(lm)  # looked up once: forward may run under torch.compile
 
     @property
     def config(self):
@@ -111,7 +112,7 @@ class PolicyWithValueHead(nn.Module):
         )
         hidden = out.hidden_states[-1]
         values = self.value_head(hidden.detach() if self.detach_value_head else hidden)
-        return PolicyValueOutput(logits=out.logits, values=values, cache=output_cache(out, cache_kwarg(self.lm)))
+        return PolicyValueOutput(logits=out.logits, values=values, cache=output_cache(out, self._cache_name))
 
     def value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """V of every column, (B, T) -> (B, T)."""
