@@ -117,6 +117,9 @@ def load_config(path: str | Path) -> dict:
     unknown = sorted(set(raw) - {"pipeline", "ppo"})
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {unknown}; expected [pipeline] and [ppo]")
+    for table in ("pipeline", "ppo"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise ValueError(f"{path}: [{table}] must be a table of key = value lines, got {raw[table]!r}")
     pipe = dict(raw.get("pipeline", {}))
     bad = sorted(set(pipe) - set(PIPELINE_DEFAULTS))
     if bad:
@@ -151,7 +154,11 @@ def _check_resume(out: Path, record: dict) -> None:
     saved_path = out / RUN_CONFIG_NAME
     if not (out / CHECKPOINT_NAME).exists() or not saved_path.exists():
         return
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{saved_path}: unreadable ({e}); it records the run's config, so the run cannot be "
+                         f"checked and continued: start a new run in another out_dir (--out)") from None
     changed = [f"[pipeline] {c}" for c in config_changes(saved.get("pipeline", {}), record["pipeline"],
                                                          RESUMABLE_PIPELINE_KEYS)]
     changed += [f"[ppo] {c}" for c in config_changes(saved.get("ppo", {}), record["ppo"])]

@@ -59,6 +59,8 @@ def test_the_valid_forms_still_pass():
     ("[pipeline]\npreset = 'tiny'\nn_evals = 3\n", ".toml", r"unknown \[pipeline\] key\(s\) \['n_evals'\]; did you mean 'n_evals' -> 'n_eval'"),
     ("[pipeline]\npreset = 'tiny'\n[ppo]\nbatch_size = '8'\n", ".toml", r"\[ppo\] PPOConfig\.batch_size must be an integer, got '8'"),
     ("[pipeline]\npreset = 'tiny'\n[ppo]\nwhiten_advantages = 'no'\n", ".toml", r"whiten_advantages must be true or false"),
+    ("pipeline = 3\n", ".toml", r"bad\.toml: \[pipeline\] must be a table"),
+    ("[1, 2]", ".json", r"bad\.json: expected tables \[pipeline\] and \[ppo\], got a list"),
 ])
 def test_config_files_name_the_file_and_the_field(tmp_path, text, suffix, message):
     path = tmp_path / f"bad{suffix}"
