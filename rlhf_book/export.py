@@ -35,8 +35,9 @@ def save_model(model, tokenizer, directory: str | Path, title: str, description:
         f"# {title}", "", description.strip(), "",
         "## Loading it", "", "```python",
         f"from transformers import AutoTokenizer, {loader}",
-        f'tok = AutoTokenizer.from_pretrained("{directory.name}")   # the path of this folder',
-        f'model = {loader}.from_pretrained("{directory.name}")', "```", "",
+        'path = "path/to/this/folder"',
+        "tok = AutoTokenizer.from_pretrained(path)",
+        f"model = {loader}.from_pretrained(path)", "```", "",
         f"- tokenizer: PAD `{tokenizer.pad_token}` (id {tokenizer.pad_token_id}) distinct from EOS `{tokenizer.eos_token}` "
         f"(id {tokenizer.eos_token_id}); pads on the {padding_side}; `model_max_length` = {ctx} (the context).",
         "- input format: the prompt, then `\\n`, then the reply, then EOS (`rlhf_book.tokenizer.format_prompt`).",

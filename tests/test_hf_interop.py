@@ -27,7 +27,9 @@ def test_saved_tokenizers_describe_themselves(tiny_artifacts):
         n_positions = json.loads((d / "config.json").read_text())["n_positions"]
         assert tok.padding_side == side and tok.model_max_length == n_positions, kind
         assert tok.pad_token_id != tok.eos_token_id
-        assert (d / "README.md").is_file() and not (d / "tokenizer").exists(), kind
+        assert not (d / "tokenizer").exists(), kind  # no training-time leftovers
+        card = (d / "README.md").read_text()  # the model card names no temporary build folder
+        assert "from_pretrained(path)" in card and ".partial" not in card, kind
 
 
 def test_truncation_and_context_checks_use_the_saved_context(tiny_artifacts, tmp_path):
