@@ -85,9 +85,13 @@ def _expected(kinds, none_ok: bool = False) -> str:
     return " or ".join(words + (["None"] if none_ok else []))
 
 
-def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=()) -> None:
-    """Raise ValueError naming the first field of dataclass ``cfg`` of the wrong type or outside its allowed range."""
-    check_types(cfg)
+def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=(), types: bool = True) -> None:
+    """Raise ValueError naming the first field of dataclass ``cfg`` of the wrong type or outside its allowed range.
+
+    ``types=False`` skips :func:`check_types` (for a second range check on a config whose types were checked).
+    """
+    if types:
+        check_types(cfg)
     name = type(cfg).__name__
     for f in positive:
         if not getattr(cfg, f) > 0:
@@ -114,10 +118,10 @@ class SpeedConfig:
     generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
 
     def check_speed(self) -> None:
-        """Raise ValueError naming a speed field outside its allowed values."""
+        """Raise ValueError naming a speed field outside its allowed values (after the subclass's check_config)."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"{type(self).__name__}.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        check_config(self, positive_or_none=("generation_threads",))
+        check_config(self, positive_or_none=("generation_threads",), types=False)
 
 
 # Fields that may change between a run and its resumption: they change what is shown or saved, not what is learnt.

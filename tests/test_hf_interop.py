@@ -85,3 +85,18 @@ def test_generation_past_the_context_is_a_clear_error(tiny_world):
         generate(model, tok, PROMPTS, max_new_tokens=ctx)
     with pytest.raises(ValueError, match="longer than the"):
         generate(model, tok, ["Review " + "the film " * 60 + "Night Train."], max_new_tokens=8)
+
+
+def test_sampling_uses_the_current_cache_argument(tiny_world):
+    """transformers 5.24 deprecates ``past_key_values`` (gone in 5.40): sampling must not rely on it."""
+    import warnings
+
+    from rlhf_book.rollout import cache_kwarg
+
+    model, tok = tiny_world
+    params = __import__("inspect").signature(type(model).forward).parameters
+    assert cache_kwarg(model) == ("cache" if "cache" in params else "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FutureWarning about the old name would fail here
+        ro = generate(model, tok, PROMPTS, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    assert ro.response_ids.size(1) >= 1
