@@ -62,26 +62,15 @@ class PipelineConfig:
             raise ValueError(f"[pipeline] reward = 'model' needs one of the presets {', '.join(PRESETS)} (its reward "
                              f"model is built from the preset's data), got preset = {self.preset!r}")
         if self.device is not None:
-            _check_device(self.device, available=False)
+            from .runtime import check_device
+
+            try:
+                check_device(self.device, available=False)  # availability is checked when the run starts
+            except ValueError as e:
+                raise ValueError(f"[pipeline] {e}") from None
 
 
 PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
-
-
-def _check_device(name: str, available: bool = True) -> None:
-    """ValueError unless ``name`` is a torch device (and, with ``available``, one this machine has)."""
-    import torch
-
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"[pipeline] device {name!r} is not a torch device ({e})") from None
-    if not available:
-        return
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"[pipeline] device = {name!r}, but this torch build has no CUDA device available")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"[pipeline] device = {name!r}, but MPS is not available here")
 
 
 def _read_table_file(path: Path) -> dict:
@@ -185,11 +174,9 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
     ppo_cfg = PPOConfig.from_dict({**config["ppo"], "progress": progress})
     record = {"pipeline": pipe, "ppo": {k: v for k, v in asdict(ppo_cfg).items() if k != "progress"}}
     _check_resume(out, record)
-    if pipe["device"] is not None:
-        _check_device(pipe["device"])
+    device = get_device(pipe["device"])  # an unavailable device fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     threads = configure_threads(pipe["threads"])
-    device = get_device(pipe["device"])
     (out / RUN_CONFIG_NAME).write_text(json.dumps({**record, "threads_used": threads}, indent=1))
     set_seed(ppo_cfg.seed)
 

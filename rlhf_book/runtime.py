@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "get_device", "set_seed", "configure_threads", "resolve_precision", "autocast", "enable_tf32", "adam",
+    "get_device", "check_device", "set_seed", "configure_threads", "resolve_precision", "autocast", "enable_tf32", "adam",
     "intra_op_threads", "PRECISIONS",
 ]
 
@@ -24,12 +24,25 @@ def get_device(prefer: str | None = None) -> torch.device:
     """The best available device: CUDA, else Apple MPS, else CPU (or ``prefer`` / $RLHF_BOOK_DEVICE)."""
     prefer = prefer or os.environ.get("RLHF_BOOK_DEVICE")
     if prefer:
-        return torch.device(prefer)
+        return check_device(prefer)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(name: str, available: bool = True) -> torch.device:
+    """``torch.device(name)``; ValueError unless it names a device (and, with ``available``, one this machine has)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {name!r} is not a torch device ({e})") from None
+    if available and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch build has no CUDA device available")
+    if available and dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available here")
+    return dev
 
 
 def set_seed(seed: int) -> torch.Generator:

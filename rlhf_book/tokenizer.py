@@ -66,7 +66,5 @@ def save_tokenizer(tokenizer, directory: str | Path, model_max_length: int | Non
     # the embedding of token 0 (PAD) to every position of a plain ``model(**tok(texts))`` call
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", padding_side=padding_side,
                model_input_names=["input_ids", "attention_mask"])
-    if model_max_length is not None:
-        cfg["model_max_length"] = int(model_max_length)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return directory

@@ -110,3 +110,9 @@ def test_json_config_with_bom_is_read(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"pipeline": {"preset": "tiny"}}).encode())
     assert load_config(path)["pipeline"]["preset"] == "tiny"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_named_before_anything_runs():
+    with pytest.raises(ValueError, match="device 'cuda': this torch build has no CUDA device available"):
+        rlhf_book.get_device("cuda")
