@@ -11,6 +11,11 @@ benchmarks/results/cpu_ppo_vs_trl.json and .md.
 ``--rounds N`` repeats the whole sequence N times (ours, TRL, ... then again) so slow
 drifts in the load of a shared machine hit every implementation alike; the reported
 median pools the measured iterations of all rounds.
+
+``--before REV`` adds our workers at an earlier commit (``git archive REV`` under
+benchmarks/.work, imported through PYTHONPATH, as run_cpu_before_after.py does) to every
+round, so a change to the library is judged by its ratio to TRL before and after, measured
+in one run on the same load.
 """
 
 from __future__ import annotations
@@ -52,19 +57,29 @@ def python_for(kind: str) -> str:
     return str(py)
 
 
-def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: list[str]) -> dict:
-    kind, script, args = IMPLS[name]
-    cmd = [python_for(kind), str(WORKERS / script), "--artifacts", str(art), "--out", str(out),
+BEFORE = {"ours_ppo_before": "ours_ppo", "ours_ppo_value_head_before": "ours_ppo_value_head"}  # --before REV
+
+
+def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: list[str],
+               tree: Path | None = None) -> dict:
+    """One worker run; ``tree``: the unpacked tree of an earlier commit whose rlhf_book and worker are used instead."""
+    kind, script, args = IMPLS[BEFORE.get(name, name)]
+    workers = WORKERS if tree is None else tree / "benchmarks" / "workers"
+    cmd = [python_for(kind), str(workers / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(warmup), "--iters", str(iters), *args, *extra]
+    env = common.worker_env() if tree is None else common.worker_env({"PYTHONPATH": str(tree)})
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=common.worker_env(), cwd=common.REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, env=env, cwd=common.REPO if tree is None else tree, capture_output=True, text=True,
+                          check=False)
     wall = time.perf_counter() - t
     if proc.returncode != 0 or not out.exists():
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
     res = json.loads(out.read_text())
     res["wall_s"] = round(wall, 1)
-    res["command"] = shlex.join(cmd)
+    res["command"] = shlex.join(cmd) if tree is None else f"PYTHONPATH={tree} " + shlex.join(cmd)
+    if tree is not None:
+        res["label"] += f" at {tree.name.removeprefix('rev-')} (before)"
     print(f"  {name:22s} {res['median_s_per_iter']:.3f} s/iter  cpu {res.get('median_cpu_s_per_iter')} s/iter  "
           f"{res.get('generated_tokens_per_s')} tok/s  "
           f"RSS {res['peak_rss_mib']:.0f} MiB  load {res['loadavg_start'][0]}->{res['loadavg_end'][0]}  ({wall:.0f} s)",
@@ -129,12 +144,19 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += ["", (f"**ours / TRL PPO, wall s/iter (lower is better for ours): {res['ratio_ours_over_trl_ppo']:.2f}** "
                   f"(per round: {res['ratio_per_round']}); CPU s/iter: {res['cpu_ratio_ours_over_trl_ppo']} "
                   f"(per round: {res['cpu_ratio_per_round']}). Peak RSS ours / TRL: {res['rss_ratio_ours_over_trl_ppo']:.2f}.")]
-    lines += ["", "Phase split (median seconds per iteration; phases timed by wrappers in the workers):", ""]
-    for name in ("ours_ppo", "trl_ppo", "trl_ppo_no_gc", "ours_ppo_value_head"):
+    if "ratio_before_over_trl_ppo" in res:
+        lines += ["", (f"**Before / after** (our library at `{res['before_rev']}` vs this tree, same rounds): ours / TRL PPO "
+                  f"wall {res['ratio_before_over_trl_ppo']:.2f} before (per round: {res['ratio_before_per_round']}) and "
+                  f"{res.get('ratio_ours_over_trl_ppo', float('nan')):.2f} after; CPU "
+                  f"{res.get('cpu_ratio_before_over_trl_ppo')} before, {res.get('cpu_ratio_ours_over_trl_ppo')} after.")]
+    lines += ["", ("Phase split (median seconds per iteration; ours: the trainer's own `timings`, before: wrappers in "
+                   "that commit's worker; TRL: wrappers in the workers):"), ""]
+    for name in ("ours_ppo_before", "ours_ppo", "trl_ppo", "trl_ppo_no_gc", "ours_ppo_value_head_before",
+                 "ours_ppo_value_head"):
         if "phase_s_median" in imp.get(name, {}):
             lines.append(f"- {imp[name]['label']}: " + ", ".join(f"{k} {v:.3f}" for k, v in imp[name]["phase_s_median"].items()))
     lines += ["", "Versions: " + "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-                                          for n, r in imp.items() if n in ("ours_ppo", "trl_ppo", "trl_grpo")), ""]
+                                          for n, r in imp.items() if n in ("ours_ppo_before", "ours_ppo", "trl_ppo", "trl_grpo")), ""]
     lines += [("Notes: TRL's PPOConfig defaults `gradient_checkpointing=True` and `bf16=True`; both are turned off here "
               "(fp32, no checkpointing, like ours). The `gc.collect() patched out` row is a diagnostic, not a TRL "
               "configuration: TRL's PPO loop calls gc.collect() twice per iteration. GRPO/RLOO use 4 prompts x 4 samples = 16 sequences, beta = the PPO KL "
@@ -150,10 +172,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", nargs="*", choices=list(IMPLS), default=None, help="subset of implementations")
     ap.add_argument("--no-context", action="store_true", help="skip TRL 1.16 GRPO/RLOO")
+    ap.add_argument("--before", default=None, help="also run our workers at this earlier commit, in every round")
     ap.add_argument("--out", default=str(common.RESULTS / "cpu_ppo_vs_trl.json"))
     args = ap.parse_args()
 
     names = args.only or [n for n in IMPLS if not (args.no_context and n in ("trl_grpo", "trl_rloo"))]
+    trees: dict[str, Path] = {}
+    if args.before:
+        from run_cpu_before_after import checkout
+
+        tree = checkout(args.before)
+        for before, after in BEFORE.items():
+            if after in names:
+                names.insert(names.index(after), before)
+                trees[before] = tree
     load_start, t0 = common.loadavg(), time.perf_counter()
     art = common.build_artifacts()
     vocab = json.loads((art / "setup.json").read_text())["vocab_size"]
@@ -163,7 +195,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
         for n in names:
-            raw[n].append(run_worker(n, art, scratch / f"{n}_r{rnd}.json", args.warmup, args.iters, []))
+            raw[n].append(run_worker(n, art, scratch / f"{n}_r{rnd}.json", args.warmup, args.iters, [], trees.get(n)))
     impls = {n: merge(rs) for n, rs in raw.items()}
     res = {
         **common.run_header("cpu_ppo_vs_trl", load_start, t0),
@@ -186,6 +218,14 @@ def main() -> None:
             res["cpu_ratio_per_round"] = [round(a["median_cpu_s_per_iter"] / b["median_cpu_s_per_iter"], 3)
                                           for a, b in zip(raw["ours_ppo"], raw["trl_ppo"])]
         res["rss_ratio_ours_over_trl_ppo"] = round(o["peak_rss_mib"] / t["peak_rss_mib"], 3)
+    if "ours_ppo_before" in impls and "trl_ppo" in impls:
+        b, t = impls["ours_ppo_before"], impls["trl_ppo"]
+        res["before_rev"] = args.before
+        res["ratio_before_over_trl_ppo"] = round(b["median_s_per_iter"] / t["median_s_per_iter"], 3)
+        res["ratio_before_per_round"] = [round(a["median_s_per_iter"] / c["median_s_per_iter"], 3)
+                                         for a, c in zip(raw["ours_ppo_before"], raw["trl_ppo"])]
+        if b["median_cpu_s_per_iter"] and t["median_cpu_s_per_iter"]:
+            res["cpu_ratio_before_over_trl_ppo"] = round(b["median_cpu_s_per_iter"] / t["median_cpu_s_per_iter"], 3)
     out = Path(args.out)
     common.write_json(out, res)
     write_markdown(res, out.with_suffix(".md"))

@@ -1,6 +1,10 @@
 """CPU experiment: does PPO's first-minibatch forward reuse pay on the book's own recipe?
 
-    python benchmarks/run_cpu_reuse_book_recipe.py          # ~2 min on 2 cores (cached cpu models)
+    # the trick was removed in the experience-step refactor (it did not pay): measure it on the library before
+    PYTHONPATH=benchmarks/.work/rev-96a770f python benchmarks/run_cpu_reuse_book_recipe.py   # ~2 min on 2 cores
+
+(``python benchmarks/run_cpu_ppo_vs_trl.py --before 96a770f`` unpacks that tree.) The result it
+recorded, ``results/cpu_reuse_book_recipe.md``, is why the trick was removed.
 
 ``PPOTrainer.step`` forwards the first minibatch at theta_old once and uses that forward
 twice: for V_old of its rows and, with its graph kept, for the first update. The other
@@ -47,6 +51,10 @@ def main() -> None:
     from rlhf_book.corpus import prompt_split
     from rlhf_book.ppo import PPOConfig, PPOTrainer
     from rlhf_book.reward_model import load_reward_model, reward_fn_from_model
+
+    if not hasattr(PPOTrainer, "_prepare"):
+        sys.exit("this rlhf_book has no first-minibatch reuse any more: run it with PYTHONPATH=<a tree before the "
+                 "experience-step refactor>, e.g. benchmarks/.work/rev-96a770f (see the docstring)")
 
     load_start, t0 = common.loadavg(), time.perf_counter()
     threads = rlhf_book.configure_threads()

@@ -343,8 +343,8 @@ def write_markdown(res: dict, path: Path) -> None:
                                               for r in ppo["implementations"].values()), "",
                   "How the numbers are computed (sums over the measured iterations; s/iter is a median):", "",
                   ("- generation tokens/s = B x new tokens / generation seconds; training tokens/s = B x (prompt + "
-                   "response columns) x epochs / update seconds (ours: `step` minus generation and `_prepare`, so the "
-                   "first, graph-keeping forward is in it; TRL: the iteration minus generation, scoring forwards and "
+                   "response columns) x epochs / update seconds (ours: `step` minus generation and the experience "
+                   "step, `trainer.timings`; TRL: the iteration minus generation, scoring forwards and "
                    "`gc.collect()`, so its log-probs from the stored generation logits, GAE and statistics are in it);"),
                   (f"- model FLOPs per iteration = 2 N_lm (T-1) B (generation) + 2 N_lm T B (reference) + 2 N_cls T B "
                    f"(reward) + 6 (N_lm + N_cls) T B x epochs (update of policy and critic), N_lm = {p['n_lm']:,}, "

@@ -1,8 +1,8 @@
 """rlhf_book: the library behind the RLHF notebook textbook.
 
 Import it *before* torch in a notebook: it sets ``OMP_WAIT_POLICY=PASSIVE`` so that
-torch's OpenMP threads sleep instead of spin-waiting on a busy 2-core machine
-(measured: up to 30x faster under contention).
+torch's OpenMP threads sleep instead of spin-waiting on a busy machine (see
+benchmarks/README.md for what that is worth).
 
 The names below are the stable public API; every module (``rlhf_book.advantage``,
 ``rlhf_book.ppo``, ...) has more for readers who want the parts.
@@ -21,19 +21,23 @@ _resolve_cache_env()  # a relative $RLHF_BOOK_CACHE means the same folder in eve
 from .runtime import configure_threads, get_device, set_seed
 from .corpus import generate_examples, prompt_split, sample_prompts
 from .gold import Annotator, gold_reward, gold_reward_fn, gold_rewards, gold_score, preference_probability
-from .tokenizer import train_tokenizer
-from .base_model import PRESETS, load_base_model
+from .tokenizer import format_prompt, set_prompt_format, train_tokenizer
+from .base_model import PRESETS, load_base_model, train_base_model
 from .rollout import Rollout, generate, position_ids_from_mask, response_logprobs, sequence_logprob
 
 # chapter 2: preferences and reward models
-from .preferences import load_preference_data, load_preferences, save_preferences
-from .reward_model import bradley_terry_loss, load_reward_model, reward_fn_from_model, reward_scores, train_reward_model
+from .preferences import (generate_preferences, load_preference_data, load_preferences, preference_data_info,
+                          save_preferences, split_prompts)
+from .reward_model import (bradley_terry_loss, evaluate_preferences, load_reward_model, normalize_reward_model,
+                           reward_fn_from_model, reward_model_from_lm, reward_scores, train_reward_model)
 
 # chapters 3-4: advantages, losses, critics, A2C
 from .advantage import discounted_returns, gae, masked_mean, masked_whiten, td_errors
-from .rewards import per_token_rewards
+from .rewards import apply_missing_eos_score, per_token_rewards
 from .losses import entropy_from_logits, policy_gradient_loss, value_loss
-from .critic import PolicyWithValueHead, ValueModel, response_values
+from .critic import PolicyWithValueHead, ValueModel, build_critic, response_values
+from .experience import Experience, make_experience
+from .trainer import OnPolicyConfig, OnPolicyTrainer
 from .a2c import A2CConfig, A2CTrainer
 
 # chapter 5: KL and PPO
@@ -47,13 +51,15 @@ __all__ = [
     "configure_threads", "get_device", "set_seed",
     "generate_examples", "prompt_split", "sample_prompts",
     "Annotator", "gold_reward", "gold_reward_fn", "gold_rewards", "gold_score", "preference_probability",
-    "train_tokenizer", "PRESETS", "load_base_model",
+    "format_prompt", "set_prompt_format", "train_tokenizer", "PRESETS", "load_base_model", "train_base_model",
     "Rollout", "generate", "position_ids_from_mask", "response_logprobs", "sequence_logprob",
-    "load_preference_data", "load_preferences", "save_preferences",
-    "bradley_terry_loss", "load_reward_model", "reward_fn_from_model", "reward_scores", "train_reward_model",
+    "generate_preferences", "load_preference_data", "load_preferences", "preference_data_info", "save_preferences",
+    "split_prompts", "bradley_terry_loss", "evaluate_preferences", "load_reward_model", "normalize_reward_model",
+    "reward_fn_from_model", "reward_model_from_lm", "reward_scores", "train_reward_model",
     "discounted_returns", "gae", "masked_mean", "masked_whiten", "td_errors",
-    "per_token_rewards", "entropy_from_logits", "policy_gradient_loss", "value_loss",
-    "PolicyWithValueHead", "ValueModel", "response_values", "A2CConfig", "A2CTrainer",
+    "apply_missing_eos_score", "per_token_rewards", "entropy_from_logits", "policy_gradient_loss", "value_loss",
+    "PolicyWithValueHead", "ValueModel", "build_critic", "response_values",
+    "Experience", "make_experience", "OnPolicyConfig", "OnPolicyTrainer", "A2CConfig", "A2CTrainer",
     "AdaptiveKLController", "FixedKLController", "kl_k1", "kl_k2", "kl_k3",
     "PPOConfig", "PPOTrainer", "ppo_policy_loss", "plot_run",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "last_token_index",
     "td_errors",
     "discounted_returns",
     "gae",
@@ -41,6 +42,14 @@ def _check_mask(x: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> torc
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last real (mask 1) token in each row, for left or right padding; (B, T) -> (B,)."""
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("a row of the mask has no real token")
+    cols = torch.arange(mask.size(-1), device=mask.device)
+    return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(-1).values
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -1,9 +1,17 @@
-"""The base language model: a small GPT-2 trained from scratch on the world's corpus.
+"""The base language model: a small GPT-2 trained from scratch, on the world's corpus or on your texts.
 
 ``load_base_model("cpu")`` builds it the first time (about 1-2 minutes on two
 cores), caches it, and loads it from the cache afterwards. Any other argument is
 treated as a Hugging Face model name or a local directory, so a reader with a hub
 (or their own checkpoint) uses the same call: ``load_base_model("gpt2")``.
+
+``train_base_model(texts)`` trains one on a reader's own documents, with the same
+recipe and training loop (the cached book build is that function on the book's corpus)::
+
+    model, tokenizer, history = train_base_model([{"prompt": p, "response": r}, ...], preset="cpu")
+
+A *history* is a list of per-step rows ``{"step": 1-based optimizer step, "train_loss": ...}``;
+the rows of steps with an evaluation also hold ``val_loss``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,21 +34,26 @@ from transformers.utils import logging as hf_logging
 
 from .cache import artifact_key, cache_dir, cached_artifact
 from .checkpoint import resume_or_restart, rng_state, save_checkpoint, set_rng_state
+from .corpus import Example, generate_examples
 from .export import save_model
-from .corpus import generate_examples
-from .runtime import adam, autocast, enable_tf32, get_device, set_seed
 from .rollout import _context_size
-from .tokenizer import EOS, PAD, format_prompt, save_tokenizer, train_tokenizer
+from .runtime import adam, autocast, enable_tf32, get_device, set_seed
+from .tokenizer import (
+    EOS, PAD, encode_prompt_response, format_prompt, prompt_format_tag, save_tokenizer, train_tokenizer,
+)
 
 __all__ = [
-    "Preset", "PRESETS", "WORLD_VERSION", "load_base_model", "build_base_model", "encode_examples", "lm_loss",
-    "base_model_path", "base_model_metadata", "artifact_name", "resolve_model_name", "SAVE_FORMAT",
+    "Preset", "PRESETS", "WORLD_VERSION", "load_base_model", "build_base_model", "train_base_model", "encode_examples",
+    "lm_loss", "base_model_path", "base_model_metadata", "artifact_name", "resolve_model_name", "SAVE_FORMAT",
 ]
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the book's own
 
 WORLD_VERSION = 1  # bump when the corpus, tokenizer or training recipe changes
-SAVE_FORMAT = 2  # bump when what a saved model directory holds changes (2: tokenizer settings, model card)
+# bump when what a saved model directory holds changes (2: tokenizer settings, model card;
+# 3: metadata.json histories as per-step rows, the card's input format from format_prompt)
+SAVE_FORMAT = 3
+TOKENIZER_TEXTS = 20_000  # a tokenizer trained by train_base_model learns from the first this many texts
 
 
 @dataclass(frozen=True)
@@ -63,18 +77,55 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # tests: seconds; not a good model
     "tiny": Preset(n_layer=1, n_embd=32, n_head=2, n_positions=96, vocab_size=512, steps=40, batch_size=16, lr=5e-3, warmup=5, eval_every=20, checkpoint_every=10),
-    # the book's default on a laptop / CI: ~0.5M parameters, builds in 1-2 minutes on 2 cores
+    # the book's default on a laptop / CI: ~0.5M parameters
     "cpu": Preset(n_layer=2, n_embd=128, n_head=4, n_positions=96, vocab_size=1024, steps=600, batch_size=64, lr=3e-3),
     # a lent GPU: ~32M parameters
     "gpu": Preset(n_layer=8, n_embd=576, n_head=9, n_positions=128, vocab_size=2048, steps=3000, batch_size=128, lr=6e-4, warmup=200, eval_every=250, checkpoint_every=500),
 }
 
 
-def encode_examples(tokenizer: PreTrainedTokenizerBase, examples) -> list[list[int]]:
-    """Token ids of ``prompt + SEP + response + EOS`` for each example."""
-    prompts = tokenizer([format_prompt(e.prompt) for e in examples])["input_ids"]
-    responses = tokenizer([e.response for e in examples])["input_ids"]
-    return [p + r + [tokenizer.eos_token_id] for p, r in zip(prompts, responses)]
+def _text_parts(item, where: str) -> tuple[str | None, str]:
+    """(prompt, body) of one training text: (None, text) for a document, (prompt, response) for a record."""
+    if isinstance(item, str):
+        if not item.strip():
+            raise ValueError(f"{where} is an empty document")
+        return None, item
+    if isinstance(item, Example):
+        return item.prompt, item.response
+    if not isinstance(item, Mapping):
+        raise ValueError(
+            f"{where} must be a document (a string) or a record {{'prompt': ..., 'response': ...}}, "
+            f"got {type(item).__name__}"
+        )
+    for field in ("prompt", "response"):
+        if field not in item:
+            raise ValueError(f"{where}: missing field {field!r} (a record needs 'prompt' and 'response')")
+        if not isinstance(item[field], str):
+            raise ValueError(f"{where}: field {field!r} must be a string, got {type(item[field]).__name__}")
+    if not item["prompt"].strip():
+        raise ValueError(f"{where}: field 'prompt' is empty")
+    return item["prompt"], item["response"]
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerBase, examples, what: str = "examples") -> list[list[int]]:
+    """Ids of each text + EOS: a record as ``format_prompt(prompt, tokenizer) + response``, a string as is.
+
+    An item is a document (a string), a record ``{"prompt": ..., "response": ...}`` or a
+    :class:`rlhf_book.corpus.Example`; errors name ``what[i]`` and the field.
+    """
+    if isinstance(examples, (str, Mapping)) or not isinstance(examples, Sequence):
+        raise ValueError(f"{what} must be a list of documents or records, got {type(examples).__name__}")
+    parts = [_text_parts(x, f"{what}[{i}]") for i, x in enumerate(examples)]
+    pairs = [i for i, (p, _) in enumerate(parts) if p is not None]
+    docs = [i for i, (p, _) in enumerate(parts) if p is None]
+    out: list[list[int]] = [[] for _ in parts]
+    encoded = encode_prompt_response(tokenizer, [parts[i][0] for i in pairs], [parts[i][1] for i in pairs])
+    for i, ids in zip(pairs, encoded):
+        out[i] = ids
+    if docs:
+        for i, ids in zip(docs, tokenizer([parts[i][1] for i in docs])["input_ids"]):
+            out[i] = ids + [tokenizer.eos_token_id]
+    return out
 
 
 def _collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,40 +159,115 @@ def _val_loss(model, data: list[list[int]], pad_id: int, device, batch_size: int
     return tot / n
 
 
-def build_base_model(preset: Preset, workdir: Path, device: torch.device | None = None, progress: bool = True,
-                     preset_name: str | None = None) -> dict:
-    """Train tokenizer + GPT-2 for ``preset`` into ``workdir``; resumes from ``workdir/train_state.pt``.
+def _resolve_preset(preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, str) and preset in PRESETS:
+        return PRESETS[preset]
+    raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))} or a Preset, got {preset!r}")
 
-    Every step of a build can be killed: the tokenizer directory appears only when
-    complete, an unreadable checkpoint is discarded, and a build that saved everything
-    is not repeated.
 
-    Returns metadata (parameters, losses, seconds) that is also written to ``workdir/metadata.json``.
-    """
-    device = device or get_device()
-    workdir = Path(workdir)
-    n_train = preset.steps * preset.batch_size
-    examples = generate_examples(n_train, seed=preset.seed)
-    val_examples = generate_examples(512, seed=preset.seed + 1_000_003)
-    done = _finished_build(workdir)
-    if done is not None:  # killed after the model was saved but before the cache marker
-        return done
-    tok_dir = workdir / "tokenizer"
-    tokenizer = _resume_tokenizer(tok_dir)
+def _check_texts(texts, what: str) -> None:
+    """Raise ValueError naming ``what`` (index, field) unless ``texts`` is a non-empty list of training texts."""
+    if isinstance(texts, (str, Mapping)) or not isinstance(texts, Sequence):
+        raise ValueError(f"{what} must be a list of documents or records, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError(f"{what} is empty: pass at least one text")
+    for i, t in enumerate(texts):
+        _text_parts(t, f"{what}[{i}]")
+
+
+def _encode_for_training(tokenizer, texts, what: str, n_positions: int) -> list[list[int]]:
+    """:func:`encode_examples` of ``texts``, each checked to fit the context of ``n_positions`` tokens."""
+    ids = encode_examples(tokenizer, texts, what)
+    for i, s in enumerate(ids):
+        if len(s) > n_positions:
+            raise ValueError(
+                f"{what}[{i}] is {len(s)} tokens with EOS, longer than the context of n_positions={n_positions}"
+            )
+    return ids
+
+
+def _tokenizer_text(item) -> str:
+    """The text a new tokenizer learns from for one training text (prompt formatted without a tokenizer)."""
+    prompt, body = _text_parts(item, "text")
+    return body if prompt is None else format_prompt(prompt) + body
+
+
+def _check_tokenizer(tokenizer) -> None:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no EOS token: add one, e.g. tokenizer.add_special_tokens({'eos_token': ...})")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(
+            "tokenizer needs a PAD token distinct from EOS (PAD == EOS would mask EOS out of training): "
+            f"tokenizer.add_special_tokens({{'pad_token': {PAD!r}}})"
+        )
+
+
+def _train_or_resume_tokenizer(texts, vocab_size: int, n_positions: int, checkpoint_dir: Path | None):
+    """A new BPE tokenizer for ``texts``; with ``checkpoint_dir``, saved there whole (and reused when a run resumes)."""
+    tok_dir = checkpoint_dir / "tokenizer" if checkpoint_dir is not None else None
+    tokenizer = _resume_tokenizer(tok_dir) if tok_dir is not None else None
     if tokenizer is None:
-        texts = (format_prompt(e.prompt) + e.response for e in examples[:20_000])
-        tokenizer = train_tokenizer(texts, vocab_size=preset.vocab_size)
-        tmp = workdir / "tokenizer.tmp"  # written whole, then renamed: "tokenizer/" exists only when complete
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_tokenizer(tokenizer, tmp, preset.n_positions)
-        os.rename(tmp, tok_dir)
-    train_ids = encode_examples(tokenizer, examples)
-    val_ids = encode_examples(tokenizer, val_examples)
-    longest = max(len(s) for s in train_ids)
-    if longest > preset.n_positions:
-        raise ValueError(f"corpus sequence of {longest} tokens exceeds n_positions={preset.n_positions}")
+        tokenizer = train_tokenizer((_tokenizer_text(t) for t in texts[:TOKENIZER_TEXTS]), vocab_size=vocab_size)
+        if tok_dir is not None:
+            tmp = checkpoint_dir / "tokenizer.tmp"  # written whole, then renamed: "tokenizer/" exists only when complete
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_tokenizer(tokenizer, tmp, n_positions)
+            os.rename(tmp, tok_dir)
+    return tokenizer
 
-    set_seed(preset.seed)
+
+def _lr_schedule(preset: Preset):
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < preset.warmup:
+            return (step + 1) / preset.warmup
+        frac = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return lr_at
+
+
+def train_base_model(
+    texts: Sequence,
+    preset: str | Preset = "cpu",
+    tokenizer=None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    val_texts: Sequence | None = None,
+    seed: int | None = None,
+):
+    """Train a GPT-2 from scratch on ``texts``; returns ``(model, tokenizer, history)``, the model in eval mode.
+
+    ``texts``: documents (strings, each trained on as text + EOS) or records
+    ``{"prompt": ..., "response": ...}`` (as ``format_prompt(prompt, tokenizer) + response + EOS``,
+    the form RL samples and scores), mixed freely. Step s trains on the ``preset.batch_size``
+    texts after the first ``s * batch_size``, in the order given, wrapping around (shuffle
+    them first if their order means something). ``preset``: a name of :data:`PRESETS` or a
+    :class:`Preset` (architecture, steps, batch size, learning rate, when to evaluate and
+    checkpoint). ``tokenizer``: None trains a byte-level BPE of ``preset.vocab_size`` on the
+    first ``TOKENIZER_TEXTS`` texts; a given one needs EOS and a distinct PAD. ``val_texts``:
+    the same forms, for ``val_loss`` every ``preset.eval_every`` steps and at the end (None: no
+    evaluation). ``checkpoint_dir``: written every ``preset.checkpoint_every`` steps and at the
+    end, and resumed from (with the tokenizer trained there); one folder per run. ``seed``:
+    the initialisation (default ``preset.seed``). History: see the module docstring.
+    """
+    preset = _resolve_preset(preset)
+    device = torch.device(device) if device is not None else get_device()
+    _check_texts(texts, "texts")  # before anything slow
+    if val_texts is not None:
+        _check_texts(val_texts, "val_texts")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = _train_or_resume_tokenizer(texts, preset.vocab_size, preset.n_positions, ckpt_dir)
+    _check_tokenizer(tokenizer)
+    train_ids = _encode_for_training(tokenizer, texts, "texts", preset.n_positions)
+    val_ids = None if val_texts is None else _encode_for_training(tokenizer, val_texts, "val_texts", preset.n_positions)
+
+    set_seed(preset.seed if seed is None else seed)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=preset.n_positions, n_embd=preset.n_embd, n_layer=preset.n_layer,
         n_head=preset.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -150,35 +276,31 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
     model = GPT2LMHeadModel(config).to(device)
     # GPU path: fused AdamW, TF32, bf16 autocast. On a CPU the unfused fp32 recipe the cached
     # world was built with (WORLD_VERSION) stays as it is, so cached models stay valid.
-    on_gpu = device.type == "cuda"
     enable_tf32(device)
-    opt = adam(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=on_gpu)
-
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < preset.warmup:
-            return (step + 1) / preset.warmup
-        frac = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-    start, ckpt = 0, workdir / "train_state.pt"
-    state = resume_or_restart(ckpt, model=model, optimizer=opt, scheduler=sched)  # an unreadable one is discarded
-    if state is not None:
+    opt = adam(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(preset))
+    history: list[dict] = []
+    start, ckpt = 0, (ckpt_dir / "train_state.pt" if ckpt_dir is not None else None)
+    state = resume_or_restart(ckpt, model=model, optimizer=opt, scheduler=sched) if ckpt is not None else None
+    if state is not None:  # (an unreadable checkpoint is discarded with a warning: training restarts)
+        if not isinstance(state["history"], list):
+            raise ValueError(f"{ckpt}: written by an older version of the library (another history format); "
+                             "delete it to start over")
         start, history = state["step"], state["history"]
         set_rng_state(state["rng"])
-    t0 = time.time()
     model.train()
     bar = tqdm(range(start, preset.steps), desc="base LM", disable=not progress, initial=start, total=preset.steps)
-    pending: list[torch.Tensor] = []  # per-step losses still on the device, read in one go (a read stalls a GPU)
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) on the device, read in one go (a read stalls a GPU)
 
     def flush() -> None:
         if pending:
-            history["train_loss"].extend(round(v, 5) for v in torch.stack(pending).tolist())
+            values = torch.stack([v for _, v in pending]).tolist()
+            history.extend({"step": s, "train_loss": round(v, 5)} for (s, _), v in zip(pending, values))
             pending.clear()
 
+    n, B = len(train_ids), preset.batch_size
     for step in bar:
-        batch = train_ids[step * preset.batch_size : (step + 1) * preset.batch_size]
+        batch = [train_ids[(step * B + j) % n] for j in range(B)]
         ids, mask = _collate(batch, tokenizer.pad_token_id)
         with autocast(device):
             loss = lm_loss(model, ids.to(device), mask.to(device))
@@ -187,33 +309,61 @@ def build_base_model(preset: Preset, workdir: Path, device: torch.device | None 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        history["step"].append(step + 1)
-        pending.append(loss.detach())
-        if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
+        pending.append((step + 1, loss.detach()))
+        last = step + 1 == preset.steps
+        if val_ids is not None and ((step + 1) % preset.eval_every == 0 or last):
             flush()
-            history["val_step"].append(step + 1)
-            history["val_loss"].append(round(_val_loss(model, val_ids, tokenizer.pad_token_id, device), 5))
-            bar.set_postfix(val_loss=history["val_loss"][-1])
-        if (step + 1) % preset.checkpoint_every == 0 and step + 1 < preset.steps:
+            history[-1]["val_loss"] = round(_val_loss(model, val_ids, tokenizer.pad_token_id, device), 5)
+            bar.set_postfix(val_loss=history[-1]["val_loss"])
+        if ckpt is not None and ((step + 1) % preset.checkpoint_every == 0 or last):
             flush()
-            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, history=history, rng=rng_state())
-    model.eval()
+            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, history=history,
+                            rng=rng_state())
+    flush()
+    bar.close()
+    return model.eval(), tokenizer, history
+
+
+def build_base_model(preset: Preset, workdir: Path, device: torch.device | None = None, progress: bool = True,
+                     preset_name: str | None = None) -> dict:
+    """:func:`train_base_model` on the book's corpus for ``preset``, saved into ``workdir``; resumes from it.
+
+    Every step of a build can be killed: the tokenizer directory appears only when
+    complete, an unreadable checkpoint is discarded, and a build that saved everything
+    is not repeated.
+
+    Returns metadata (parameters, losses, seconds) that is also written to ``workdir/metadata.json``.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    workdir = Path(workdir)
+    done = _finished_build(workdir)
+    if done is not None:  # killed after the model was saved but before the cache marker
+        return done
+    examples = generate_examples(preset.steps * preset.batch_size, seed=preset.seed)
+    val_examples = generate_examples(512, seed=preset.seed + 1_000_003)
+    t0 = time.time()
+    model, tokenizer, history = train_base_model(
+        examples, preset, device=device, progress=progress, checkpoint_dir=workdir, val_texts=val_examples
+    )
     save_model(
-        model, tokenizer, workdir, title=f"rlhf_book base LM, preset {preset_name!r}" if preset_name else "rlhf_book base LM",
+        model, tokenizer, workdir,
+        title=f"rlhf_book base LM, preset {preset_name!r}" if preset_name else "rlhf_book base LM",
         description=(
             f"A GPT-2 ({preset.n_layer} layers x {preset.n_embd}, context {preset.n_positions}) trained from scratch "
             "on the book's generated corpus of short reviews; the reference policy of every RL chapter."
         ),
     )
-    shutil.rmtree(tok_dir, ignore_errors=True)  # the training-time copy; the saved model has its own
+    shutil.rmtree(workdir / "tokenizer", ignore_errors=True)  # the training-time copy; the saved model has its own
     meta = {
         "preset": asdict(preset), "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tokenizer), "final_val_loss": history["val_loss"][-1], "train_seconds": round(time.time() - t0, 1),
+        "vocab_size": len(tokenizer), "final_val_loss": [r for r in history if "val_loss" in r][-1]["val_loss"],
+        "train_seconds": round(time.time() - t0, 1),
         "device": str(device), "history": history, "world_version": WORLD_VERSION, "save_format": SAVE_FORMAT,
     }
     tmp = workdir / "metadata.json.tmp"
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, workdir / "metadata.json")  # last: its presence means the model and tokenizer are saved
+    ckpt = workdir / "train_state.pt"
     if ckpt.exists():
         ckpt.unlink()
     return {k: v for k, v in meta.items() if k != "history"}
@@ -241,8 +391,11 @@ def _resume_tokenizer(tok_dir: Path):
 
 
 def artifact_name(preset_name: str, preset: Preset) -> str:
-    """The cache key of a base LM: its preset, the world (corpus) version and the saved format."""
-    return artifact_key("base", preset_name, {"preset": asdict(preset), "world": WORLD_VERSION, "format": SAVE_FORMAT})
+    """Cache key of a base LM: preset, the world (corpus) version, the saved format (and a custom prompt format)."""
+    recipe = {"preset": asdict(preset), "world": WORLD_VERSION, "format": SAVE_FORMAT}
+    if prompt_format_tag() is not None:  # set_prompt_format changes the training text
+        recipe["prompt_format"] = prompt_format_tag()
+    return artifact_key("base", preset_name, recipe)
 
 
 def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None = None, progress: bool = True):

@@ -1,18 +1,25 @@
-"""The command line: the whole pipeline (base LM -> reward model -> PPO) from one config file.
+"""The command line: the whole pipeline (base LM -> reward model -> RL) from one config file.
 
     rlhf-book pipeline --config configs/ppo_cpu.toml            # or: python -m rlhf_book.cli pipeline ...
     rlhf-book pipeline --config configs/ppo_cpu.toml --iterations 80   # continue the same run further
+    rlhf-book pipeline --config configs/ppo_cpu.toml --ppo.kl_coef 0.1 --out runs/beta0.1   # override any field
+    rlhf-book options ppo                                       # every field: type, default, valid values, help
     rlhf-book base --preset cpu                                 # only build/cache the base LM
     rlhf-book reward --preset cpu                               # only build/cache the reward model
 
 A config is TOML (or JSON) with two tables: ``[pipeline]`` (see :class:`PipelineConfig`)
-and ``[ppo]`` (any :class:`rlhf_book.ppo.PPOConfig` field). The output directory receives
-``run_config.json`` (the resolved config), ``metrics.jsonl`` (one line per iteration, written
-as the run goes), ``history.json``, ``diagnostics.png``, ``samples.jsonl`` (held-out
-responses after training, with proxy and gold scores), ``policy/`` (the trained policy and
-its tokenizer, ``save_pretrained`` format) and ``ppo_state.pt`` (the checkpoint). Running the
-same command again resumes from the checkpoint; a finished run is not repeated; a run
-whose config was changed since is refused, naming the changed fields.
+and one named after ``[pipeline] algorithm`` (``[ppo]``: any :class:`rlhf_book.ppo.PPOConfig`
+field; ``[a2c]``: any :class:`rlhf_book.a2c.A2CConfig` field). ``--TABLE.FIELD VALUE`` on the
+command line overrides a field of either table (VALUE is read as a TOML value: ``0.1``,
+``true``, ``"head"``; ``none`` is None). ``[pipeline] prompts`` names the reader's own prompt
+file (JSONL records with a ``prompt`` field, or a text file with one prompt per line); by
+default the book's prompts are used. The output directory receives ``run_config.json``
+(the resolved config), ``metrics.jsonl`` (one line per iteration, written as the run goes),
+``history.json``, ``diagnostics.png``, ``samples.jsonl`` (held-out responses after training,
+with their scores), ``policy/`` (the trained policy and its tokenizer, ``save_pretrained``
+format) and the checkpoint. Running the same command again resumes from the checkpoint; a
+finished run is not repeated; a run whose config was changed since is refused, naming the
+changed fields.
 """
 
 from __future__ import annotations
@@ -23,36 +30,54 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .trainer import check_config, config_changes
+from .config import Config, config_changes, describe, option
 
-__all__ = ["PipelineConfig", "PIPELINE_DEFAULTS", "load_config", "run_pipeline", "main", "RUN_CONFIG_NAME"]
+__all__ = ["PipelineConfig", "PIPELINE_DEFAULTS", "ALGORITHMS", "load_config", "run_pipeline", "main",
+           "RUN_CONFIG_NAME", "read_prompt_file"]
 
 RUN_CONFIG_NAME = "run_config.json"  # not HF's "config.json": runs/<name>/policy/ holds that one
 # [pipeline] keys that may change when a run is continued
 RESUMABLE_PIPELINE_KEYS = frozenset({"iterations", "out_dir", "n_samples", "threads", "device"})
+ALGORITHMS = ("ppo", "a2c")  # each names its config table and its trainer (see _algorithm)
+
+
+def _algorithm(name: str):
+    """(config class, trainer class) of the algorithm ``name``."""
+    if name == "ppo":
+        from .ppo import PPOConfig, PPOTrainer
+
+        return PPOConfig, PPOTrainer
+    if name == "a2c":
+        from .a2c import A2CConfig, A2CTrainer
+
+        return A2CConfig, A2CTrainer
+    raise ValueError(f"unknown algorithm {name!r}; choose one of {list(ALGORITHMS)}")
 
 
 @dataclass
-class PipelineConfig:
-    """The ``[pipeline]`` table: which world to build and how long to train."""
+class PipelineConfig(Config):
+    """The ``[pipeline]`` table: which world to build, which algorithm, how long to train."""
 
-    preset: str = "cpu"  # base LM preset (tiny / cpu / gpu), a saved model directory, or (reward = "gold") a hub name
-    reward: str = "model"  # "model": the learned reward model of the preset; "gold": optimise the gold reward itself
-    critic: str = "head"  # "head" (value head on the policy), "reward_model" (ValueModel from the RM) or "base"
-    iterations: int = 60  # PPO iterations (>= 1; a larger number continues a finished run)
-    out_dir: str | None = None  # default: runs/<config file name>
-    n_eval: int = 32  # held-out prompts (rlhf_book.corpus.prompt_split takes n_eval // 6 per domain, at least 1)
-    split_seed: int = 0  # seed of the prompt split
-    n_samples: int = 8  # held-out samples written to samples.jsonl
-    device: str | None = None  # default: rlhf_book.get_device()
-    threads: int | None = None  # torch intra-op threads (default: rlhf_book.configure_threads())
+    preset: str = option("cpu", "base LM: a preset (tiny / cpu / gpu), a saved model directory, or (reward = 'gold') "
+                                "a hub name")
+    algorithm: str = option("ppo", "the RL algorithm; its fields are the table of the same name", choices=ALGORITHMS)
+    reward: str = option("model", "'model': the learned reward model of the preset; 'gold': optimise the gold reward "
+                                  "itself", choices=("model", "gold"))
+    critic: str = option("head", "'head' (value head on the policy), 'separate' (a copy of the policy's trunk) or "
+                                 "'reward_model' (a separate critic initialised from the RM)",
+                         choices=("head", "separate", "reward_model"))
+    iterations: int = option(60, "RL iterations (a larger number continues a finished run)", ">= 1")
+    out_dir: str | None = option(None, "output directory (default: runs/<config file name>)")
+    prompts: str | None = option(None, "the reader's prompt file (JSONL with 'prompt', or one prompt per line); "
+                                       "None: the book's prompts")
+    n_eval: int = option(32, "held-out prompts (the book's split takes n_eval // 6 per domain, at least 1)", ">= 1")
+    split_seed: int = option(0, "seed of the train / held-out prompt split")
+    gold: bool = option(True, "log the book's gold reward beside the proxy (it knows only the book's world)")
+    n_samples: int = option(8, "held-out samples written to samples.jsonl", ">= 0")
+    device: str | None = option(None, "default: rlhf_book.get_device()")
+    threads: int | None = option(None, "torch intra-op threads (default: rlhf_book.configure_threads())", ">= 1")
 
-    def __post_init__(self):
-        check_config(self, positive=("iterations", "n_eval"), positive_or_none=("threads",), nonnegative=("n_samples",))
-        if self.reward not in ("model", "gold"):
-            raise ValueError(f"[pipeline] reward must be 'model' or 'gold', got {self.reward!r}")
-        if self.critic not in ("head", "reward_model", "base"):
-            raise ValueError(f"[pipeline] critic must be 'head', 'reward_model' or 'base', got {self.critic!r}")
+    def check(self) -> None:
         if self.critic == "reward_model" and self.reward != "model":
             raise ValueError("[pipeline] critic = 'reward_model' needs reward = 'model'")
         from .base_model import PRESETS, resolve_model_name
@@ -61,6 +86,8 @@ class PipelineConfig:
         if self.reward == "model" and self.preset not in PRESETS:
             raise ValueError(f"[pipeline] reward = 'model' needs one of the presets {', '.join(PRESETS)} (its reward "
                              f"model is built from the preset's data), got preset = {self.preset!r}")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise ValueError(f"[pipeline] prompts: file {self.prompts} does not exist")
         if self.device is not None:
             from .runtime import check_device
 
@@ -71,6 +98,34 @@ class PipelineConfig:
 
 
 PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file (records with a ``prompt`` field) or a text file (one prompt per line)."""
+    from .corpus import read_jsonl
+    from .rollout import prompt_texts
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        try:
+            out = prompt_texts(read_jsonl(path))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    else:
+        out = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(out) < 2:
+        raise ValueError(f"{path}: needs at least 2 prompts (training and held-out), found {len(out)}")
+    return out
+
+
+def _train_eval_split(prompts: list[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) prompts: a seeded shuffle, the last ``n_eval`` held out (at most half of them)."""
+    import random
+
+    order = sorted(set(prompts))
+    random.Random(seed).shuffle(order)
+    k = min(n_eval, len(order) // 2)
+    return order[:-k], order[-k:]
 
 
 def _read_table_file(path: Path) -> dict:
@@ -93,8 +148,39 @@ def _read_table_file(path: Path) -> dict:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
 
 
-def load_config(path: str | Path) -> dict:
-    """Read a TOML or JSON config into ``{"pipeline": {...}, "ppo": {...}}``, defaults filled in, every value checked."""
+def _parse_value(text: str):
+    """A command-line value read as TOML (``0.1``, ``true``, ``"head"``); ``none`` is None; anything else a string."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict]:
+    """``["--ppo.kl_coef", "0.1", ...]`` -> ``{"ppo": {"kl_coef": 0.1}}``; ValueError naming a malformed argument."""
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if not key.startswith("--") or "." not in key:
+            raise ValueError(f"unrecognised argument {arg!r}: overrides are written --TABLE.FIELD VALUE, e.g. --ppo.kl_coef 0.1")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"{arg} needs a value")
+            value, i = args[i + 1], i + 1
+        table, field_name = key[2:].split(".", 1)
+        out.setdefault(table, {})[field_name] = _parse_value(value)
+        i += 1
+    return out
+
+
+def load_config(path: str | Path, overrides: dict[str, dict] | None = None) -> dict:
+    """Read a TOML or JSON config into ``{"pipeline": {...}, ALGORITHM: {...}}``, overrides applied, every value checked."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"config {path} is a directory, not a file")
@@ -102,14 +188,18 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"config file {path} does not exist")
     raw = _read_table_file(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected tables [pipeline] and [ppo], got a {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"pipeline", "ppo"})
-    if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; expected [pipeline] and [ppo]")
-    for table in ("pipeline", "ppo"):
-        if not isinstance(raw.get(table, {}), dict):
-            raise ValueError(f"{path}: [{table}] must be a table of key = value lines, got {raw[table]!r}")
+        raise ValueError(f"{path}: expected tables [pipeline] and [ppo] (or [a2c]), got a {type(raw).__name__}")
+    for table, value in raw.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: [{table}] must be a table of key = value lines, got {value!r}")
+    for table, values in (overrides or {}).items():  # command-line --TABLE.FIELD VALUE
+        raw[table] = {**raw.get(table, {}), **values}
     pipe = dict(raw.get("pipeline", {}))
+    algo = pipe.get("algorithm", PIPELINE_DEFAULTS["algorithm"])
+    unknown = sorted(set(raw) - {"pipeline", algo})
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {unknown}; expected [pipeline] and [{algo}] "
+                         "(the second table is named after [pipeline] algorithm)")
     bad = sorted(set(pipe) - set(PIPELINE_DEFAULTS))
     if bad:
         raise ValueError(f"{path}: unknown [pipeline] key(s) {bad}{_did_you_mean(bad, PIPELINE_DEFAULTS)}")
@@ -117,16 +207,15 @@ def load_config(path: str | Path) -> dict:
         pipe["out_dir"] = str(Path("runs") / path.stem)
     try:
         pipe = asdict(PipelineConfig(**pipe))
+        config_cls, _ = _algorithm(pipe["algorithm"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    from .ppo import PPOConfig
-
-    ppo = dict(raw.get("ppo", {}))
+    table = dict(raw.get(algo, {}))
     try:
-        PPOConfig.from_dict(ppo)
+        config_cls.from_dict(table)
     except ValueError as e:
-        raise ValueError(f"{path}: [ppo] {e}") from None
-    return {"pipeline": pipe, "ppo": ppo}
+        raise ValueError(f"{path}: [{algo}] {e}") from None
+    return {"pipeline": pipe, algo: table}
 
 
 def _did_you_mean(bad: list[str], known) -> str:
@@ -136,21 +225,20 @@ def _did_you_mean(bad: list[str], known) -> str:
     return f"; did you mean {', '.join(hints)}?" if hints else f"; known: {sorted(known)}"
 
 
-def _check_resume(out: Path, record: dict) -> None:
+def _check_resume(out: Path, record: dict, checkpoint_name: str) -> None:
     """Refuse to continue a run in ``out`` whose recorded config differs (beyond what may change on resume)."""
-    from .ppo import CHECKPOINT_NAME
-
     saved_path = out / RUN_CONFIG_NAME
-    if not (out / CHECKPOINT_NAME).exists() or not saved_path.exists():
+    if not (out / checkpoint_name).exists() or not saved_path.exists():
         return
     try:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{saved_path}: unreadable ({e}); it records the run's config, so the run cannot be "
                          f"checked and continued: start a new run in another out_dir (--out)") from None
-    changed = [f"[pipeline] {c}" for c in config_changes(saved.get("pipeline", {}), record["pipeline"],
-                                                         RESUMABLE_PIPELINE_KEYS)]
-    changed += [f"[ppo] {c}" for c in config_changes(saved.get("ppo", {}), record["ppo"])]
+    changed = []
+    for table in sorted((set(saved) | set(record)) - {"threads_used"}):
+        allowed = RESUMABLE_PIPELINE_KEYS if table == "pipeline" else frozenset()
+        changed += [f"[{table}] {c}" for c in config_changes(saved.get(table, {}), record.get(table, {}), allowed)]
     if changed:
         raise ValueError(
             f"{out} holds a run made with another config ({'; '.join(changed)}). Put those values back to continue "
@@ -158,27 +246,46 @@ def _check_resume(out: Path, record: dict) -> None:
         )
 
 
-def run_pipeline(config: dict, iterations: int | None = None, progress: bool = True) -> dict:
-    """Base LM -> reward model -> PPO as ``config`` (from :func:`load_config`) says; returns a summary dict."""
-    from .base_model import load_base_model
+def _prompts(pipe: dict) -> tuple[list, list]:
+    """(train, held-out) prompts: the reader's file split by ``split_seed``, or the book's split."""
+    if pipe["prompts"] is not None:
+        return _train_eval_split(read_prompt_file(pipe["prompts"]), pipe["n_eval"], pipe["split_seed"])
     from .corpus import prompt_split
+
+    return prompt_split(pipe["split_seed"], pipe["n_eval"])
+
+
+def run_pipeline(config: dict, iterations: int | None = None, progress: bool = True) -> dict:
+    """Base LM -> reward model -> RL as ``config`` (from :func:`load_config`) says; returns a summary dict."""
+    from .base_model import load_base_model
+    from .critic import build_critic
     from .gold import gold_reward_fn
-    from .ppo import CHECKPOINT_NAME, PPOConfig, PPOTrainer, build_critic, save_history
+    from .rollout import prompt_texts
     from .runtime import configure_threads, get_device, set_seed
+    from .trainer import save_history
 
     pipe = dict(config["pipeline"])
     if iterations is not None:
         pipe["iterations"] = iterations
     pipe = asdict(PipelineConfig(**pipe))  # checks an --iterations override too
+    algo = pipe["algorithm"]
+    config_cls, trainer_cls = _algorithm(algo)
     out = Path(pipe["out_dir"])
-    ppo_cfg = PPOConfig.from_dict({**config["ppo"], "progress": progress})
-    record = {"pipeline": pipe, "ppo": {k: v for k, v in asdict(ppo_cfg).items() if k != "progress"}}
-    _check_resume(out, record)
+    table = dict(config.get(algo, {}))
+    if pipe["critic"] in ("head", "separate"):  # the trainer builds these itself; [pipeline] critic decides
+        if table.get("critic", pipe["critic"]) != pipe["critic"]:
+            raise ValueError(f"[pipeline] critic = {pipe['critic']!r} but [{algo}] critic = {table['critic']!r}: "
+                             "set one of them")
+        table["critic"] = pipe["critic"]
+    cfg = config_cls.from_dict({**table, "progress": progress})
+    record = {"pipeline": pipe, algo: {k: v for k, v in asdict(cfg).items() if k != "progress"}}
+    _check_resume(out, record, trainer_cls.checkpoint_name)
     device = get_device(pipe["device"])  # an unavailable device fails here, before anything is written
+    train, eval_set = _prompts(pipe)
     out.mkdir(parents=True, exist_ok=True)
     threads = configure_threads(pipe["threads"])
     (out / RUN_CONFIG_NAME).write_text(json.dumps({**record, "threads_used": threads}, indent=1))
-    set_seed(ppo_cfg.seed)
+    set_seed(cfg.seed)
 
     print(f"[1/3] base LM ({pipe['preset']})", flush=True)
     policy, tok = load_base_model(pipe["preset"], device=device, progress=progress)
@@ -188,17 +295,19 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
         from .reward_model import load_reward_model, reward_fn_from_model
 
         print(f"[2/3] reward model ({pipe['preset']})", flush=True)
-        rm, rm_tok = load_reward_model(pipe["preset"], device=device, progress=progress)
+        own = prompt_texts(train) if pipe["prompts"] is not None else None
+        rm, rm_tok = load_reward_model(pipe["preset"], device=device, progress=progress, prompts=own)
         reward_fn = reward_fn_from_model(rm, rm_tok)
     else:
         print("[2/3] reward: the gold reward (no reward model)", flush=True)
         reward_fn = gold_reward_fn
-    critic = build_critic(pipe["critic"], policy=policy, reward_model=rm)
-    train, eval_set = prompt_split(pipe["split_seed"], pipe["n_eval"])
+    critic = build_critic("reward_model", reward_model=rm) if pipe["critic"] == "reward_model" else None
 
-    resumed = (out / CHECKPOINT_NAME).exists()
-    print(f"[3/3] PPO, {pipe['iterations']} iterations -> {out}" + (" (resuming)" if resumed else ""), flush=True)
-    trainer = PPOTrainer(policy, ref, tok, reward_fn, ppo_cfg, critic=critic, gold_fn=gold_reward_fn)
+    resumed = (out / trainer_cls.checkpoint_name).exists()
+    print(f"[3/3] {trainer_cls.name}, {pipe['iterations']} iterations -> {out}" + (" (resuming)" if resumed else ""),
+          flush=True)
+    trainer = trainer_cls(policy, ref, tok, reward_fn, cfg, critic=critic,
+                          gold_fn=gold_reward_fn if pipe["gold"] else None)
     history = trainer.train(train, pipe["iterations"], checkpoint_dir=out, eval_prompts=eval_set)
     save_history(history, out / "history.json")
 
@@ -206,15 +315,16 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
 
     from .plotting import plot_run
 
-    fig = plot_run(history, title=f"PPO on {pipe['preset']} ({pipe['reward']} reward)")
+    fig = plot_run(history, title=f"{trainer_cls.name} on {pipe['preset']} ({pipe['reward']} reward)",
+                   xlabel=f"{trainer_cls.name} iteration")
     fig.savefig(out / "diagnostics.png", dpi=100)
     plt.close(fig)
     trainer.export(out / "policy")
     final = trainer.evaluate(eval_set, n_samples=pipe["n_samples"])
     with (out / "samples.jsonl").open("w") as f:
-        for s in final.pop("samples"):
+        for s in final.pop("eval_samples"):
             f.write(json.dumps(s) + "\n")
-    first = next((h for h in history if "eval_gold_reward" in h), {})
+    first = next((h for h in history if "eval_proxy_reward" in h), {})
     summary = {
         "iterations": trainer.iteration,
         "eval_gold_reward_start": first.get("eval_gold_reward"),
@@ -243,33 +353,50 @@ def _build_reward(args) -> None:
     print(f"reward model for {args.preset!r} is built and cached")
 
 
+def _print_options(table: str) -> None:
+    """Every field of a config table: name, type, default, valid values, help."""
+    cls = PipelineConfig if table == "pipeline" else _algorithm(table)[0]
+    print(f"[{table}]  ({cls.__name__}; override with --{table}.FIELD VALUE)")
+    for d in describe(cls):
+        valid = f"  valid: {d['valid']}" if d["valid"] else ""
+        print(f"  {d['name']} = {json.dumps(d['default'])}   ({d['type']}{valid})\n      {d['help']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rlhf-book`` / ``python -m rlhf_book.cli``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="rlhf-book", description="RLHF on a GPT trained from scratch: base LM -> reward model -> PPO."
+        prog="rlhf-book", description="RLHF on a GPT trained from scratch: base LM -> reward model -> PPO or A2C."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pipeline", help="base LM -> reward model -> PPO, as a config file says (resumable)")
-    p.add_argument("--config", required=True, help="TOML or JSON file with [pipeline] and [ppo] tables")
+    p = sub.add_parser("pipeline", help="base LM -> reward model -> RL, as a config file says (resumable)",
+                       epilog="Any config field can be overridden: --pipeline.FIELD VALUE or --ppo.FIELD VALUE "
+                              "(list them with `rlhf-book options ppo`).")
+    p.add_argument("--config", required=True, help="TOML or JSON file with [pipeline] and [ppo] (or [a2c]) tables")
     p.add_argument("--iterations", type=int, default=None,
                    help="override [pipeline] iterations (a larger number continues a run)")
     p.add_argument("--out", default=None, help="override [pipeline] out_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o = sub.add_parser("options", help="list the fields of a config table with their defaults, valid values and help")
+    o.add_argument("table", nargs="?", default="ppo", choices=("pipeline", *ALGORITHMS))
     for name, helptext in (("base", "build and cache the base LM"), ("reward", "build and cache the reward model")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--preset", default="cpu", help="tiny, cpu or gpu")
         q.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "pipeline":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no windows
     try:
         if args.command == "pipeline":
-            config = load_config(args.config)
+            config = load_config(args.config, parse_overrides(rest))
             if args.out is not None:
                 config["pipeline"]["out_dir"] = args.out
             summary = run_pipeline(config, iterations=args.iterations, progress=not args.no_progress)
             print(json.dumps(summary, indent=1))
+        elif args.command == "options":
+            _print_options(args.table)
         elif args.command == "base":
             _build_base(args)
         else:

@@ -26,15 +26,15 @@ from torch import nn
 
 from .advantage import masked_var
 from .losses import entropy_from_logits
-from .rollout import cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs
+from .rollout import Rollout, cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs
 
 __all__ = [
     "ValueHead",
     "PolicyWithValueHead",
     "PolicyValueOutput",
     "ValueModel",
-    "critic_values",
     "response_values",
+    "build_critic",
     "forward_logprobs_and_values",
     "explained_variance",
 ]
@@ -115,8 +115,8 @@ class PolicyWithValueHead(nn.Module):
         return PolicyValueOutput(logits=out.logits, values=values, cache=output_cache(out, self._cache_name))
 
     def value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """V of every column, (B, T) -> (B, T)."""
-        return self(input_ids, attention_mask).values
+        """V of every column, (B, T) -> (B, T) (the LM head runs on one column only: its logits are not needed)."""
+        return self(input_ids, attention_mask, logits_to_keep=1).values
 
 
 class ValueModel(nn.Module):
@@ -178,36 +178,36 @@ class ValueModel(nn.Module):
         return self(input_ids, attention_mask)
 
 
-def critic_values(critic: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """V of every column for either critic type, (B, T) -> (B, T)."""
+def build_critic(kind: str, policy: nn.Module | None = None, reward_model: nn.Module | None = None) -> nn.Module | None:
+    """The critic module for ``kind``: "head" (None: the trainer puts a value head on the policy), "separate"
+    (a ValueModel copy of the policy's trunk) or "reward_model" (a ValueModel from the reward model)."""
+    if kind == "head":
+        return None
+    if kind == "reward_model":
+        if reward_model is None:
+            raise ValueError("critic='reward_model' needs the reward model")
+        return ValueModel.from_reward_model(reward_model)
+    if kind == "separate":
+        if policy is None:
+            raise ValueError("critic='separate' needs the policy LM")
+        return ValueModel.from_causal_lm(policy)
+    raise ValueError(f"unknown critic kind {kind!r}; choose 'head', 'separate' or 'reward_model'")
+
+
+def response_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
+    """V(s_t) for the state before each response token (column P - 1 + t), (B, R); 0 where response_mask is 0.
+
+    ``critic``: a :class:`ValueModel` or a :class:`PolicyWithValueHead` (anything with ``value(ids, mask)``).
+    """
     if not hasattr(critic, "value"):
         raise ValueError(f"critic must be a PolicyWithValueHead or a ValueModel, got {type(critic).__name__}")
-    return critic.value(input_ids, attention_mask)
-
-
-def response_values(
-    critic: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    """V(s_t) for the state before each response token (column P - 1 + t), (B, R); 0 where response_mask is 0."""
-    P = prompt_ids.size(1)
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    mask = torch.cat([prompt_mask, response_mask], 1)
-    v = critic_values(critic, ids, mask)[:, P - 1 : -1]
-    return torch.where(response_mask.bool(), v, torch.zeros((), dtype=v.dtype, device=v.device))
+    P = rollout.prompt_ids.size(1)
+    v = critic.value(rollout.input_ids, rollout.attention_mask)[:, P - 1 : -1]
+    return torch.where(rollout.response_mask.bool(), v, torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 def forward_logprobs_and_values(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-    entropy_grad: bool = True,
+    model: nn.Module, rollout: Rollout, temperature: float = 1.0, entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One teacher-forced forward -> (log pi(a_t | s_t), V(s_t), entropy H(pi(. | s_t))), each (B, R), masked 0.
 
@@ -217,9 +217,9 @@ def forward_logprobs_and_values(
     ``entropy_grad=False`` computes the entropy outside the graph, for when it is only
     logged (no entropy bonus): its backward through a (B, R, V) softmax is then skipped.
     """
-    P, R = prompt_ids.size(1), response_ids.size(1)
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    mask = torch.cat([prompt_mask, response_mask], 1)
+    P, R = rollout.prompt_ids.size(1), rollout.response_ids.size(1)
+    response_ids, response_mask = rollout.response_ids, rollout.response_mask
+    ids, mask = rollout.input_ids, rollout.attention_mask
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 **logits_to_keep_kwargs(model, R + 1))
     logits = out.logits[:, -(R + 1) : -1].float() / temperature  # columns P - 1 ... P + R - 2

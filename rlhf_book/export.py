@@ -9,10 +9,11 @@ trained policy are all written this way.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .rollout import _context_size
-from .tokenizer import save_tokenizer
+from .tokenizer import format_prompt, save_tokenizer
 
 __all__ = ["save_model"]
 
@@ -40,7 +41,8 @@ def save_model(model, tokenizer, directory: str | Path, title: str, description:
         f"model = {loader}.from_pretrained(path)", "```", "",
         f"- tokenizer: PAD `{tokenizer.pad_token}` (id {tokenizer.pad_token_id}) distinct from EOS `{tokenizer.eos_token}` "
         f"(id {tokenizer.eos_token_id}); pads on the {padding_side}; `model_max_length` = {ctx} (the context).",
-        "- input format: the prompt, then `\\n`, then the reply, then EOS (`rlhf_book.tokenizer.format_prompt`).",
+        f"- input format: the formatted prompt, then the reply, then EOS; a prompt P is formatted as "
+        f"`{json.dumps(format_prompt('P', tokenizer))}` (`rlhf_book.tokenizer.format_prompt`).",
         "", "Written by `rlhf_book.export.save_model` (the RLHF notebook textbook's library).", "",
     ]
     (directory / "README.md").write_text("\n".join(card))

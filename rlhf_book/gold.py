@@ -6,9 +6,11 @@ hackable: a policy that learns only "positive words are good" can pile them up,
 which the fluency and repetition terms punish. Chapters 2 and 5 use that gap to
 show reward hacking.
 
-The annotators label pairs by Bradley-Terry sampling::
+An :class:`Annotator` labels pairs by Bradley-Terry sampling on a reward function r
+(any function with the library's reward-function signature; the book's annotators use
+the gold reward)::
 
-    P(a > b) = sigmoid((r_gold(a) - r_gold(b)) / T)
+    P(a > b) = sigmoid((r(a) - r(b)) / T)
 
 so a pair of near-equal replies is a coin flip and a clear winner almost always
 wins, the way noisy human raters behave.
@@ -17,11 +19,12 @@ wins, the way noisy human raters behave.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 from .corpus import DOMAINS, generate_examples, lexicon
 
@@ -138,12 +141,17 @@ def gold_reward(prompt: str, response: str, terminated: bool = True) -> float:
     return gold_score(prompt, response, terminated).total
 
 
-def gold_rewards(prompts: Sequence[str], responses: Sequence[str], terminated: Sequence[bool] | None = None) -> list[float]:
-    """r_gold for a batch of (prompt, response) pairs; ``terminated`` defaults to all True."""
+def gold_rewards(prompts: Sequence[str], responses: Sequence[str], terminated=None) -> list[float]:
+    """r_gold for a batch of (prompt, response) pairs, as floats; ``terminated`` defaults to all True.
+
+    The same reward function as :func:`gold_reward_fn`, in double precision (a list, not a float32 tensor).
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    terminated = [True] * len(prompts) if terminated is None else list(terminated)
-    return [gold_reward(p, r, t) for p, r, t in zip(prompts, responses, terminated)]
+    if terminated is None:
+        terminated = [True] * len(prompts)
+    terminated = terminated.tolist() if hasattr(terminated, "tolist") else list(terminated)
+    return [gold_reward(p, r, bool(t)) for p, r, t in zip(prompts, responses, terminated)]
 
 
 def preference_probability(r_a: float, r_b: float, temperature: float = 0.25) -> float:
@@ -154,24 +162,49 @@ def preference_probability(r_a: float, r_b: float, temperature: float = 0.25) ->
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
-class Annotator:
-    """A simulated human: prefers a over b with probability sigmoid((r_gold(a) - r_gold(b)) / T).
+def _scores(reward_fn: Callable, prompts: Sequence[str], responses: Sequence[str], terminated, name: str) -> list:
+    """``reward_fn(prompts, responses, terminated)`` as finite floats, one per reply; ValueError naming ``name``."""
+    out = reward_fn(prompts, responses, terminated)
+    out = out.tolist() if hasattr(out, "tolist") else list(out)
+    if len(out) != len(prompts):
+        raise ValueError(f"{name} returned {len(out)} scores for {len(prompts)} replies; it must return one per reply")
+    scores = []
+    for i, x in enumerate(out):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+            raise ValueError(f"{name} returned {x!r} for reply {i}: scores must be finite numbers")
+        scores.append(float(x))
+    return scores
 
-    >>> ann = Annotator(temperature=0.25, seed=0)
+
+class Annotator:
+    """A simulated human: prefers a over b with probability sigmoid((r(a) - r(b)) / T), r = ``reward_fn``.
+
+    ``reward_fn(prompts, responses, terminated) -> (B,)`` is any reward function (list of
+    str, list of str, bools -> tensor or sequence of floats); the book's annotators use the
+    gold reward.
+
+    >>> ann = Annotator(gold_reward_fn, temperature=0.25, seed=0)
     >>> ann.prefers_first("Review Luigi's.", "The food was great.", "The food was bad.")
     True
     """
 
-    def __init__(self, temperature: float = 0.25, seed: int = 0):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+    def __init__(self, reward_fn: Callable, temperature: float = 0.25, seed: int = 0):
+        if not callable(reward_fn):
+            raise ValueError(
+                "Annotator: reward_fn must be a function (prompts, responses, terminated) -> scores (B,), "
+                f"e.g. rlhf_book.gold_reward_fn, got {reward_fn!r}"
+            )
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"Annotator: temperature must be a number > 0, got {temperature!r}")
+        self.reward_fn = reward_fn
         self.temperature = temperature
         self.rng = random.Random(seed)
 
     def prefers_first(self, prompt: str, a: str, b: str, a_terminated: bool = True, b_terminated: bool = True) -> bool:
         """Sample one label: True when the annotator picks ``a``."""
-        p = preference_probability(gold_reward(prompt, a, a_terminated), gold_reward(prompt, b, b_terminated), self.temperature)
-        return self.rng.random() < p
+        terminated = [a_terminated, b_terminated]
+        r_a, r_b = _scores(self.reward_fn, [prompt, prompt], [a, b], terminated, "Annotator.reward_fn")
+        return self.rng.random() < preference_probability(r_a, r_b, self.temperature)
 
     def label(self, prompt: str, a: str, b: str) -> dict:
         """Return a TRL-style record ``{"prompt", "chosen", "rejected"}`` for the pair."""
@@ -188,6 +221,4 @@ def gold_reward_fn(prompts: Sequence[str], responses: Sequence[str], terminated=
     """
     import torch
 
-    if terminated is not None and hasattr(terminated, "tolist"):
-        terminated = terminated.tolist()
     return torch.tensor(gold_rewards(prompts, responses, terminated), dtype=torch.float32)

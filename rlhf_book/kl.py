@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import torch
 
+from .advantage import masked_mean, masked_sum
+
 __all__ = [
-    "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "ESTIMATORS", "sequence_kl", "kl_loss",
+    "kl_k1", "kl_k2", "kl_k3", "sequence_kl", "kl_loss",
     "exact_kl", "FixedKLController", "AdaptiveKLController", "make_kl_controller",
 ]
 
@@ -65,19 +67,9 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, torch.expm1(xl) - xl)
 
 
-ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-
-
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token KL(pi_theta || pi_ref) estimate ``kind`` in {"k1", "k2", "k3"}; (B, T) -> (B, T)."""
-    if kind not in ESTIMATORS:
-        raise ValueError(f"unknown KL estimator kind={kind!r}; choose one of {sorted(ESTIMATORS)}")
-    return ESTIMATORS[kind](logprobs, ref_logprobs)
-
-
 def sequence_kl(per_token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sequence KL = sum_t KL_t over real response tokens; (B, T), mask (B, T) -> (B,)."""
-    return torch.where(mask.bool(), per_token_kl, torch.zeros_like(per_token_kl)).sum(-1)
+    return masked_sum(per_token_kl, mask, dim=-1)
 
 
 def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,9 +78,7 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
     ``logprobs`` carry gradients, ``ref_logprobs`` do not. Its expected gradient is that of
     KL(pi_ref || pi_theta), not KL(pi_theta || pi_ref) (see the module docstring).
     """
-    k3 = kl_k3(logprobs, ref_logprobs)
-    m = mask.bool()
-    return torch.where(m, k3, torch.zeros_like(k3)).sum() / m.sum().clamp(min=1)
+    return masked_mean(kl_k3(logprobs, ref_logprobs), mask)
 
 
 def exact_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

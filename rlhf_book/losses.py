@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from .advantage import masked_mean
+from .rollout import response_logprobs
 
-__all__ = ["policy_gradient_loss", "value_loss", "entropy_from_logits", "entropy_bonus"]
+__all__ = ["policy_gradient_loss", "value_loss", "entropy_from_logits", "entropy_bonus", "policy_gradient_variance"]
 
 
 def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,3 +64,36 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float = 0.01) -> torch.Tensor:
     """Loss term -coef * mean_t H(pi(. | s_t)); adding it to the loss rewards keeping the policy spread out."""
     return -coef * masked_mean(entropy, mask)
+
+
+def policy_gradient_variance(
+    model: torch.nn.Module, rollout, weights: torch.Tensor, temperature: float = 1.0
+) -> dict:
+    """Spread of the one-sample policy-gradient estimates g_i = sum_t w_it grad log pi(a_it | s_it).
+
+    ``weights`` (B,) (one number per response, e.g. its reward) or (B, R) (per token, e.g.
+    advantages). Returns the mean gradient's norm, the total variance
+    E||g_i - mean g||^2 (trace of the covariance) and the mean squared norm E||g_i||^2,
+    over the B responses of ``rollout`` (a :class:`~rlhf_book.rollout.Rollout`): the variance
+    a batch of size N divides by N.
+    """
+    mask = rollout.response_mask
+    if weights.dim() == 1 and weights.size(0) == mask.size(0):
+        weights = weights[:, None].expand_as(mask)
+    if weights.shape != mask.shape:
+        raise ValueError(f"weights must be (B,) or (B, R) = {tuple(mask.shape)}, got {tuple(weights.shape)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for i in range(len(rollout)):
+        sl = slice(i, i + 1)
+        lp = response_logprobs(model, rollout.select(torch.tensor([i], device=mask.device)), temperature)
+        obj = torch.where(mask[sl].bool(), weights[sl].detach() * lp, 0.0).sum()
+        g = torch.autograd.grad(obj, params, allow_unused=True)
+        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
+    G = torch.stack(grads)
+    mean = G.mean(0)
+    return {
+        "mean_grad_norm": float(mean.norm()),
+        "total_variance": float(((G - mean) ** 2).sum(1).mean()),
+        "mean_sq_norm": float((G**2).sum(1).mean()),
+    }

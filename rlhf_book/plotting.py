@@ -1,9 +1,10 @@
-"""Plots of RL runs: the PPO diagnostics panel, runs side by side, and the reward-KL frontier.
+"""Plots of training runs: the diagnostics panel, runs side by side, and the reward-KL frontier.
 
-A *history* is what :meth:`rlhf_book.ppo.PPOTrainer.train` returns: a list of dicts,
-one per iteration, each with an ``iteration`` key; held-out evaluations (``eval_*``)
-appear only on the iterations where they were run. Missing or non-finite values are
-skipped, so any subset of the keys can be plotted.
+A *history* is what every trainer of the library returns (base LM, reward model, A2C,
+PPO, ...): a list of dicts, one per step, each with a ``step`` key; evaluations
+(``eval_*`` for RL, ``val_*`` for base-LM and reward-model training) appear only on the
+steps where they were run. Missing or non-finite values are skipped, so any subset of the
+keys can be plotted, and :func:`plot_run` draws only the panels a history has data for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ __all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "PANELS"]
 
 # (title, [(history key, legend label), ...], y label)
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
+    # supervised training (base LM, reward model)
+    ("loss", [("train_loss", "train"), ("loss", "train"), ("val_loss", "validation")], "loss"),
+    ("accuracy", [("accuracy", "train batch"), ("val_accuracy", "validation (labels)"),
+                  ("val_gold_accuracy", "validation (gold)")], "pairwise accuracy"),
+    # RL
     ("reward", [("proxy_reward", "proxy (train)"), ("gold_reward", "gold (train)"),
                 ("eval_proxy_reward", "proxy (held-out)"), ("eval_gold_reward", "gold (held-out)")], "mean reward"),
     ("KL(pi || pi_ref)", [("kl", "k1 (train)"), ("kl_k3", "k3 (train)"), ("eval_kl", "k1 (held-out)")],
@@ -35,38 +41,38 @@ def series(history: Sequence[Mapping], key: str) -> tuple[list[float], list[floa
     for h in history:
         v = h.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            xs.append(h.get("iteration", len(xs)))
+            xs.append(h.get("step", len(xs)))
             ys.append(float(v))
     return xs, ys
 
 
 def _style(key: str) -> dict:
-    return {"marker": "o", "ms": 3} if key.startswith("eval_") else {"lw": 1.2}
+    return {"marker": "o", "ms": 3} if key.startswith(("eval_", "val_")) else {"lw": 1.2}
 
 
-def plot_run(history: Sequence[Mapping], title: str | None = None, panels=None, xlabel: str = "PPO iteration"):
-    """The diagnostics of one run, one labelled panel per quantity (3 x 3); returns the figure."""
+def plot_run(history: Sequence[Mapping], title: str | None = None, panels=None, xlabel: str = "step", ncols: int = 3):
+    """The diagnostics of one run: one labelled panel per quantity the history has (grid of ``ncols``); returns the figure."""
     import matplotlib.pyplot as plt
 
-    panels = PANELS if panels is None else panels
-    ncols = 3
+    panels = [p for p in (PANELS if panels is None else panels) if any(series(history, k)[0] for k, _ in p[1])]
+    if not panels:
+        raise ValueError(f"the history has none of the plotted keys; it has {sorted({k for h in history for k in h})}")
+    ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.0 * nrows), squeeze=False)
     for ax, (name, keys, ylabel) in zip(axes.flat, panels):
-        drawn = False
+        drawn = 0
         for key, label in keys:
             xs, ys = series(history, key)
             if xs:
                 ax.plot(xs, ys, label=label, **_style(key))
-                drawn = True
+                drawn += 1
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if drawn and len(keys) > 1:
+        if drawn > 1:
             ax.legend(fontsize=7)
-        if not drawn:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:
@@ -83,13 +89,18 @@ def plot_runs(
         ("eval_kl", "KL to reference (nats)"),
     ),
     title: str | None = None,
-    xlabel: str = "PPO iteration",
+    xlabel: str = "iteration",
+    ncols: int = 3,
 ):
     """Several runs (``{label: history}``) overlaid, one panel per ``(key, y label)``; returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.3), squeeze=False)
-    for ax, (key, ylabel) in zip(axes[0], keys):
+    ncols = min(ncols, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.3 * nrows), squeeze=False)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    for ax, (key, ylabel) in zip(axes.flat, keys):
         for label, history in runs.items():
             xs, ys = series(history, key)
             if xs:
@@ -97,7 +108,7 @@ def plot_runs(
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Preference data: pairs of replies to one prompt, labelled by the simulated annotators.
+"""Preference data: pairs of replies to one prompt, labelled by (simulated) annotators.
 
 A record uses TRL's column names (plain text)::
 
@@ -7,20 +7,24 @@ A record uses TRL's column names (plain text)::
 Extra fields are allowed and kept. The ones this module writes are
 ``chosen_terminated`` / ``rejected_terminated`` (did the reply end with EOS? a reply
 without EOS gets the gold no-EOS penalty and is scored by the reward model without
-an EOS token), ``chosen_gold`` / ``rejected_gold`` (r_gold of each reply, for
-evaluation only: a real data set has no gold score) and ``chosen_temperature`` /
-``rejected_temperature`` (the sampling temperature of each reply).
+an EOS token), ``chosen_gold`` / ``rejected_gold`` (the gold score of each reply, only
+when a gold reward function is given; for evaluation only: a real data set has no gold
+score) and ``chosen_temperature`` / ``rejected_temperature`` (the sampling temperature of
+each reply).
 
-Pairs are generated from the world: the base LM writes two replies per prompt
-(:func:`rlhf_book.rollout.generate`), mostly at temperature 1 and sometimes hotter,
-so the data also holds disfluent replies, and an :class:`rlhf_book.gold.Annotator`
-picks one by Bradley-Terry sampling on the gold score. The pairs come from the
-*train* prompts of :func:`rlhf_book.corpus.prompt_split`; those prompts are split
-again into train / validation / test groups, so test pairs have prompts the reward
-model never saw.
+:func:`generate_preferences` makes pairs for any model, prompts and annotator: the model
+writes two replies per prompt (:func:`rlhf_book.rollout.generate`), mostly at temperature
+1 and sometimes hotter, so the data also holds disfluent replies, and the annotator (an
+:class:`rlhf_book.gold.Annotator` on any reward function, or anything with its
+``prefers_first``) picks one. :func:`build_preference_data` makes the three splits of a
+recipe: the prompts (the book's: the *train* prompts of :func:`rlhf_book.corpus.prompt_split`;
+or a reader's list) are split into train / validation / test groups, so test pairs have
+prompts the reward model never saw, and annotators that sample from ``gold_fn`` label them.
 
-``load_preference_data("cpu")`` builds the data set once (30-45 s on two cores)
-and caches it with :func:`rlhf_book.cache.cached_artifact`.
+``load_preference_data("cpu")`` builds the book's data set once (30-45 s on two cores)
+and caches it with :func:`rlhf_book.cache.cached_artifact`; ``prompts=`` gives it a
+reader's prompts instead (the book's base LM and gold annotators, cached under its own key),
+and :func:`preference_data_info` returns what the build measured.
 
 Files are UTF-8 JSONL (a leading BOM is accepted). Validation also rejects strings
 with lone surrogates, non-finite or non-numeric ``*_gold`` and ``*_temperature``
@@ -29,20 +33,21 @@ values, and temperatures that are not > 0.
 TRL bridge: TRL's DPOTrainer / RewardTrainer read the same ``prompt`` / ``chosen`` /
 ``rejected`` columns but tokenize prompt and reply separately, concatenate the ids
 with no separator and always append EOS to the reply. The book conditions on
-``format_prompt(prompt)`` (prompt + ``"\\n"``) and adds EOS only to terminated
-replies. :func:`to_trl_records` / :func:`to_trl_dataset` (a ``datasets.Dataset``)
-put the separator into ``prompt`` so TRL's ids equal the book's, and by default drop
+``format_prompt(prompt, tokenizer)`` (by default prompt + ``"\\n"``) and adds EOS only to
+terminated replies. :func:`to_trl_records` / :func:`to_trl_dataset` (a ``datasets.Dataset``)
+put the formatted prompt into ``prompt`` so TRL's ids equal the book's, and by default drop
 pairs with an unterminated reply (``unterminated="keep"`` keeps them, and TRL then
 adds an EOS the book would not).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,9 +56,9 @@ from tqdm.auto import tqdm
 
 from .cache import cached_artifact
 from .corpus import prompt_split
-from .gold import Annotator, gold_reward
-from .rollout import _context_size, generate
-from .tokenizer import format_prompt
+from .gold import Annotator, _scores, gold_rewards
+from .rollout import _context_size, generate, prompt_texts
+from .tokenizer import encode_prompt_response, format_prompt
 
 __all__ = [
     "FIELDS",
@@ -66,10 +71,12 @@ __all__ = [
     "load_preferences",
     "save_preferences",
     "generate_preferences",
+    "split_prompts",
     "build_preference_data",
     "load_preference_data",
     "preference_data_path",
     "preference_data_key",
+    "preference_data_info",
     "write_sample",
     "to_trl_records",
     "to_trl_dataset",
@@ -81,10 +88,6 @@ PREFERENCE_VERSION = 1  # bump when the recipe or the record format changes
 
 
 # ------------------------------------------------------------------- validation
-def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text)["input_ids"])
-
-
 def _is_number(value) -> bool:
     """A real number as JSON holds it: int or float, not bool (a bool is an int in Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -106,7 +109,7 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
     not empty and not equal; optional ``*_terminated`` flags are booleans; optional
     ``*_gold`` scores are finite numbers and optional ``*_temperature`` values finite
     numbers > 0 (int or float, not bool, string or null). With a
-    ``tokenizer``, the formatted prompt plus one reply token and EOS must fit in
+    ``tokenizer``, the formatted prompt (``format_prompt(prompt, tokenizer)``) plus one reply token and EOS must fit in
     ``max_length`` tokens (default ``tokenizer.model_max_length``), and so must
     prompt + reply + EOS for both replies.
     """
@@ -146,14 +149,17 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
             raise ValueError("max_length was given without a tokenizer to count tokens with")
         limit = max_length if max_length is not None else tokenizer.model_max_length
         if limit is not None and limit < 1e9:
-            n_prompt = _token_count(tokenizer, format_prompt(record["prompt"]))
+            prompt_only, chosen, rejected = encode_prompt_response(
+                tokenizer, [record["prompt"]] * 3, ["", record["chosen"], record["rejected"]], [False, True, True]
+            )
+            n_prompt = len(prompt_only)
             if n_prompt + 2 > limit:
                 raise ValueError(
                     f"{where}: field 'prompt' is {n_prompt} tokens, too long for the context window of {limit} "
                     f"(which must also hold at least one reply token and EOS)"
                 )
-            for field in ("chosen", "rejected"):
-                n = n_prompt + _token_count(tokenizer, record[field]) + 1
+            for field, ids in (("chosen", chosen), ("rejected", rejected)):
+                n = len(ids)
                 if n > limit:
                     raise ValueError(
                         f"{where}: prompt + field {field!r} + EOS is {n} tokens, "
@@ -220,13 +226,14 @@ def save_preferences(records: Sequence[dict], path: str | Path, tokenizer=None, 
 UNTERMINATED_CHOICES = ("drop", "keep")
 
 
-def to_trl_records(records: Sequence[dict], unterminated: str = "drop") -> list[dict]:
-    """Validated copies of ``records`` for TRL: ``prompt`` becomes ``format_prompt(prompt)``.
+def to_trl_records(records: Sequence[dict], unterminated: str = "drop", tokenizer=None) -> list[dict]:
+    """Validated copies of ``records`` for TRL: ``prompt`` becomes ``format_prompt(prompt, tokenizer)``.
 
     TRL tokenizes ``prompt`` and each reply separately, concatenates the ids and appends
-    EOS to the reply; with the separator in ``prompt`` those ids are the book's
-    (:func:`rlhf_book.reward_model.encode_replies`). ``chosen``, ``rejected`` and every
-    extra field are kept unchanged; the input records are not modified.
+    EOS to the reply; with the formatted prompt in ``prompt`` those ids are the book's
+    (:func:`rlhf_book.reward_model.encode_replies`). ``tokenizer``: the model's (it decides
+    the format when it has a chat template; None: the plain format). ``chosen``, ``rejected``
+    and every extra field are kept unchanged; the input records are not modified.
 
     ``unterminated`` says what to do with a pair in which either reply has
     ``*_terminated`` false (it ended without EOS): ``"drop"`` (default) leaves the pair
@@ -242,7 +249,7 @@ def to_trl_records(records: Sequence[dict], unterminated: str = "drop") -> list[
     for r in records:
         if unterminated == "drop" and not (r.get("chosen_terminated", True) and r.get("rejected_terminated", True)):
             continue
-        out.append({**r, "prompt": format_prompt(r["prompt"])})
+        out.append({**r, "prompt": format_prompt(r["prompt"], tokenizer)})
     if not out:
         raise ValueError(
             f"all {len(records)} pairs have an unterminated reply and were dropped; "
@@ -251,7 +258,7 @@ def to_trl_records(records: Sequence[dict], unterminated: str = "drop") -> list[
     return out
 
 
-def to_trl_dataset(records: Sequence[dict], unterminated: str = "drop"):
+def to_trl_dataset(records: Sequence[dict], unterminated: str = "drop", tokenizer=None):
     """:func:`to_trl_records` as a ``datasets.Dataset`` for TRL's DPOTrainer / RewardTrainer.
 
     The columns are every field of any record (``Dataset.from_list`` alone would keep
@@ -261,7 +268,7 @@ def to_trl_dataset(records: Sequence[dict], unterminated: str = "drop"):
         import datasets
     except ImportError as e:
         raise ImportError("to_trl_dataset needs the Hugging Face datasets library: pip install datasets") from e
-    rows = to_trl_records(records, unterminated)
+    rows = to_trl_records(records, unterminated, tokenizer)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return datasets.Dataset.from_list([{k: r.get(k) for k in columns} for r in rows])
 
@@ -272,9 +279,9 @@ class PreferenceRecipe:
     """How many pairs to make and how.
 
     Each reply is sampled at a temperature drawn from ``temperatures`` with ``weights``;
-    the annotators' Bradley-Terry temperature is ``annotator_temperature``. The train
-    prompts of ``prompt_split`` are split into ``prompt_fractions`` for train /
-    validation / test.
+    the annotators' Bradley-Terry temperature is ``annotator_temperature``. The prompts
+    (the book's: the train prompts of ``prompt_split``) are split into ``prompt_fractions``
+    for train / validation / test.
     """
 
     n_train: int
@@ -327,7 +334,8 @@ def generate_preferences(
     tokenizer,
     prompts: Sequence[str],
     n_pairs: int,
-    annotator: Annotator,
+    annotator,
+    gold_fn: Callable | None = None,
     temperatures: Sequence[float] = (1.0,),
     weights: Sequence[float] | None = None,
     max_new_tokens: int = 48,
@@ -337,14 +345,22 @@ def generate_preferences(
 ) -> list[dict]:
     """Sample two replies per prompt from ``model`` and let ``annotator`` pick one; returns records.
 
-    Prompts are used round-robin in a shuffled order. Pairs whose replies are identical
-    (no preference to learn) or empty are skipped, so slightly fewer than ``n_pairs``
-    may come back.
+    ``annotator``: an :class:`rlhf_book.gold.Annotator` or anything with its
+    ``prefers_first(prompt, a, b, a_terminated, b_terminated) -> bool``. ``gold_fn``: a reward
+    function ``(prompts, responses, terminated) -> (B,)``; when given, each record also holds
+    ``chosen_gold`` / ``rejected_gold``. Prompts are used round-robin in a shuffled order.
+    Pairs whose replies are identical (no preference to learn) or empty are skipped, so
+    slightly fewer than ``n_pairs`` may come back.
     """
-    if n_pairs < 1:
-        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-    if not prompts:
-        raise ValueError("prompts is empty")
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 1:
+        raise ValueError(f"n_pairs must be an integer >= 1, got {n_pairs!r}")
+    prompts = prompt_texts(prompts)
+    if not callable(getattr(annotator, "prefers_first", None)):
+        raise ValueError(f"annotator must have a method prefers_first(prompt, a, b, a_terminated, b_terminated), "
+                         f"got {type(annotator).__name__}")
+    if gold_fn is not None and not callable(gold_fn):
+        raise ValueError(f"gold_fn must be a reward function (prompts, responses, terminated) -> (B,) or None, "
+                         f"got {gold_fn!r}")
     rng = random.Random(seed)
     order = list(prompts)
     rng.shuffle(order)
@@ -356,106 +372,178 @@ def generate_preferences(
     replies = _generate_many(
         model, tokenizer, flat_prompts, temps, max_new_tokens, batch_size, gen, progress, "sampling pairs"
     )
+    kept = [k for k in range(n_pairs) if _usable(replies[2 * k], replies[2 * k + 1])]
+    if gold_fn is not None and kept:
+        gold = _scores(gold_fn, [pair_prompts[k] for k in kept for _ in range(2)],
+                       [replies[2 * k + j][0] for k in kept for j in range(2)],
+                       [replies[2 * k + j][1] for k in kept for j in range(2)], "gold_fn")
     records = []
-    for k, prompt in enumerate(pair_prompts):
+    for n, k in enumerate(kept):
+        prompt = pair_prompts[k]
         (a, a_term), (b, b_term) = replies[2 * k], replies[2 * k + 1]
-        if a == b or not a.strip() or not b.strip():
-            continue
-        ga, gb = gold_reward(prompt, a, a_term), gold_reward(prompt, b, b_term)
         first = annotator.prefers_first(prompt, a, b, a_term, b_term)
-        (c, ct, cg, cT), (r, rt, rg, rT) = ((a, a_term, ga, temps[2 * k]), (b, b_term, gb, temps[2 * k + 1]))
-        if not first:
-            (c, ct, cg, cT), (r, rt, rg, rT) = (r, rt, rg, rT), (c, ct, cg, cT)
-        records.append(
-            {
-                "prompt": prompt,
-                "chosen": c,
-                "rejected": r,
-                "chosen_terminated": ct,
-                "rejected_terminated": rt,
-                "chosen_gold": round(cg, 6),
-                "rejected_gold": round(rg, 6),
-                "chosen_temperature": cT,
-                "rejected_temperature": rT,
-            }
-        )
+        sides = [{"text": a, "terminated": a_term, "temperature": temps[2 * k]},
+                 {"text": b, "terminated": b_term, "temperature": temps[2 * k + 1]}]
+        if gold_fn is not None:
+            sides[0]["gold"], sides[1]["gold"] = round(gold[2 * n], 6), round(gold[2 * n + 1], 6)
+        chosen, rejected = sides if first else sides[::-1]
+        records.append(_record(prompt, chosen, rejected))
     return records
 
 
-def _split_prompts(seed: int, fractions: Sequence[float]) -> dict[str, list[str]]:
-    """The train prompts of ``prompt_split(seed)`` split into train / validation / test groups."""
-    train, _ = prompt_split(seed)
-    prompts = sorted(p["prompt"] for p in train)
-    random.Random(seed + 1).shuffle(prompts)
-    n_val = max(1, round(fractions[1] * len(prompts)))
-    n_test = max(1, round(fractions[2] * len(prompts)))
-    return {"validation": prompts[:n_val], "test": prompts[n_val : n_val + n_test], "train": prompts[n_val + n_test :]}
+def _usable(a: tuple[str, bool], b: tuple[str, bool]) -> bool:
+    """A pair worth labelling: two different, non-empty replies."""
+    return a[0] != b[0] and bool(a[0].strip()) and bool(b[0].strip())
+
+
+def _record(prompt: str, chosen: dict, rejected: dict) -> dict:
+    """A preference record from the two sides ({"text", "terminated", "temperature"[, "gold"]})."""
+    rec = {
+        "prompt": prompt,
+        "chosen": chosen["text"],
+        "rejected": rejected["text"],
+        "chosen_terminated": chosen["terminated"],
+        "rejected_terminated": rejected["terminated"],
+    }
+    if "gold" in chosen:
+        rec["chosen_gold"], rec["rejected_gold"] = chosen["gold"], rejected["gold"]
+    rec["chosen_temperature"], rec["rejected_temperature"] = chosen["temperature"], rejected["temperature"]
+    return rec
+
+
+def split_prompts(prompts, fractions: Sequence[float] = (0.76, 0.12, 0.12), seed: int = 0) -> dict[str, list[str]]:
+    """The distinct ``prompts``, shuffled by ``seed``, as train / validation / test groups of ``fractions``."""
+    texts = sorted(set(prompt_texts(prompts)))
+    if len(texts) < 3:
+        raise ValueError(f"prompts holds {len(texts)} distinct prompt(s); a train / validation / test split needs >= 3")
+    random.Random(seed + 1).shuffle(texts)
+    n_val = max(1, round(fractions[1] * len(texts)))
+    n_test = max(1, round(fractions[2] * len(texts)))
+    if n_val + n_test >= len(texts):
+        raise ValueError(
+            f"prompt_fractions {tuple(fractions)} leave no train prompt of the {len(texts)} distinct prompts"
+        )
+    return {"validation": texts[:n_val], "test": texts[n_val : n_val + n_test], "train": texts[n_val + n_test :]}
+
+
+def _book_prompts(seed: int) -> list[str]:
+    """The book's preference prompts: the RL train prompts of ``prompt_split(seed)``."""
+    return [p["prompt"] for p in prompt_split(seed)[0]]
+
+
+def _split_summary(records: Sequence[dict], n_prompts: int) -> dict:
+    """Pairs and prompts of a split, and with gold fields how often the label agrees with gold (ties left out)."""
+    out = {"pairs": len(records), "prompts": n_prompts}
+    if records and all("chosen_gold" in r and "rejected_gold" in r for r in records):
+        agree = [r["chosen_gold"] > r["rejected_gold"] for r in records if r["chosen_gold"] != r["rejected_gold"]]
+        out["label_agrees_with_gold"] = round(sum(agree) / max(1, len(agree)), 4)
+        out["gold_ties"] = len(records) - len(agree)
+    return out
 
 
 def build_preference_data(
-    model, tokenizer, recipe: PreferenceRecipe, out_dir: str | Path, progress: bool = True
+    model, tokenizer, recipe: PreferenceRecipe, out_dir: str | Path, prompts=None, *, gold_fn: Callable,
+    progress: bool = True,
 ) -> dict:
-    """Generate the three splits with ``recipe`` and save ``<out_dir>/<split>.jsonl``; returns metadata."""
+    """Generate the three splits with ``recipe`` and save ``<out_dir>/<split>.jsonl``; returns metadata.
+
+    ``prompts``: strings or ``{"prompt": ...}`` records, split with :func:`split_prompts`
+    (None: the book's, the RL train prompts of ``prompt_split(recipe.seed)``). ``gold_fn``:
+    the reward function ``(prompts, responses, terminated) -> (B,)`` the simulated annotators
+    sample from, also recorded as each reply's gold score (the book's:
+    :func:`rlhf_book.gold.gold_rewards`). The metadata (also ``<out_dir>/metadata.json``) has
+    per split the pairs, the prompts and, as the records hold gold scores, the agreement of
+    labels with gold.
+    """
+    if not callable(gold_fn):
+        raise ValueError(f"gold_fn must be a reward function (prompts, responses, terminated) -> (B,), got {gold_fn!r}")
     out_dir = Path(out_dir)
-    groups = _split_prompts(recipe.seed, recipe.prompt_fractions)
+    pool = _book_prompts(recipe.seed) if prompts is None else prompts
+    groups = split_prompts(pool, recipe.prompt_fractions, recipe.seed)
     sizes = {"train": recipe.n_train, "validation": recipe.n_validation, "test": recipe.n_test}
     meta = {"recipe": asdict(recipe), "splits": {}}
     for k, split in enumerate(SPLITS):
-        annotator = Annotator(recipe.annotator_temperature, seed=recipe.seed + 7919 * (k + 1))
+        annotator = Annotator(gold_fn, recipe.annotator_temperature, seed=recipe.seed + 7919 * (k + 1))
         recs = generate_preferences(
             model,
             tokenizer,
             groups[split],
             sizes[split],
             annotator,
-            recipe.temperatures,
-            recipe.weights,
-            recipe.max_new_tokens,
-            recipe.batch_size,
+            gold_fn=gold_fn,
+            temperatures=recipe.temperatures,
+            weights=recipe.weights,
+            max_new_tokens=recipe.max_new_tokens,
+            batch_size=recipe.batch_size,
             seed=recipe.seed + 104729 * (k + 1),
             progress=progress,
         )
         save_preferences(recs, out_dir / f"{split}.jsonl", tokenizer, _context_size(model))
-        agree = [r["chosen_gold"] > r["rejected_gold"] for r in recs if r["chosen_gold"] != r["rejected_gold"]]
-        meta["splits"][split] = {
-            "pairs": len(recs),
-            "prompts": len(groups[split]),
-            "label_agrees_with_gold": round(sum(agree) / max(1, len(agree)), 4),
-            "gold_ties": len(recs) - len(agree),
-        }
+        meta["splits"][split] = _split_summary(recs, len(groups[split]))
     (out_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def preference_data_key(base: str) -> str:
-    """The cache key of base preset ``base``'s preference data: its recipe, version and the base LM's key."""
-    from .base_model import PRESETS, artifact_name
-    from .cache import artifact_key
-
-    recipe = PREFERENCE_RECIPES[base]
-    return artifact_key("prefs", base, {"recipe": asdict(recipe), "version": PREFERENCE_VERSION},
-                        upstream=[artifact_name(base, PRESETS[base])])
+def _prompts_digest(prompts) -> str:
+    """A short digest of the distinct prompt strings of ``prompts`` (order and repeats do not matter)."""
+    texts = sorted(set(prompt_texts(prompts)))
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
 
 
-def preference_data_path(base: str = "cpu", progress: bool = True) -> Path:
-    """Directory of the cached preference data for base preset ``base`` (built on first use)."""
-    from .base_model import PRESETS, load_base_model
+def _check_base(base: str) -> None:
+    from .base_model import PRESETS
 
     if base not in PREFERENCE_RECIPES or base not in PRESETS:
         raise ValueError(f"unknown base preset {base!r}; choose one of {', '.join(PREFERENCE_RECIPES)}")
+
+
+def preference_data_key(base: str, prompts=None) -> str:
+    """Cache key of base preset ``base``'s preference data: recipe, version, base LM's key (and the prompts' digest)."""
+    from .base_model import PRESETS, artifact_name
+    from .cache import artifact_key
+
+    recipe = {"recipe": asdict(PREFERENCE_RECIPES[base]), "version": PREFERENCE_VERSION}
+    if prompts is not None:
+        recipe["prompts"] = _prompts_digest(prompts)
+    return artifact_key("prefs", base, recipe, upstream=[artifact_name(base, PRESETS[base])])
+
+
+def preference_data_path(base: str = "cpu", progress: bool = True, prompts=None) -> Path:
+    """Directory of the cached preference data for base preset ``base`` (built on first use).
+
+    ``prompts`` (strings or ``{"prompt": ...}`` records; None: the book's): the prompts the
+    pairs are written for. Either way the base LM of ``base`` writes the replies and the
+    book's gold annotators label them (:func:`rlhf_book.gold.gold_rewards`); for another
+    gold or other annotators, call :func:`build_preference_data` or :func:`generate_preferences`.
+    """
+    from .base_model import load_base_model
+
+    _check_base(base)
+    if prompts is not None:
+        split_prompts(prompts, PREFERENCE_RECIPES[base].prompt_fractions)  # bad prompts fail before anything slow
     recipe = PREFERENCE_RECIPES[base]
 
     def build(workdir: Path) -> dict:
         model, tokenizer = load_base_model(base, progress=progress)
-        return build_preference_data(model, tokenizer, recipe, workdir, progress)
+        return build_preference_data(model, tokenizer, recipe, workdir, prompts, gold_fn=gold_rewards,
+                                     progress=progress)
 
-    return cached_artifact(preference_data_key(base), build)
+    return cached_artifact(preference_data_key(base, prompts), build)
 
 
-def load_preference_data(base: str = "cpu", progress: bool = True) -> dict[str, list[dict]]:
-    """``{"train": [...], "validation": [...], "test": [...]}`` preference records for ``base`` (cached)."""
-    path = preference_data_path(base, progress)
+def load_preference_data(base: str = "cpu", progress: bool = True, prompts=None) -> dict[str, list[dict]]:
+    """``{"train": [...], "validation": [...], "test": [...]}``: the records of :func:`preference_data_path`."""
+    path = preference_data_path(base, progress, prompts)
     return {split: load_preferences(path / f"{split}.jsonl") for split in SPLITS}
+
+
+def preference_data_info(base: str = "cpu", prompts=None, progress: bool = True) -> dict:
+    """What the cached preference data's build measured: ``{"recipe", "splits": {split: {"pairs", "prompts", ...}}}``.
+
+    Per split: ``pairs``, ``prompts`` (in its group) and, from the gold scores,
+    ``label_agrees_with_gold`` (over pairs without a gold tie) and ``gold_ties``. Builds the data if needed.
+    """
+    return json.loads((preference_data_path(base, progress, prompts) / "metadata.json").read_text())
 
 
 def write_sample(out_dir: str | Path = "data", base: str = "cpu", n: int = 16) -> Path:

@@ -7,10 +7,11 @@ Bradley-Terry loss is exactly log 2. It saves and loads with plain transformers:
 
     AutoModelForSequenceClassification.from_pretrained(path)
 
-Input: ``format_prompt(prompt) + response + EOS`` (no EOS when the reply was cut off
-without one). The score is the head's output at the *last non-pad token*, whose
-index comes from the attention mask, with position ids from the mask too; so
-left padding, right padding and any amount of extra padding give the same score.
+Input: ``format_prompt(prompt, tokenizer) + response + EOS`` (no EOS when the reply was
+cut off without one; :func:`rlhf_book.tokenizer.encode_prompt_response`). The score is
+the head's output at the *last non-pad token*, whose index comes from the attention
+mask, with position ids from the mask too; so left padding, right padding and any
+amount of extra padding give the same score.
 (HF's own pooling searches ``input_ids`` for the pad id instead.)
 
 Training minimises the Bradley-Terry loss  -log sigmoid(r(x, y_c) - r(x, y_r))  on
@@ -33,6 +34,15 @@ Stable entry points for later chapters::
 
     rm, tok = load_reward_model("cpu")          # built and cached on first use
     reward_fn = reward_fn_from_model(rm, tok)   # (prompts, responses, terminated) -> (B,)
+
+The parts work without the book's world too: :func:`reward_model_from_lm` on any causal
+LM, :func:`train_reward_model` on any preference records, :func:`normalize_reward_model`
+on replies of any reference policy to any prompts; ``load_reward_model("cpu", prompts=...)``
+builds the book's pipeline on a reader's prompts. A training *history* is a list of
+per-step rows ``{"step", "loss", "accuracy", "epoch"}`` (the batch's loss and accuracy, the
+1-based epoch); the rows of steps that ended an epoch with validation data also hold
+``val_loss``, ``val_accuracy`` and, when the validation records carry gold scores,
+``val_gold_accuracy``.
 """
 
 from __future__ import annotations
@@ -45,21 +55,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .base_model import PRESETS, SAVE_FORMAT, WORLD_VERSION, _collate, encode_examples, load_base_model
+from .advantage import last_token_index
+from .base_model import PRESETS, SAVE_FORMAT, WORLD_VERSION, _collate, load_base_model
 from .base_model import artifact_name as base_artifact_name
 from .cache import artifact_key, cache_dir, cached_artifact
 from .checkpoint import resume_or_restart, rng_state, save_checkpoint, set_rng_state
+from .corpus import prompt_split
 from .export import save_model
-from .preferences import PREFERENCE_RECIPES, load_preference_data, preference_data_key, validate_preferences
-from .rollout import _context_size, generate, position_ids_from_mask
+from .preferences import (
+    PREFERENCE_RECIPES,
+    load_preference_data,
+    preference_data_key,
+    split_prompts,
+    validate_preferences,
+)
+from .rollout import _context_size, generate, position_ids_from_mask, prompt_texts
 from .runtime import adam, autocast, enable_tf32, get_device, set_seed
+from .tokenizer import encode_prompt_response
 
 __all__ = [
     "RM_VERSION",
@@ -68,7 +86,6 @@ __all__ = [
     "bradley_terry_loss",
     "preference_probabilities",
     "preference_accuracy",
-    "last_token_index",
     "score_sequences",
     "encode_replies",
     "reward_scores",
@@ -79,6 +96,7 @@ __all__ = [
     "train_reward_model",
     "normalize_reward_model",
     "reward_fn_from_model",
+    "ModelReward",
     "build_reward_model",
     "load_reward_model",
     "reward_model_path",
@@ -118,15 +136,6 @@ def _wins(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- scoring
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real (mask 1) token in each row, for left or right padding; (B, T) -> (B,)."""
-    if bool((attention_mask.sum(-1) == 0).any()):
-        raise ValueError("a row of attention_mask has no real token")
-    T = attention_mask.size(-1)
-    cols = torch.arange(T, device=attention_mask.device)
-    return torch.where(attention_mask.bool(), cols, torch.full_like(cols, -1)).max(-1).values
-
-
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Raw r_phi: the score head at the last non-pad token, position ids from the mask; (B, T) -> (B,)."""
     hidden = model.base_model(
@@ -140,7 +149,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def encode_replies(
     tokenizer, prompts: Sequence[str], responses: Sequence[str], terminated=None, max_length: int | None = None
 ) -> list[list[int]]:
-    """Token ids of ``format_prompt(prompt) + response (+ EOS if terminated)``, one list per pair."""
+    """Token ids of ``format_prompt(prompt, tokenizer) + response (+ EOS if terminated)``, one list per pair."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if terminated is None:
@@ -154,8 +163,7 @@ def encode_replies(
             raise ValueError(
                 f"pair {i}: prompt and response must be strings, got {type(p).__name__}, {type(r).__name__}"
             )
-    seqs = encode_examples(tokenizer, [SimpleNamespace(prompt=p, response=r) for p, r in zip(prompts, responses)])
-    seqs = [s if t else s[:-1] for s, t in zip(seqs, terminated)]  # encode_examples appends EOS
+    seqs = encode_prompt_response(tokenizer, prompts, responses, [bool(t) for t in terminated])
     if max_length is not None:
         for i, s in enumerate(seqs):
             if len(s) > max_length:
@@ -247,7 +255,12 @@ def score_pairs(model, tokenizer, records: Sequence[dict], batch_size: int = 128
 
 
 def evaluate_preferences(model, tokenizer, records: Sequence[dict], batch_size: int = 128) -> dict:
-    """BT loss and accuracy vs the labels; with gold fields, also accuracy vs the gold ordering (gold ties left out)."""
+    """BT loss, accuracy vs the labels and pairs; gold keys only when every record has gold fields.
+
+    Without gold: ``{"loss", "accuracy", "pairs"}``. With ``chosen_gold`` / ``rejected_gold`` on
+    every record, also ``gold_accuracy`` (vs the gold ordering, gold ties left out),
+    ``label_gold_agreement`` and ``gold_pairs`` (pairs without a gold tie).
+    """
     rc, rr = score_pairs(model, tokenizer, records, batch_size)
     out = {"loss": bradley_terry_loss(rc, rr).item(), "accuracy": preference_accuracy(rc, rr), "pairs": len(records)}
     if records and all("chosen_gold" in r and "rejected_gold" in r for r in records):
@@ -370,9 +383,9 @@ def train_reward_model(
     If ``checkpoint_path`` exists, training resumes from it (weights, optimizer,
     schedule, step, history, RNG); the last checkpoint is written when training
     finishes, so calling again with the same path only reloads. ``max_steps`` stops early (the schedule still
-    spans all epochs), e.g. to simulate an interruption. Returns the history dict:
-    per step ``step``/``loss``/``accuracy`` (batch), per epoch ``epoch``/``val_loss``/
-    ``val_accuracy``/``val_gold_accuracy``. The model is left in eval mode.
+    spans all epochs), e.g. to simulate an interruption. Returns the history: one row per step
+    (see the module docstring), validation keys on the last step of each epoch. The model
+    is left in eval mode.
     """
     ctx = _context_size(model)
     train = validate_preferences(train, tokenizer, ctx)
@@ -386,19 +399,14 @@ def train_reward_model(
     enable_tf32(device)
     opt = adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, round(warmup_frac * total))))
-    history = {
-        "step": [],
-        "loss": [],
-        "accuracy": [],
-        "epoch": [],
-        "val_loss": [],
-        "val_accuracy": [],
-        "val_gold_accuracy": [],
-    }
+    history: list[dict] = []
     step = 0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     state = resume_or_restart(ckpt, model=model, optimizer=opt, scheduler=sched) if ckpt is not None else None
     if state is not None:  # (an unreadable checkpoint is discarded with a warning: training restarts)
+        if not isinstance(state["history"], list):
+            raise ValueError(f"{ckpt}: written by an older version of the library (another history format); "
+                             "delete it to start over")
         step, history = state["step"], state["history"]
         set_rng_state(state["rng"])
     stop = total if max_steps is None else min(total, max_steps)
@@ -406,14 +414,15 @@ def train_reward_model(
     model.train()
     bar = tqdm(total=total, initial=step, desc="reward model", disable=not progress)
     batches, batches_epoch = None, -1
-    pending: list[torch.Tensor] = []  # (loss, accuracy) per step, still on the device: read in one go (a read stalls a GPU)
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, accuracy]) still on the device: read in one go
 
     def flush() -> None:
         if pending:
-            for loss_v, acc_v in torch.stack(pending).tolist():
-                history["loss"].append(round(loss_v, 5))
-                history["accuracy"].append(round(acc_v, 5))
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+            values = torch.stack([v for _, v in pending]).tolist()
+            for (s, _), (loss_v, acc_v) in zip(pending, values):
+                history.append({"step": s, "loss": round(loss_v, 5), "accuracy": round(acc_v, 5),
+                                "epoch": math.ceil(s / per_epoch)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
             pending.clear()
 
     while step < stop:
@@ -431,22 +440,19 @@ def train_reward_model(
         opt.step()
         sched.step()
         step += 1
-        history["step"].append(step)
         with torch.no_grad():
-            pending.append(torch.stack([loss.detach(), _wins(rc, rr).mean()]))
+            pending.append((step, torch.stack([loss.detach(), _wins(rc, rr).mean()])))
         bar.update(1)
         if step % 25 == 0:
             flush()
-        if step % per_epoch == 0 or step == total:
+        if validation and (step % per_epoch == 0 or step == total):
             flush()
-            history["epoch"].append(math.ceil(step / per_epoch))
-            if validation:
-                ev = evaluate_preferences(model, tokenizer, validation)
-                model.train()
-                history["val_loss"].append(round(ev["loss"], 5))
-                history["val_accuracy"].append(round(ev["accuracy"], 5))
-                history["val_gold_accuracy"].append(round(ev.get("gold_accuracy", float("nan")), 5))
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_acc=f"{ev['accuracy']:.3f}")
+            ev = evaluate_preferences(model, tokenizer, validation)
+            model.train()
+            history[-1].update(val_loss=round(ev["loss"], 5), val_accuracy=round(ev["accuracy"], 5))
+            if "gold_accuracy" in ev:
+                history[-1]["val_gold_accuracy"] = round(ev["gold_accuracy"], 5)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_acc=f"{ev['accuracy']:.3f}")
         if ckpt is not None and (step % checkpoint_every == 0 or step == total):
             flush()
             save_checkpoint(
@@ -477,53 +483,64 @@ def normalize_reward_model(model, tokenizer, prompts: Sequence[str], responses: 
     }
 
 
-def reward_fn_from_model(
-    model, tokenizer, no_eos_score: float | None = None, normalize: bool = True, batch_size: int = 128
-):
+class ModelReward:
+    """A reward model as a reward function: ``(prompts, responses, terminated=None) -> FloatTensor (B,)`` (CPU).
+
+    What :func:`reward_fn_from_model` returns. It re-tokenizes the text (the reward
+    function's signature is text, so any scorer can stand in for it) and scores it with
+    :func:`reward_scores`. ``to(device)`` moves the model: the RL trainers call it, so a
+    reward model given on another device runs on the policy's.
+    """
+
+    def __init__(self, model, tokenizer, normalize: bool = True, batch_size: int = 128):
+        self.model, self.tokenizer, self.normalize, self.batch_size = model, tokenizer, normalize, batch_size
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], terminated=None) -> torch.Tensor:
+        term = None if terminated is None else torch.as_tensor(terminated, dtype=torch.bool).cpu()
+        return reward_scores(self.model, self.tokenizer, prompts, responses, term, self.batch_size, self.normalize)
+
+    def to(self, device) -> "ModelReward":
+        """Move the reward model to ``device``; returns self."""
+        self.model.to(device)
+        return self
+
+
+def reward_fn_from_model(model, tokenizer, normalize: bool = True, batch_size: int = 128) -> ModelReward:
     """Wrap a reward model as ``reward_fn(prompts, responses, terminated=None) -> FloatTensor (B,)`` (CPU).
 
     Scores are normalised (mean 0 / std 1 on reference-policy replies) unless
-    ``normalize=False``. ``no_eos_score``: if set, every reply with ``terminated`` False
-    gets this fixed score instead of the model's (the "EOS trick" of Huang et al.,
-    e.g. -1 or -3: a reply that never stops should not out-score one that does);
-    if None, such replies are scored by the model without an EOS token.
+    ``normalize=False``. A reply with ``terminated`` False is scored by the model without
+    an EOS token; a fixed score for such replies instead (the "EOS trick") is
+    :func:`rlhf_book.rewards.apply_missing_eos_score`, which the RL trainers apply from their
+    ``missing_eos_score`` setting.
     """
-
-    def reward_fn(prompts: Sequence[str], responses: Sequence[str], terminated=None) -> torch.Tensor:
-        term = None if terminated is None else torch.as_tensor(terminated, dtype=torch.bool).cpu()
-        scores = reward_scores(model, tokenizer, prompts, responses, term, batch_size, normalize)
-        if no_eos_score is not None and term is not None:
-            scores = torch.where(term, scores, torch.full_like(scores, float(no_eos_score)))
-        return scores
-
-    reward_fn.model, reward_fn.tokenizer, reward_fn.no_eos_score = model, tokenizer, no_eos_score
-    return reward_fn
+    return ModelReward(model, tokenizer, normalize, batch_size)
 
 
 # ------------------------------------------------------------------- build and cache
-def _reference_replies(lm, tokenizer, base: str, n: int, seed: int):
-    """``n`` replies of the reference policy (the base LM, temperature 1) on the RL train prompts."""
-    from .corpus import prompt_split
-
-    train, _ = prompt_split(0)
-    prompts = [train[i % len(train)]["prompt"] for i in range(n)]
+def _reference_replies(lm, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, seed: int):
+    """``n`` replies of ``lm`` (temperature 1) to ``prompts``, cycled: (prompts, replies, terminated)."""
+    prompts = [prompts[i % len(prompts)] for i in range(n)]
     gen = torch.Generator(device=_device(lm)).manual_seed(seed)
     texts, terms = [], []
     for i in range(0, n, 256):
-        roll = generate(
-            lm, tokenizer, prompts[i : i + 256], max_new_tokens=PREFERENCE_RECIPES[base].max_new_tokens, generator=gen
-        )
+        roll = generate(lm, tokenizer, prompts[i : i + 256], max_new_tokens=max_new_tokens, generator=gen)
         texts += roll.responses
         terms += roll.terminated.tolist()
     return prompts, texts, terms
 
 
-def build_reward_model(base: str, workdir: str | Path, device=None, progress: bool = True) -> dict:
-    """Preferences (cached) -> BT training (checkpointed, resumable) -> normalisation -> save_pretrained(workdir)."""
+def build_reward_model(base: str, workdir: str | Path, device=None, progress: bool = True, prompts=None) -> dict:
+    """Preferences (cached) -> BT training (checkpointed, resumable) -> normalisation -> save_pretrained(workdir).
+
+    ``prompts`` (strings or ``{"prompt": ...}`` records; None: the book's RL train prompts):
+    the prompts of the preference data (:func:`rlhf_book.preferences.load_preference_data`)
+    and of the reference replies the score is normalised on.
+    """
     workdir = Path(workdir)
     recipe = RM_RECIPES[base]
     device = torch.device(device) if device is not None else get_device()
-    data = load_preference_data(base, progress=progress)
+    data = load_preference_data(base, progress=progress, prompts=prompts)
     lm, tokenizer = load_base_model(base, device=device, progress=progress)
     set_seed(recipe.seed)
     rm = reward_model_from_lm(lm)
@@ -544,16 +561,19 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
         progress=progress,
     )
     train_seconds = time.time() - t0
+    ref_prompts = [p["prompt"] for p in prompt_split(0)[0]] if prompts is None else prompt_texts(prompts)
     norm = normalize_reward_model(
-        rm, tokenizer, *_reference_replies(lm, tokenizer, base, recipe.n_reference, recipe.seed + 1)
+        rm, tokenizer, *_reference_replies(lm, tokenizer, ref_prompts, recipe.n_reference,
+                                           PREFERENCE_RECIPES[base].max_new_tokens, recipe.seed + 1)
     )
     test = evaluate_preferences(rm, tokenizer, data["test"])
+    on_whose = "" if prompts is None else " on a reader's prompts"
     save_model(
         rm, tokenizer, workdir, title=f"rlhf_book reward model, base preset {base!r}", padding_side="right",
         loader="AutoModelForSequenceClassification",
         description=(
             "A Bradley-Terry reward model: the base LM's trunk with a scalar score head, trained on the book's "
-            "simulated preference pairs.\n\n"
+            f"simulated preference pairs{on_whose}.\n\n"
             "- `logits[:, 0]` is the raw score, read at the last non-pad token; pad on the right (the saved "
             "tokenizer does), since a plain GPT-2 forward does not shift positions for left padding.\n"
             f"- normalised score = `config.reward_gain * raw + config.reward_bias` (gain {norm['gain']:.6g}, "
@@ -580,20 +600,33 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
     return {k: v for k, v in meta.items() if k != "history"}
 
 
-def artifact_name(base: str) -> str:
-    """The cache key of a reward model: its recipe and version, and the keys of its preference data and base LM."""
+def artifact_name(base: str, prompts=None) -> str:
+    """Cache key of a reward model: recipe, version, the keys of its preference data (prompts included) and base LM."""
     return artifact_key(
         "rm", base, {"recipe": asdict(RM_RECIPES[base]), "rm_version": RM_VERSION, "format": SAVE_FORMAT},
-        upstream=[preference_data_key(base), base_artifact_name(base, PRESETS[base])],
+        upstream=[preference_data_key(base, prompts), base_artifact_name(base, PRESETS[base])],
     )
 
 
-def reward_model_path(base: str = "cpu") -> Path:
-    """Where the cached reward model for base preset ``base`` lives (it may not be built yet)."""
-    return cache_dir() / artifact_name(base)
+def reward_model_path(base: str = "cpu", prompts=None) -> Path:
+    """Where the cached reward model for base preset ``base`` (and ``prompts``) lives (it may not be built yet)."""
+    return cache_dir() / artifact_name(base, prompts)
 
 
-def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True):
+def _cached_reward_model(base: str, device, progress: bool, prompts) -> Path:
+    """The cached reward model's directory for preset ``base`` and ``prompts``, built first if needed."""
+    if base not in RM_RECIPES:
+        raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
+    if prompts is not None:
+        split_prompts(prompts, PREFERENCE_RECIPES[base].prompt_fractions)  # bad prompts fail before anything slow
+
+    def build(workdir: Path) -> dict:
+        return build_reward_model(base, workdir, device, progress, prompts)
+
+    return cached_artifact(artifact_name(base, prompts), build)
+
+
+def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True, prompts=None):
     """Return ``(reward_model, tokenizer)`` in eval mode; the model's config holds the score normalisation.
 
     The config fields ``reward_gain`` and ``reward_bias`` are the normalisation
@@ -604,12 +637,16 @@ def load_reward_model(base: str = "cpu", device: torch.device | str | None = Non
     ``base``: a base preset (``"tiny"``, ``"cpu"``, ``"gpu"``): the reward model trained on that
     base LM's preference data, built and cached on first use (the cpu one in about
     1-2 minutes on two cores, preference data included); or a directory saved with ``save_pretrained``.
+    ``prompts`` (with a preset; strings or ``{"prompt": ...}`` records): build the preset's
+    pipeline on these prompts instead of the book's (cached under its own key).
     Stable API: later chapters call ``load_reward_model("cpu")`` and
     :func:`reward_fn_from_model`.
     """
     device = torch.device(device) if device is not None else get_device()
     if base in RM_RECIPES:
-        path = cached_artifact(artifact_name(base), lambda d: build_reward_model(base, d, device, progress))
+        path = _cached_reward_model(base, device, progress, prompts)
+    elif prompts is not None:
+        raise ValueError(f"prompts applies only to a preset ({', '.join(RM_RECIPES)}), not to the saved model {base!r}")
     elif os.path.isdir(str(base)):
         path = Path(base)
     else:
@@ -634,9 +671,6 @@ def _saved_config(path):
         raise ValueError(f"{path} is not a saved model directory ({e})") from None
 
 
-def reward_model_info(base: str = "cpu", progress: bool = True) -> dict:
+def reward_model_info(base: str = "cpu", progress: bool = True, prompts=None) -> dict:
     """Metadata of the cached reward model (recipe, training history, normalisation, test metrics); builds if needed."""
-    if base not in RM_RECIPES:
-        raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
-    path = cached_artifact(artifact_name(base), lambda d: build_reward_model(base, d, None, progress))
-    return json.loads((path / "metadata.json").read_text())
+    return json.loads((_cached_reward_model(base, None, progress, prompts) / "metadata.json").read_text())

@@ -15,10 +15,23 @@ from __future__ import annotations
 
 import torch
 
+from .advantage import last_token_index
 from .kl import kl_k1
-from .reward_model import last_token_index  # the column a reward model reads its score from
 
-__all__ = ["per_token_rewards"]
+__all__ = ["per_token_rewards", "apply_missing_eos_score"]
+
+
+def apply_missing_eos_score(scores: torch.Tensor, terminated: torch.Tensor, missing_eos_score: float | None) -> torch.Tensor:
+    """Scores with every response that never produced EOS set to ``missing_eos_score``; (B,), (B,) -> (B,).
+
+    The "EOS trick" of Huang et al. (2024): a reward model has rarely seen cut-off
+    replies, so it may score them well; a fixed low score teaches the policy to stop.
+    ``None`` keeps the scores as they are.
+    """
+    if missing_eos_score is None:
+        return scores
+    term = torch.as_tensor(terminated, dtype=torch.bool, device=scores.device)
+    return torch.where(term, scores, torch.full_like(scores, float(missing_eos_score)))
 
 
 def per_token_rewards(

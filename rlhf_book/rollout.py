@@ -19,13 +19,14 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .advantage import masked_sum
 from .runtime import intra_op_threads
-from .tokenizer import format_prompt
+from .tokenizer import format_prompt, prompt_add_special_tokens
 
 __all__ = [
     "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
@@ -103,17 +104,19 @@ class Rollout:
     prompt_ids (B, P) left-padded; prompt_mask (B, P); response_ids (B, R), PAD after EOS;
     response_mask (B, R) is 1 on generated tokens including the EOS; logprobs (B, R) are
     log pi(a_t | s_t) under the sampling temperature, 0 where the mask is 0;
-    terminated (B,) says whether the response ended with EOS.
+    terminated (B,) says whether the response ended with EOS. Only the four id/mask
+    tensors are needed to re-score a batch, so ``Rollout(prompt_ids, prompt_mask,
+    response_ids, response_mask)`` is a valid (teacher-forcing) batch too.
     """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    terminated: torch.Tensor
-    prompts: list[str]
-    responses: list[str]
+    logprobs: torch.Tensor | None = None
+    terminated: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    responses: list[str] | None = None
     temperature: float = 1.0
 
     @property
@@ -131,6 +134,18 @@ class Rollout:
         """Number of generated tokens (EOS included) per response, (B,)."""
         return self.response_mask.sum(-1)
 
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "Rollout":
+        """The rows ``rows`` (row numbers: a list or a LongTensor) as a Rollout of their own; columns are kept."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Rollout(
+            self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
+            pick(self.logprobs), pick(self.terminated),
+            None if self.prompts is None else [self.prompts[i] for i in rows],
+            None if self.responses is None else [self.responses[i] for i in rows], self.temperature,
+        )
+
     def __len__(self) -> int:
         return self.prompt_ids.size(0)
 
@@ -145,7 +160,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device=None, max_length: i
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer([format_prompt(p) for p in prompts], padding=True, return_tensors="pt")
+        enc = tokenizer([format_prompt(p, tokenizer) for p in prompts], padding=True, return_tensors="pt",
+                        add_special_tokens=prompt_add_special_tokens(tokenizer))
     finally:
         tokenizer.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -272,17 +288,23 @@ def _check_sampling(max_new_tokens, temperature) -> None:
 
 
 def prompt_texts(prompts: Sequence) -> list[str]:
-    """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives)."""
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list, got one string: wrap a single prompt in a list, [prompt]")
+    """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives).
+
+    ValueError naming ``prompts[i]`` for a record without ``prompt`` or an empty or non-string prompt.
+    """
+    if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of strings or {{'prompt': ...}} records, got {type(prompts).__name__}"
+                         + (": wrap a single prompt in a list, [prompt]" if isinstance(prompts, str) else ""))
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
     out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, dict):
+        if isinstance(p, Mapping):
             if "prompt" not in p:
-                raise ValueError(f"prompt record {i} has no 'prompt' field: {p!r}")
+                raise ValueError(f"prompts[{i}]: missing field 'prompt' in {dict(p)!r}")
             p = p["prompt"]
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {i} must be a string or a record with 'prompt', got {type(p).__name__}")
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] must be a non-empty string (or a record with one in 'prompt'), got {p!r}")
         out.append(p)
     return out
 
@@ -307,7 +329,7 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 
 def sequence_logprob(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log pi(y | x) = sum_t log pi(a_t | s_t) over real response tokens; (B, R) -> (B,)."""
-    return torch.where(mask.bool(), token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
+    return masked_sum(token_logprobs, mask, dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -315,23 +337,14 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def response_logprobs(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Teacher-forced log pi(a_t | s_t) of each response token, (B, R); 0 where response_mask is 0.
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher-forced log pi(a_t | s_t) of each response token of ``rollout``, (B, R); 0 where response_mask is 0.
 
     The logits at column P - 1 + t (last prompt token, then each response token)
     predict response token t: that is the ``[:, P - 1 : -1]`` slice, i.e. the last
     R + 1 columns but the very last (only those go through the LM head).
     """
-    R = response_ids.size(1)
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    mask = torch.cat([prompt_mask, response_mask], 1)
-    logits = forward_logits(model, ids, mask, logits_to_keep=R + 1)[:, :-1]
-    lp = token_logprobs(logits, response_ids, temperature)
-    return torch.where(response_mask.bool(), lp, torch.zeros_like(lp))
+    R = rollout.response_ids.size(1)
+    logits = forward_logits(model, rollout.input_ids, rollout.attention_mask, logits_to_keep=R + 1)[:, :-1]
+    lp = token_logprobs(logits, rollout.response_ids, temperature)
+    return torch.where(rollout.response_mask.bool(), lp, torch.zeros_like(lp))

@@ -1,23 +1,105 @@
-"""A byte-level BPE tokenizer trained on the world's corpus, with distinct PAD and EOS."""
+"""A byte-level BPE tokenizer trained on the world's corpus, with distinct PAD and EOS; the prompt format.
+
+The prompt format is one replaceable function. Every part of the library that turns a
+prompt into the text a model conditions on calls :func:`format_prompt` (base-LM training
+text, sampling, reward-model scoring, the TRL bridge), so a model is always trained,
+sampled and scored on the same text:
+
+* the default, :func:`default_prompt_format`: a tokenizer with a chat template
+  (``tokenizer.chat_template``) gets it, as one user turn with the generation prompt
+  (``apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+  add_generation_prompt=True)``); any other tokenizer (the book's) gets ``prompt + SEP``,
+  ``SEP = "\\n"``;
+* ``set_prompt_format(fn)`` replaces it for the whole process, ``fn(prompt, tokenizer) -> str``
+  (``tokenizer`` may be None, as when a tokenizer is being trained); ``set_prompt_format(None)``
+  restores the default. It returns the format it replaced, so a caller can put it back.
+
+A prompt and its reply are tokenized apart and concatenated (:func:`encode_prompt_response`):
+the prompt text with the tokenizer's special tokens (a BOS, if it adds one) unless a chat
+template wrote them into the text (:func:`prompt_add_special_tokens`), the reply without,
+then EOS for a reply that ended with one.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["PAD", "EOS", "SEP", "train_tokenizer", "format_prompt", "save_tokenizer"]
+__all__ = [
+    "PAD", "EOS", "SEP", "train_tokenizer", "format_prompt", "default_prompt_format", "set_prompt_format",
+    "prompt_format_tag", "prompt_add_special_tokens", "encode_prompt_response", "save_tokenizer",
+]
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
-SEP = "\n"  # ends every prompt; the response starts right after it
+SEP = "\n"  # ends every prompt under the default format; the response starts right after it
+
+PromptFormat = Callable[[str, object], str]
+_custom_format: PromptFormat | None = None  # set by set_prompt_format; None: the default
+_PROBE = "<prompt>"  # what prompt_format_tag formats to tell one format from another
 
 
-def format_prompt(prompt: str) -> str:
-    """The text the policy conditions on: the prompt followed by the separator."""
+def default_prompt_format(prompt: str, tokenizer=None) -> str:
+    """The tokenizer's chat template (one user turn, generation prompt) if it has one, else ``prompt + SEP``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt + SEP
+
+
+def format_prompt(prompt: str, tokenizer=None) -> str:
+    """The text the policy conditions on for ``prompt``: the format in effect (see the module docstring)."""
+    fn = _custom_format or default_prompt_format
+    text = fn(prompt, tokenizer)
+    if not isinstance(text, str):
+        raise ValueError(f"the prompt format {_name(fn)} must return a string, got {type(text).__name__}")
+    return text
+
+
+def set_prompt_format(fn: PromptFormat | None) -> PromptFormat | None:
+    """Make ``fn(prompt, tokenizer) -> str`` the process's prompt format (None: the default); returns the old one."""
+    global _custom_format
+    if fn is not None and not callable(fn):
+        raise ValueError(f"set_prompt_format: fn must be a function (prompt, tokenizer) -> str or None, got {fn!r}")
+    previous, _custom_format = _custom_format, fn
+    return previous
+
+
+def prompt_format_tag() -> str | None:
+    """None under the default format, else a string naming the format in effect (for cache keys)."""
+    if _custom_format is None:
+        return None
+    try:
+        return format_prompt(_PROBE)
+    except Exception:  # a format that needs a tokenizer: name it instead
+        return _name(_custom_format)
+
+
+def _name(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def prompt_add_special_tokens(tokenizer) -> bool:
+    """Whether a formatted prompt is tokenized with the tokenizer's special tokens: not when a chat template wrote them."""
+    return getattr(tokenizer, "chat_template", None) is None
+
+
+def encode_prompt_response(tokenizer, prompts: Sequence[str], responses: Sequence[str], terminated=None) -> list:
+    """Ids of ``format_prompt(prompt, tokenizer) + response`` (+ EOS where ``terminated``, default all), per pair."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        return []
+    terminated = [True] * len(prompts) if terminated is None else list(terminated)
+    prompt_ids = tokenizer([format_prompt(p, tokenizer) for p in prompts],
+                           add_special_tokens=prompt_add_special_tokens(tokenizer))["input_ids"]
+    reply_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    return [p + r + (eos if t else []) for p, r, t in zip(prompt_ids, reply_ids, terminated)]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

@@ -1,11 +1,24 @@
-"""The loop every on-policy trainer of the book shares (A2C, PPO).
+"""The on-policy trainer every RL algorithm of the book shares (A2C, PPO, ...).
 
-One iteration = draw a batch of distinct prompts, ``step`` on them (rollout, rewards,
-advantages, updates), sometimes ``evaluate`` on held-out prompts, append the stats to
-``history``, checkpoint. A subclass supplies ``step``, ``evaluate``, ``state_dict`` and
-``load_state_dict``; everything here is the bookkeeping that makes a run resumable
-bit for bit (at the same CPU thread count: sums over 1 and 2 threads differ at ~1e-7),
-refuses to mix two configs in one run, streams metrics to disk and exports the policy.
+One iteration (:meth:`OnPolicyTrainer.step`) is four lines::
+
+    rollout    = self.sample(prompts)             # pi_theta answers each prompt (KV cache)
+    experience = self.make_experience(rollout)    # scores, log pi_old / log pi_ref, V, rewards, advantages
+    stats      = self.update(experience)          # the algorithm: A2C, PPO, ... (the only part that differs)
+    stats      = self.experience_stats(experience) | stats
+
+:func:`rlhf_book.experience.make_experience` is the experience step; an algorithm is a
+subclass that implements :meth:`update` and adds its own fields to
+:class:`OnPolicyConfig`. Everything else lives here, once: the critic choice, one device
+for policy, reference, critic and a model-based reward, one optimizer (actor and critic
+groups), the KL controller, the evaluation protocol, the statistics, and the bookkeeping
+that makes a run resumable bit for bit (at the same CPU thread count: sums over 1 and 2
+threads differ at ~1e-7), refuses to mix two configs in one run, streams metrics to disk
+and exports the policy.
+
+A history is a list of per-iteration dicts with a ``step`` key (the iteration number,
+0 for the evaluation before training); held-out ``eval_*`` keys appear only on the
+iterations where an evaluation ran (the same schema as base-LM and reward-model training).
 """
 
 from __future__ import annotations
@@ -14,165 +27,358 @@ import json
 import math
 import os
 import shutil
-import types
-import typing
+import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from .advantage import masked_mean
 from .checkpoint import fsync_replace, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, check_config, check_types, config_changes, config_from_dict, option
+from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
+from .experience import KL_PENALTIES, Experience, _timed, make_experience
 from .export import save_model
-from .rollout import Rollout, generate, prompt_texts, response_logprobs
-from .runtime import PRECISIONS, autocast, enable_tf32, resolve_precision
+from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
+from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
+from .runtime import PRECISIONS, adam, autocast, enable_tf32, resolve_precision
 
-__all__ = ["OnPolicyTrainer", "SpeedConfig", "check_config", "check_types", "config_from_dict", "config_changes",
-           "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics", "write_metrics", "read_metrics"]
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _allowed(annotation) -> tuple[tuple[type, ...], bool]:
-    """(the plain types a field declared as ``annotation`` takes, whether None is allowed)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = typing.get_args(annotation)
-        return tuple(a for a in args if a is not type(None)), type(None) in args
-    return (annotation,), False
-
-
-def _fits(value, kinds: tuple[type, ...]) -> bool:
-    for kind in kinds:
-        if kind is bool and isinstance(value, bool):
-            return True
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if kind is str and isinstance(value, str):
-            return True
-        if kind not in _TYPE_NAMES and isinstance(kind, type) and isinstance(value, kind):
-            return True
-    return False
-
-
-def check_types(cfg) -> None:
-    """Raise ValueError naming the first field of dataclass ``cfg`` whose value does not fit its declared type.
-
-    The declarations are the rule: ``bool`` takes only True/False (so ``"no"`` is not
-    silently truthy), ``int`` only integers (not 8.5, "8" or True), ``float`` any finite
-    real number (not inf, NaN or "1e-4"), ``X | None`` also None.
-    """
-    name = type(cfg).__name__
-    hints = typing.get_type_hints(type(cfg))
-    for f in fields(cfg):
-        kinds, none_ok = _allowed(hints[f.name])
-        value = getattr(cfg, f.name)
-        if value is None:
-            if not none_ok:
-                raise ValueError(f"{name}.{f.name} must not be None (expected {_expected(kinds)})")
-            continue
-        if not _fits(value, kinds):
-            raise ValueError(f"{name}.{f.name} must be {_expected(kinds, none_ok)}, got {value!r} ({type(value).__name__})")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{name}.{f.name} must be a finite number, got {value!r}")
-
-
-def _expected(kinds, none_ok: bool = False) -> str:
-    words = [_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds]
-    return " or ".join(words + (["None"] if none_ok else []))
-
-
-def check_config(cfg, positive=(), positive_or_none=(), nonnegative=(), unit_interval=(), types: bool = True) -> None:
-    """Raise ValueError naming the first field of dataclass ``cfg`` of the wrong type or outside its allowed range.
-
-    ``types=False`` skips :func:`check_types` (for a second range check on a config whose types were checked).
-    """
-    if types:
-        check_types(cfg)
-    name = type(cfg).__name__
-    for f in positive:
-        if not getattr(cfg, f) > 0:
-            raise ValueError(f"{name}.{f} must be > 0, got {getattr(cfg, f)!r}")
-    for f in positive_or_none:
-        v = getattr(cfg, f)
-        if v is not None and not v > 0:
-            raise ValueError(f"{name}.{f} must be > 0 or None, got {v!r}")
-    for f in nonnegative:
-        if getattr(cfg, f) < 0:
-            raise ValueError(f"{name}.{f} must be >= 0, got {getattr(cfg, f)!r}")
-    for f in unit_interval:
-        if not 0.0 <= getattr(cfg, f) <= 1.0:
-            raise ValueError(f"{name}.{f} must be in [0, 1], got {getattr(cfg, f)!r}")
+__all__ = ["OnPolicyTrainer", "OnPolicyConfig", "disable_dropout", "check_config", "check_types", "config_from_dict",
+           "config_changes", "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics", "write_metrics", "read_metrics",
+           "save_history"]
 
 
 @dataclass
-class SpeedConfig:
-    """The speed switches every on-policy trainer's config has (each measured in benchmarks/README.md)."""
+class OnPolicyConfig(Config):
+    """The fields every on-policy trainer has; an algorithm's config subclasses it and adds its own."""
 
-    precision: str = "auto"  # "auto": bf16 autocast on a GPU that supports it, else fp32; or "fp32" / "bf16"
-    tf32: bool = True  # on CUDA, let fp32 matmuls use TF32 tensor cores
-    compile: bool = False  # torch.compile the teacher-forced forwards (worth it on GPUs; a CPU needs a C++ compiler)
-    generation_threads: int | None = 1  # CPU threads while sampling token by token (None: the process setting)
+    # --- rollouts
+    batch_size: int = option(32, "prompts (= responses) per iteration", ">= 1")
+    max_new_tokens: int = option(40, "responses without EOS by then are cut off (terminated = False)", ">= 1")
+    temperature: float = option(1.0, "sampling temperature T; policy and reference log-probs both use softmax(logits / T) "
+                                     "(N+ detail: else the KL compares a sharpened policy with an unsharpened reference)", "> 0")
+    # --- the critic and the optimizer
+    critic: str = option("head", "'head': a value head on the policy's trunk; 'separate': a ValueModel copy of the "
+                                 "policy's trunk (a critic module given to the trainer replaces either)",
+                         choices=("head", "separate"))
+    lr: float = option(1e-4, "Adam learning rate of the policy", "> 0")
+    critic_lr: float | None = option(None, "Adam learning rate of the critic (value head or separate critic); None: lr", "> 0")
+    adam_eps: float = option(1e-5, "Adam epsilon (N detail: 1e-5 as in TF; PyTorch's 1e-8 makes the first updates "
+                                   "aggressive)", "> 0")
+    detach_value_head: bool = option(True, "the value head reads detached features, so the value loss cannot move "
+                                           "the policy's trunk")
+    vf_coef: float = option(0.1, "weight of the value loss", ">= 0")
+    entropy_coef: float = option(0.0, "entropy bonus weight (0: off; RLHF anchors the policy with the KL instead)", ">= 0")
+    max_grad_norm: float | None = option(1.0, "gradient-norm clip (None: no clipping; the norm is reported either way)", "> 0")
+    disable_dropout: bool = option(True, "dropout off in policy, reference and critic (else ratios and KL are noisy "
+                                         "from the start)")
+    # --- rewards, returns and advantages
+    gamma: float = option(1.0, "discount (1: the score at the end counts fully for every token)", "[0, 1]")
+    lam: float = option(0.95, "GAE lambda (0: one-step TD advantage, 1: Monte-Carlo return minus V)", "[0, 1]")
+    missing_eos_score: float | None = option(-1.0, "score that replaces r(x, y) when no EOS was produced (the EOS "
+                                                   "trick; None: keep r)")
+    whiten_rewards: bool = option(False, "scale per-token rewards to unit variance per batch (mean not shifted)")
+    whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 per batch")
+    recompute_old_logprobs: bool = option(False, "re-forward for log pi_old instead of using the sampler's (equal in "
+                                                 "fp32; always on under bf16, where they round differently)")
+    # --- the KL to the reference
+    kl_coef: float = option(0.05, "beta (its initial value when adaptive)", ">= 0")
+    kl_target: float | None = option(None, "sequence KL target (nats) of the adaptive controller (None: fixed beta)", "> 0")
+    kl_horizon: float = option(10_000.0, "adaptive controller horizon (responses)", "> 0")
+    kl_penalty: str = option("reward", "'reward': -beta * k1 per token in the reward (InstructGPT); 'loss': "
+                                       "+beta * mean k3 in the loss (GRPO)", choices=KL_PENALTIES)
+    # --- speed (each measured in benchmarks/README.md)
+    precision: str = option("auto", "'auto': bf16 autocast on a GPU that supports it, else fp32; or 'fp32' / 'bf16'",
+                            choices=PRECISIONS)
+    tf32: bool = option(True, "on CUDA, let fp32 matmuls use TF32 tensor cores")
+    compile: bool = option(False, "torch.compile the teacher-forced forwards (a CPU needs a C++ compiler)")
+    generation_threads: int | None = option(1, "CPU threads while sampling token by token (None: the process setting)",
+                                            ">= 1")
+    # --- bookkeeping
+    seed: int = option(0, "seeds prompt order, sampling and minibatch shuffling")
+    eval_every: int = option(10, "iterations between held-out evaluations in train() (0: only first and last)", ">= 0")
+    eval_samples: int = option(3, "held-out responses (with their scores) kept in the history at each evaluation", ">= 0")
+    checkpoint_every: int = option(10, "iterations between checkpoints in train() (when checkpoint_dir is given)", ">= 0")
+    progress: bool = option(True, "tqdm bar in train()")
 
-    def check_speed(self) -> None:
-        """Raise ValueError naming a speed field outside its allowed values (after the subclass's check_config)."""
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"{type(self).__name__}.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        check_config(self, positive_or_none=("generation_threads",), types=False)
+    def check(self) -> None:
+        if self.kl_target is not None and self.kl_coef <= 0:
+            raise ValueError(f"{type(self).__name__}.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
 
 
 # Fields that may change between a run and its resumption: they change what is shown or saved, not what is learnt.
 RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "eval_every"})
 
 
-def config_changes(saved: dict, current: dict, allowed=RESUMABLE_FIELDS) -> list[str]:
-    """``"field: old -> new"`` for every field (outside ``allowed``) whose value differs between two config dicts."""
-    keys = sorted((set(saved) | set(current)) - set(allowed))
-    missing = object()
-    return [f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}".replace(repr(missing), "(absent)")
-            for k in keys if saved.get(k, missing) != current.get(k, missing)]
-
-
-def config_from_dict(cls, d: dict):
-    """``cls(**d)`` for a config dataclass, naming any unknown key (e.g. a typo in a config file)."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    return cls(**d)
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set p = 0 in every ``nn.Dropout`` of ``model`` (in place); returns it."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    return model
 
 
 class OnPolicyTrainer:
-    """Base class. Subclasses set ``config`` (a dataclass with batch_size, eval_every,
-    checkpoint_every, progress, max_new_tokens, temperature, seed), ``model`` (what is trained),
-    ``lm`` (the causal LM that samples), ``ref``, ``tokenizer``, ``critic`` (or None),
-    ``generator``, ``device``, ``iteration`` and ``history``, and implement ``step``,
-    ``evaluate`` and ``stateful`` (optimizers, controllers: whatever else a checkpoint needs).
-    The config is a :class:`SpeedConfig`; subclasses call :meth:`setup_speed` once."""
+    """Sample -> :func:`~rlhf_book.experience.make_experience` -> ``update`` on a causal LM, against ``reward_fn``.
 
-    name = "RL"  # shown on the progress bar
+    ``policy``: a causal LM (trained in place) or a :class:`~rlhf_book.critic.PolicyWithValueHead`;
+    ``ref_model``: a separate frozen copy of it (pi_ref); ``reward_fn(prompts, responses,
+    terminated) -> (B,)``: what is optimised (a learned reward model, e.g.
+    :func:`rlhf_book.reward_model.reward_fn_from_model`, or any function of the text);
+    ``critic``: a module to use as the critic (e.g. ``ValueModel.from_reward_model(rm)``),
+    else ``config.critic`` decides; ``gold_fn`` (same signature, or None): a reward that
+    is only logged (``gold_reward``), never learned from.
+
+    One device rule: everything runs on the policy's device; the reference, the critic
+    and a reward function with a ``to`` method (a model-based reward) are moved there.
+    After each :meth:`step`, ``experience`` is that iteration's :class:`~rlhf_book.experience.Experience`
+    (to inspect what the update saw) and ``timings`` the seconds of its phases (``generate``;
+    ``experience``, of which ``reward`` in the reward function and ``forwards`` in the
+    reference and critic; ``update``), also logged as ``*_seconds``: benchmarks read them
+    instead of patching the trainer. On CUDA each phase boundary synchronises the device.
+    """
+
+    name = "RL"  # shown on the progress bar and in exported model cards
     checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
+    config_class = OnPolicyConfig
 
-    def step(self, prompts: Sequence[str]) -> dict:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ speed switches
-    def setup_speed(self) -> None:
-        """Resolve ``config.precision`` for this device, switch on TF32 on CUDA (``config.tf32``)."""
-        cfg = self.config
+    def __init__(
+        self,
+        policy: nn.Module,
+        ref_model: nn.Module,
+        tokenizer,
+        reward_fn: Callable,
+        config: OnPolicyConfig | None = None,
+        critic: nn.Module | None = None,
+        gold_fn: Callable | None = None,
+    ):
+        cfg = self.config = config if config is not None else self.config_class()
+        if not isinstance(cfg, self.config_class):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        if not callable(reward_fn):
+            raise ValueError(f"reward_fn must be a function (prompts, responses, terminated) -> (B,) scores, got {reward_fn!r}")
+        if gold_fn is not None and not callable(gold_fn):
+            raise ValueError(f"gold_fn must be None or a function like reward_fn, got {gold_fn!r}")
+        lm = policy.lm if isinstance(policy, PolicyWithValueHead) else policy
+        if ref_model is policy or ref_model is lm:
+            raise ValueError("ref_model must be a separate frozen copy of the policy, not the policy itself")
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("tokenizer needs a PAD token distinct from EOS (else EOS is masked out and never learned)")
+        # the critic: a module given, the policy's own value head, a new value head, or a separate copy of the trunk
+        if critic is not None:
+            model = lm
+        elif isinstance(policy, PolicyWithValueHead):
+            model = policy
+        elif cfg.critic == "head":
+            model = PolicyWithValueHead(lm, detach_value_head=cfg.detach_value_head)
+        else:
+            model, critic = lm, ValueModel.from_causal_lm(lm)
+        if isinstance(model, PolicyWithValueHead):
+            model.detach_value_head = cfg.detach_value_head
+        self.lm, self.model, self.critic, self.tokenizer = lm, model, critic, tokenizer
+        # one device: the policy's
+        self.device = next(lm.parameters()).device
+        self.model.to(self.device)
+        self.ref = ref_model.to(self.device).eval().requires_grad_(False)
+        if self.critic is not None:
+            self.critic.to(self.device)
+        if callable(getattr(reward_fn, "to", None)):
+            reward_fn.to(self.device)
+        self.reward_fn, self.gold_fn = reward_fn, gold_fn
+        if cfg.disable_dropout:
+            for m in (self.model, self.ref, self.critic):
+                if m is not None:
+                    disable_dropout(m)
+        # one optimizer: the actor's parameters and the critic's, each group with its learning rate
+        critic_module = self.critic if self.critic is not None else self.model.value_head
+        self.actor_params = [p for p in lm.parameters() if p.requires_grad]
+        self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
+        critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
+        self.optimizer = adam([{"params": self.actor_params, "lr": cfg.lr}, {"params": self.critic_params, "lr": critic_lr}],
+                              lr=cfg.lr, eps=cfg.adam_eps)
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.tf32:
             enable_tf32(self.device)
-        self._compiled: dict[int, torch.nn.Module] = {}
+        self._compiled: dict[int, nn.Module] = {}
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.experience: Experience | None = None
+        self.timings: dict[str, float] = {}
 
+    # ------------------------------------------------------------------ one iteration
+    def step(self, prompts: Sequence) -> dict:
+        """One iteration on ``prompts`` (strings or records): sample, make the experience, update; returns its stats."""
+        t0, timings = time.perf_counter(), {}
+        with _timed(timings, "generate", self.device):
+            rollout = self.sample(prompt_texts(prompts))
+        with _timed(timings, "experience", self.device):
+            exp = self.make_experience(rollout, timings)
+        with _timed(timings, "update", self.device):
+            update_stats = self.update(exp)
+        stats = {"step": self.iteration + 1, **self.experience_stats(exp), **update_stats}
+        self.kl_ctl.update(stats["kl"], len(exp))
+        stats["next_beta"] = self.kl_ctl.value
+        self.experience, self.timings = exp, timings
+        stats.update({f"{k}_seconds": v for k, v in timings.items()}, step_seconds=time.perf_counter() - t0)
+        self.iteration += 1
+        return stats
+
+    def sample(self, texts: Sequence[str], generator: torch.Generator | None = None) -> Rollout:
+        """One response per prompt from the current policy, at ``config.temperature``."""
+        cfg = self.config
+        with self.autocast():
+            return generate(self.lm, self.tokenizer, list(texts), cfg.max_new_tokens, cfg.temperature,
+                            generator=self.generator if generator is None else generator, threads=cfg.generation_threads)
+
+    def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
+        """:func:`rlhf_book.experience.make_experience` with this trainer's models and config (eval mode, no grad)."""
+        cfg = self.config
+        self.train_mode(False)
+        critic = self.critic if self.critic is not None else self.model
+        recompute = cfg.recompute_old_logprobs or self.precision == "bf16"
+        with self.autocast():  # a reward model's forward runs in bf16 too
+            return make_experience(
+                rollout, self.reward_fn, self.compiled(self.ref), self.compiled(critic), kl_coef=self.kl_ctl.value,
+                kl_penalty=cfg.kl_penalty, gamma=cfg.gamma, lam=cfg.lam, missing_eos_score=cfg.missing_eos_score,
+                whiten_rewards=cfg.whiten_rewards, whiten_advantages=cfg.whiten_advantages,
+                policy=self.compiled(self.lm) if recompute else None, gold_fn=self.gold_fn, timings=timings,
+            )
+
+    def update(self, experience: Experience) -> dict:
+        """The algorithm: learn from one experience batch; returns its statistics (floats). Subclasses implement it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ pieces an update uses
+    def policy_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi_theta(a_t | s_t), V(s_t), entropy) of ``rollout``'s tokens, (B, R) each, with grad.
+
+        One teacher-forced forward of the policy (which also gives V with a value head),
+        plus one of the separate critic if there is one.
+        """
+        cfg = self.config
+        with self.autocast():
+            logprobs, values, entropy = forward_logprobs_and_values(
+                self.compiled(self.model), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+            if self.critic is not None:
+                values = response_values(self.compiled(self.critic), rollout)
+        return logprobs, values.float(), entropy
+
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        """V(s_t) of ``rollout``'s tokens under the current critic, (B, R), with grad."""
+        with self.autocast():
+            return response_values(self.compiled(self.critic if self.critic is not None else self.model), rollout).float()
+
+    def kl_penalty_loss(self, logprobs: torch.Tensor, experience: Experience) -> torch.Tensor | float:
+        """beta * mean k3 KL(pi_theta || pi_ref) when the KL goes in the loss (``kl_penalty="loss"``), else 0."""
+        if experience.kl_penalty != "loss" or experience.kl_coef <= 0:
+            return 0.0
+        return experience.kl_coef * kl_loss(logprobs, experience.ref_logprobs, experience.mask)
+
+    def gradient_step(self, loss: torch.Tensor, clip_groups: Sequence[Sequence[torch.Tensor]]) -> list[float | torch.Tensor]:
+        """Backward ``loss``, clip each parameter group's gradient norm, one optimizer step; returns the norms (0-d tensors).
+
+        Parameters without a gradient (e.g. the critic when the loss has no value term) are not changed.
+        """
+        limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norms = [torch.nn.utils.clip_grad_norm_(list(g), limit) for g in clip_groups]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def train_mode(self, on: bool) -> None:
+        """Train (dropout as configured) or eval mode for the policy and the critic."""
+        self.model.train(on)
+        if self.critic is not None:
+            self.critic.train(on)
+
+    # ------------------------------------------------------------------ statistics and evaluation
+    @torch.no_grad()
+    def experience_stats(self, exp: Experience) -> dict:
+        """The statistics of an experience batch every algorithm logs (floats); the keys are listed in the README."""
+        mask = exp.mask
+        seq_k1 = sequence_kl(exp.kl, mask)
+        seq_k3 = sequence_kl(kl_k3(exp.old_logprobs, exp.ref_logprobs), mask)
+        beta = exp.kl_coef
+        stats = {
+            "proxy_reward": exp.raw_scores.mean().item(),
+            "score": exp.scores.mean().item(),
+            "kl": seq_k1.mean().item(),
+            "kl_k3": seq_k3.mean().item(),
+            "beta": beta,
+            "non_score_reward": (-beta * seq_k1).mean().item() if exp.kl_penalty == "reward" else 0.0,
+            "response_length": exp.rollout.response_lengths.float().mean().item(),
+            "terminated": exp.rollout.terminated.float().mean().item(),
+            "explained_variance": explained_variance(exp.values, exp.returns, mask),
+            "value_mean": masked_mean(exp.values, mask).item(),
+            "return_mean": masked_mean(exp.returns, mask).item(),
+        }
+        if exp.gold is not None:
+            stats["gold_reward"] = exp.gold.mean().item()
+        return stats
+
+    @torch.no_grad()
+    def eval_rollout(self, texts: Sequence[str], seed: int | None = None) -> tuple[Rollout, torch.Tensor]:
+        """Sample ``texts`` with a private generator (seed ``config.seed + 1`` unless given) -> (rollout, ref log-probs).
+
+        The generator is its own, so evaluating never changes the training run and every
+        evaluation sees the same random numbers.
+        """
+        cfg = self.config
+        g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
+        ro = self.sample(texts, generator=g)
+        with self.autocast():
+            return ro, response_logprobs(self.ref, ro, cfg.temperature)
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence, seed: int | None = None, n_samples: int | None = None) -> dict:
+        """Held-out statistics: one response per prompt, sampled with a fixed seed; keys ``eval_*``.
+
+        ``eval_proxy_reward`` (the reward function, before the missing-EOS rule),
+        ``eval_gold_reward`` (with a ``gold_fn``), ``eval_kl`` / ``eval_kl_k3`` (sequence
+        KL to the reference, k1 / k3), ``eval_response_length``, ``eval_terminated`` and
+        ``eval_samples``: the first ``n_samples`` (default ``config.eval_samples``)
+        responses with their scores.
+        """
+        n_samples = self.config.eval_samples if n_samples is None else n_samples
+        ro, ref_lp = self.eval_rollout(prompt_texts(prompts), seed)
+        with self.autocast():
+            proxy = score_rollout(self.reward_fn, ro, self.device)
+        gold = score_rollout(self.gold_fn, ro, self.device) if self.gold_fn is not None else None
+        out = {
+            "eval_proxy_reward": proxy.mean().item(),
+            "eval_kl": sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
+            "eval_kl_k3": sequence_kl(kl_k3(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
+            "eval_response_length": ro.response_lengths.float().mean().item(),
+            "eval_terminated": ro.terminated.float().mean().item(),
+        }
+        if gold is not None:
+            out["eval_gold_reward"] = gold.mean().item()
+        out["eval_samples"] = [
+            {"prompt": ro.prompts[i], "response": ro.responses[i], "terminated": bool(ro.terminated[i]),
+             "proxy": round(proxy[i].item(), 3), **({"gold": round(gold[i].item(), 3)} if gold is not None else {})}
+            for i in range(min(n_samples, len(ro)))
+        ]
+        return out
+
+    def progress_postfix(self, stats: dict) -> dict:
+        """What the progress bar shows after an iteration."""
+        return {"proxy": f"{stats['proxy_reward']:.2f}", "gold": f"{stats.get('gold_reward', float('nan')):.2f}",
+                "kl": f"{stats['kl']:.2f}", "beta": f"{stats['beta']:.3f}"}
+
+    # ------------------------------------------------------------------ speed switches
     def autocast(self):
         """Context for forward passes: bf16 autocast when the run's precision is bf16, else nothing."""
         return autocast(self.device, self.precision)
 
-    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+    def compiled(self, module: nn.Module) -> nn.Module:
         """``module``, or (``config.compile``) its ``torch.compile`` wrapper: same parameters, compiled forward.
 
         ``dynamic=True`` because every batch has its own prompt and response lengths.
@@ -185,12 +391,10 @@ class OnPolicyTrainer:
             self._compiled[id(module)] = torch.compile(module, dynamic=True)
         return self._compiled[id(module)]
 
-    def evaluate(self, prompts: Sequence) -> dict:
-        raise NotImplementedError
-
+    # ------------------------------------------------------------------ checkpoints
     def stateful(self) -> dict:
         """Objects with ``state_dict``/``load_state_dict`` besides model and critic, by checkpoint key."""
-        raise NotImplementedError
+        return {"optimizer": self.optimizer, "kl_ctl": self.kl_ctl}
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run bit for bit (at the same CPU thread count, see :meth:`load`)."""
@@ -217,25 +421,6 @@ class OnPolicyTrainer:
         set_rng_state(state["rng"])
         self.iteration, self.history = int(state["iteration"]), list(state["history"])
 
-    @torch.no_grad()
-    def eval_rollout(self, texts: Sequence[str], seed: int | None = None) -> tuple[Rollout, torch.Tensor]:
-        """Sample ``texts`` with a private generator (seed ``config.seed + 1`` unless given) -> (rollout, ref log-probs).
-
-        The generator is its own, so evaluating never changes the training run and every
-        evaluation sees the same random numbers.
-        """
-        cfg = self.config
-        g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
-        with self.autocast():
-            ro = generate(self.lm, self.tokenizer, texts, cfg.max_new_tokens, cfg.temperature, generator=g,
-                          threads=cfg.generation_threads)
-            ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-            return ro, response_logprobs(self.ref, *ids, temperature=cfg.temperature)
-
-    def progress_postfix(self, stats: dict) -> dict:
-        """What the progress bar shows after an iteration."""
-        return {"reward": f"{stats['proxy_reward']:.2f}", "kl": f"{stats['kl']:.2f}"}
-
     def save(self, path: str | Path) -> Path:
         """Atomically write :meth:`state_dict` to ``path``."""
         return save_checkpoint(path, **self.state_dict())
@@ -248,7 +433,7 @@ class OnPolicyTrainer:
         with another count it continues, with a warning, but is no longer bit-identical.
         """
         state = load_checkpoint(path)
-        changed = config_changes(state.get("config", {}), asdict(self.config))
+        changed = config_changes(state.get("config", {}), asdict(self.config), RESUMABLE_FIELDS)
         if changed:
             raise ValueError(
                 f"{path}: cannot resume, this run's config differs from the one the checkpoint was written with "
@@ -298,7 +483,7 @@ class OnPolicyTrainer:
         eval_prompts: Sequence | None = None,
         progress: bool | None = None,
     ) -> list[dict]:
-        """Run until ``iterations`` iterations are done; returns the history (one dict per iteration).
+        """Run until ``iterations`` iterations are done; returns the history (one dict per iteration, key ``step``).
 
         Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
         ``eval_prompts``, iteration 0 (before training), every ``eval_every``-th iteration and
@@ -324,8 +509,8 @@ class OnPolicyTrainer:
         if metrics is not None:  # rows after the last checkpoint were lost with the run: the file restarts from it
             metrics.parent.mkdir(parents=True, exist_ok=True)
             write_metrics(self.history, metrics)
-        if eval_texts is not None and self.iteration == 0 and not any(h["iteration"] == 0 for h in self.history):
-            self.history.append({"iteration": 0, **self.evaluate(eval_texts)})
+        if eval_texts is not None and self.iteration == 0 and not any(h["step"] == 0 for h in self.history):
+            self.history.append({"step": 0, **self.evaluate(eval_texts)})
             if metrics is not None:
                 append_metrics(self.history[-1], metrics)
         show = cfg.progress if progress is None else progress
@@ -376,3 +561,11 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+def save_history(history: list[dict], path: str | Path) -> Path:
+    """Write a run's history as one JSON list."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(history, indent=1))
+    return path

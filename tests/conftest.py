@@ -12,6 +12,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def no_book_world(monkeypatch):
+    """Every entry point of the book's corpus and gold fails, so a test sees any silent use of them."""
+    from rlhf_book import base_model, corpus, gold, preferences, reward_model
+
+    def fail(*a, **k):
+        pytest.fail("the book's world was used")
+
+    for module, name in [(corpus, "generate_examples"), (corpus, "prompt_split"), (corpus, "sample_prompts"),
+                         (corpus, "all_prompts"), (base_model, "generate_examples"), (preferences, "prompt_split"),
+                         (reward_model, "prompt_split"), (preferences, "gold_rewards"), (gold, "gold_score")]:
+        monkeypatch.setattr(module, name, fail)
+
+
+@pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     """An empty artifact cache for this test."""
     d = tmp_path / "cache"

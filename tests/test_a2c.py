@@ -7,16 +7,18 @@ import rlhf_book  # before torch
 import pytest
 import torch
 
-from rlhf_book.a2c import A2CConfig, A2CTrainer, policy_gradient_variance, train
+from rlhf_book.a2c import A2CConfig, A2CTrainer
+from rlhf_book.base_model import load_base_model
 from rlhf_book.corpus import prompt_split
 from rlhf_book.gold import gold_reward_fn
+from rlhf_book.losses import policy_gradient_variance
 from rlhf_book.plotting import series
 
-TINY = dict(batch_size=4, max_new_tokens=8, eval_every=2, eval_samples_per_prompt=1, checkpoint_every=2, progress=False)
+TINY = dict(batch_size=4, max_new_tokens=8, eval_every=2, checkpoint_every=2, progress=False)
 
 
 def _strip(history):
-    return [{k: v for k, v in h.items() if k != "step_seconds"} for h in history]
+    return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in history]
 
 
 def test_config_rejects_bad_values():
@@ -35,7 +37,7 @@ def test_one_step_updates_actor_and_critic_only(tiny_world, critic):
     lm, tok = tiny_world
     policy, ref = copy.deepcopy(lm), copy.deepcopy(lm)
     ref_before = copy.deepcopy(ref.state_dict())
-    trainer = A2CTrainer(policy, ref, tok, gold_reward_fn, A2CConfig(critic=critic, **TINY))
+    trainer = A2CTrainer(policy, ref, tok, gold_reward_fn, A2CConfig(critic=critic, **TINY), gold_fn=gold_reward_fn)
     critic_module = _critic_module(trainer)
     actor_before = [p.detach().clone() for p in trainer.actor_params]
     critic_before = [p.detach().clone() for p in critic_module.parameters()]
@@ -70,10 +72,10 @@ def test_value_updates_sets_how_often_the_critic_moves(tiny_world, critic, value
     trainer = A2CTrainer(copy.deepcopy(lm), copy.deepcopy(lm), tok, gold_reward_fn, cfg)
     before = [p.detach().clone() for p in _critic_module(trainer).parameters()]
     steps = []
-    original = trainer.critic_optimizer.step
-    trainer.critic_optimizer.step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
+    original = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
     trainer.step(["Review Luigi's.", "Review the film Night Train."])
-    assert len(steps) == value_updates
+    assert len(steps) == max(1, value_updates)  # one actor (+ critic) step, then critic-only steps
     unchanged = all(torch.equal(a, p) for a, p in zip(before, _critic_module(trainer).parameters()))
     assert unchanged == (value_updates == 0)
 
@@ -84,13 +86,21 @@ def test_reference_must_be_a_copy(tiny_world):
         A2CTrainer(lm, lm, tok, gold_reward_fn, A2CConfig(**TINY))
 
 
+def _train(cfg, iterations, checkpoint_dir):
+    policy, tok = load_base_model("tiny", progress=False)
+    ref, _ = load_base_model("tiny", progress=False)
+    trainer = A2CTrainer(policy, ref, tok, gold_reward_fn, cfg, gold_fn=gold_reward_fn)
+    train_prompts, eval_prompts = prompt_split(0)
+    return trainer, trainer.train(train_prompts, iterations, checkpoint_dir=checkpoint_dir, eval_prompts=eval_prompts[:6])
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_cache, tmp_path):
     cfg = A2CConfig(seed=3, **TINY)
-    full_trainer, full = train(cfg, iterations=4, model="tiny", checkpoint_dir=tmp_path / "full")
+    full_trainer, full = _train(cfg, 4, tmp_path / "full")
     # an interrupted run: 2 iterations, then a fresh process (new trainer) continues from the checkpoint
-    train(cfg, iterations=2, model="tiny", checkpoint_dir=tmp_path / "split")
-    resumed_trainer, resumed = train(cfg, iterations=4, model="tiny", checkpoint_dir=tmp_path / "split")
-    assert [h["iteration"] for h in resumed] == [0, 1, 2, 3, 4]
+    _train(cfg, 2, tmp_path / "split")
+    resumed_trainer, resumed = _train(cfg, 4, tmp_path / "split")
+    assert [h["step"] for h in resumed] == [0, 1, 2, 3, 4]
     assert _strip(resumed) == _strip(full)
     for (k, a), b in zip(full_trainer.model.state_dict().items(), resumed_trainer.model.state_dict().values()):
         assert torch.equal(a, b), k
@@ -114,7 +124,8 @@ def test_a2c_raises_held_out_gold_reward(cpu_world):
     lm, tok = cpu_world
     train_prompts, eval_prompts = prompt_split(seed=0)
     trainer = A2CTrainer(
-        copy.deepcopy(lm), copy.deepcopy(lm), tok, gold_reward_fn, A2CConfig(seed=0, eval_every=20, progress=False)
+        copy.deepcopy(lm), copy.deepcopy(lm), tok, gold_reward_fn, A2CConfig(seed=0, eval_every=20, progress=False),
+        gold_fn=gold_reward_fn,
     )
     history = trainer.train(train_prompts, iterations=20, eval_prompts=eval_prompts)
     its, gold = series(history, "eval_gold_reward")

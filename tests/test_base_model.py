@@ -105,10 +105,13 @@ def test_cpu_preset_learns_the_corpus(cpu_world):
     """
     model, tok = cpu_world
     meta = bm.base_model_metadata("cpu")
-    assert meta["final_val_loss"] < 1.0
-    assert meta["history"]["val_loss"][0] > meta["final_val_loss"]
-    val = encode_examples(tok, generate_examples(256, seed=4242))
-    assert _val_loss(model, val, tok.pad_token_id, "cpu") < 1.0
+    val = [r for r in meta["history"] if "val_loss" in r]
+    assert meta["final_val_loss"] == val[-1]["val_loss"] < 1.0
+    assert val[0]["val_loss"] > meta["final_val_loss"]
+    assert [r["step"] for r in meta["history"]] == list(range(1, 601))
+    assert [r["step"] for r in val] == list(range(100, 601, 100))
+    held_out = encode_examples(tok, generate_examples(256, seed=4242))
+    assert _val_loss(model, held_out, tok.pad_token_id, "cpu") < 1.0
     from rlhf_book.corpus import prompt_split
     from rlhf_book.gold import gold_score
 
@@ -129,3 +132,84 @@ def test_presets_have_the_promised_sizes():
     assert 0.3e6 < n_params(PRESETS["cpu"]) < 1e6
     for p in PRESETS.values():
         assert p.n_embd % p.n_head == 0
+
+
+# ----------------------------------------------------------------------------- a reader's own texts
+SMALL = dataclasses.replace(PRESETS["tiny"], steps=6, batch_size=4, eval_every=3, checkpoint_every=2, vocab_size=300)
+DOCS = ["The keeper counted ships.", "Rain fell on the old harbour all night.", "Gulls argued over the pier."]
+QA = [{"prompt": "Name a colour.", "response": "Blue."}, {"prompt": "Name a fruit.", "response": "A pear."}]
+
+
+def test_history_rows_on_the_book_build(tiny_cache_dir, tiny_world):
+    import json
+
+    meta = json.loads((tiny_cache_dir / bm.artifact_name("tiny", PRESETS["tiny"]) / "metadata.json").read_text())
+    h = meta["history"]
+    assert [r["step"] for r in h] == list(range(1, 41)) and all("train_loss" in r for r in h)
+    assert [r["step"] for r in h if "val_loss" in r] == [20, 40] and meta["final_val_loss"] == h[-1]["val_loss"]
+
+
+def test_train_base_model_on_own_texts(tmp_path):
+    model, tok, history = bm.train_base_model(DOCS + QA, SMALL, device="cpu", progress=False, val_texts=DOCS[:1])
+    assert not model.training and len(tok) <= 300 and tok.pad_token_id != tok.eos_token_id
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in history if "val_loss" in r] == [3, 6]
+    assert set(history[0]) == {"step", "train_loss"} and set(history[2]) == {"step", "train_loss", "val_loss"}
+    # a record is trained on as format_prompt(prompt) + response + EOS, a document as text + EOS
+    (doc,) = encode_examples(tok, DOCS[:1])
+    assert doc == tok(DOCS[0])["input_ids"] + [tok.eos_token_id]
+    (qa,) = encode_examples(tok, QA[:1])
+    assert tok.decode(qa) == "Name a colour.\nBlue." + tok.eos_token
+    # without validation texts there is no val_loss; the same seed gives the same weights
+    again, _, h2 = bm.train_base_model(DOCS + QA, SMALL, tokenizer=tok, device="cpu", progress=False)
+    assert torch.equal(_weights(again), _weights(model)) and all("val_loss" not in r for r in h2)
+    assert [r["train_loss"] for r in h2] == [r["train_loss"] for r in history]
+
+
+def test_train_base_model_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    reference, _, ref_history = bm.train_base_model(DOCS + QA, SMALL, device="cpu", progress=False, val_texts=DOCS)
+    real_save = bm.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        if k["step"] == 4:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(bm, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bm.train_base_model(DOCS + QA, SMALL, device="cpu", progress=False, val_texts=DOCS, checkpoint_dir=tmp_path)
+    assert (tmp_path / "tokenizer").is_dir()  # the tokenizer trained there is reused
+    monkeypatch.setattr(bm, "save_checkpoint", real_save)
+    resumed, _, history = bm.train_base_model(DOCS + QA, SMALL, device="cpu", progress=False, val_texts=DOCS,
+                                              checkpoint_dir=tmp_path)
+    assert torch.equal(_weights(resumed), _weights(reference)) and history == ref_history
+    monkeypatch.setattr(bm, "lm_loss", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again, _, h3 = bm.train_base_model(DOCS + QA, SMALL, device="cpu", progress=False, val_texts=DOCS,
+                                       checkpoint_dir=tmp_path)
+    assert torch.equal(_weights(again), _weights(reference)) and h3 == ref_history
+
+
+@pytest.mark.parametrize("texts, kwargs, message", [
+    ([], {}, r"texts is empty"),
+    ("one long string", {}, r"texts must be a list of documents or records, got str"),
+    (DOCS + [3], {}, r"texts\[3\] must be a document \(a string\) or a record"),
+    (DOCS + [{"prompt": "Hi."}], {}, r"texts\[3\]: missing field 'response'"),
+    (DOCS + [{"prompt": "Hi.", "response": None}], {}, r"texts\[3\]: field 'response' must be a string, got NoneType"),
+    (DOCS + [" "], {}, r"texts\[3\] is an empty document"),
+    (DOCS + ["word " * 200], {}, r"texts\[3\] is \d+ tokens with EOS, longer than the context of n_positions=96"),
+    (DOCS, {"val_texts": [{"response": "x"}]}, r"val_texts\[0\]: missing field 'prompt'"),
+    (DOCS, {"preset": "tinyy"}, r"preset must be one of 'tiny', 'cpu', 'gpu' or a Preset, got 'tinyy'"),
+])
+def test_train_base_model_names_bad_input(texts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bm.train_base_model(texts, **{"preset": SMALL, "device": "cpu", "progress": False, **kwargs})
+
+
+def test_train_base_model_needs_a_distinct_pad(tiny_world):
+    import copy
+
+    _, tok = tiny_world
+    same = copy.deepcopy(tok)
+    same.pad_token = same.eos_token
+    with pytest.raises(ValueError, match="PAD token distinct from EOS"):
+        bm.train_base_model(DOCS, SMALL, tokenizer=same, device="cpu", progress=False)

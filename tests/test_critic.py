@@ -13,7 +13,7 @@ from rlhf_book.critic import (
     response_values,
 )
 from rlhf_book.losses import value_loss
-from rlhf_book.rollout import generate, response_logprobs
+from rlhf_book.rollout import Rollout, generate, response_logprobs
 
 VOCAB, PAD = 50, 0
 
@@ -81,21 +81,21 @@ def test_response_values_reads_column_before_each_token(critic):
     ids = torch.cat([prompt_ids, response_ids], 1)
     mask = torch.cat([prompt_mask, response_mask], 1)
     full = critic.value(ids, mask)
-    v = response_values(critic, prompt_ids, prompt_mask, response_ids, response_mask)
+    v = response_values(critic, Rollout(prompt_ids, prompt_mask, response_ids, response_mask))
     assert v.shape == response_ids.shape
     m = response_mask.bool()
     torch.testing.assert_close(v[m], full[:, P - 1 : -1][m])
     assert (v[~m] == 0).all()
     # V(s_0) is the value of the prompt alone: it must not depend on any response token
     v_other = response_values(
-        critic, prompt_ids, prompt_mask, torch.randint(2, VOCAB, response_ids.shape), response_mask
+        critic, Rollout(prompt_ids, prompt_mask, torch.randint(2, VOCAB, response_ids.shape), response_mask)
     )
     torch.testing.assert_close(v_other[:, 0], v[:, 0])
 
 
 def test_response_values_padding_invariance(critic):
     prompt_ids, prompt_mask, response_ids, response_mask = _batch()
-    v = response_values(critic, prompt_ids, prompt_mask, response_ids, response_mask)
+    v = response_values(critic, Rollout(prompt_ids, prompt_mask, response_ids, response_mask))
     B = prompt_ids.size(0)
     extra_left = 3
     p2 = torch.cat([torch.full((B, extra_left), PAD), prompt_ids], 1)
@@ -103,7 +103,7 @@ def test_response_values_padding_invariance(critic):
     extra_right = 4
     r2 = torch.cat([response_ids, torch.full((B, extra_right), PAD)], 1)
     rm2 = torch.cat([response_mask, torch.zeros(B, extra_right, dtype=torch.long)], 1)
-    v2 = response_values(critic, p2, pm2, r2, rm2)
+    v2 = response_values(critic, Rollout(p2, pm2, r2, rm2))
     torch.testing.assert_close(v2[:, : v.size(1)], v, atol=1e-5, rtol=1e-5)
     assert (v2[:, v.size(1) :] == 0).all()
 
@@ -112,14 +112,14 @@ def test_one_forward_matches_separate_calls():
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(_config()).eval()
     policy = _randomise_head(PolicyWithValueHead(lm)).eval()
-    batch = _batch(2)
-    logprobs, values, entropy = forward_logprobs_and_values(policy, *batch, temperature=0.7)
-    torch.testing.assert_close(logprobs, response_logprobs(lm, *batch, temperature=0.7))
-    torch.testing.assert_close(values, response_values(policy, *batch))
-    m = batch[3].bool()
+    batch = Rollout(*_batch(2))
+    logprobs, values, entropy = forward_logprobs_and_values(policy, batch, temperature=0.7)
+    torch.testing.assert_close(logprobs, response_logprobs(lm, batch, temperature=0.7))
+    torch.testing.assert_close(values, response_values(policy, batch))
+    m = batch.response_mask.bool()
     assert (entropy[m] > 0).all() and (entropy[~m] == 0).all()
     # a bare LM gives log-probs and entropy but no values
-    lp2, v2, ent2 = forward_logprobs_and_values(lm, *batch, temperature=0.7)
+    lp2, v2, ent2 = forward_logprobs_and_values(lm, batch, temperature=0.7)
     assert v2 is None
     torch.testing.assert_close(lp2, logprobs)
     torch.testing.assert_close(ent2, entropy)
@@ -129,9 +129,9 @@ def test_one_forward_matches_separate_calls():
 def test_detach_value_head_keeps_value_loss_off_the_trunk(detach):
     torch.manual_seed(0)
     policy = _randomise_head(PolicyWithValueHead(GPT2LMHeadModel(_config()), detach_value_head=detach))
-    batch = _batch(3)
-    _, values, _ = forward_logprobs_and_values(policy, *batch)
-    value_loss(values, torch.ones_like(values), batch[3]).backward()
+    batch = Rollout(*_batch(3))
+    _, values, _ = forward_logprobs_and_values(policy, batch)
+    value_loss(values, torch.ones_like(values), batch.response_mask).backward()
     trunk_grad = sum(float(p.grad.abs().sum()) for p in policy.lm.parameters() if p.grad is not None)
     assert policy.value_head.linear.weight.grad.abs().sum() > 0
     assert (trunk_grad == 0) == detach

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf_book.corpus import generate_examples
-from rlhf_book.gold import Annotator, gold_reward, gold_reward_fn, gold_score, preference_probability
+from rlhf_book.gold import Annotator, gold_reward, gold_reward_fn, gold_rewards, gold_score, preference_probability
 
 P = "Review the restaurant Casa Rosa."
 
@@ -52,12 +52,40 @@ def test_bradley_terry_probability():
 def test_annotators_label_at_the_bradley_terry_rate():
     a, b = "The soup was lovely.", "The soup was fine, but the waiter was rude."
     p = preference_probability(gold_reward(P, a), gold_reward(P, b), 0.5)
-    ann = Annotator(temperature=0.5, seed=0)
+    ann = Annotator(gold_reward_fn, temperature=0.5, seed=0)
     n = 4000
     wins = sum(ann.prefers_first(P, a, b) for _ in range(n))
     assert abs(wins / n - p) < 4 * math.sqrt(p * (1 - p) / n)
-    rec = Annotator(seed=1).label(P, a, b)
+    rec = Annotator(gold_reward_fn, seed=1).label(P, a, b)
     assert set(rec) == {"prompt", "chosen", "rejected"} and {rec["chosen"], rec["rejected"]} == {a, b}
+
+
+def test_annotators_sample_from_any_reward_function():
+    calls = []
+
+    def length(prompts, responses, terminated):  # a reader's own reward: longer is better, unfinished is worse
+        calls.append((list(prompts), list(responses), list(terminated)))
+        return [len(r) - (100 if not t else 0) for r, t in zip(responses, terminated)]
+
+    ann = Annotator(length, temperature=1e-6, seed=0)
+    assert ann.prefers_first(P, "A long reply.", "Short.") and not ann.prefers_first(P, "Short.", "A long reply.")
+    assert not ann.prefers_first(P, "A long reply.", "Short.", a_terminated=False)
+    assert calls[0] == ([P, P], ["A long reply.", "Short."], [True, True])
+    # the gold as a float32 tensor or as a list of doubles: the same seeded label
+    a, b = "The soup was lovely.", "The soup was fine."
+    same = [Annotator(fn, seed=3).prefers_first(P, a, b) for fn in (gold_reward_fn, gold_rewards)]
+    assert same[0] == same[1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"reward_fn": 0.25}, r"Annotator: reward_fn must be a function .*got 0\.25"),
+    ({"reward_fn": gold_reward_fn, "temperature": 0}, r"Annotator: temperature must be a number > 0, got 0"),
+    ({"reward_fn": lambda p, r, t: [1.0]}, r"Annotator\.reward_fn returned 1 scores for 2 replies"),
+    ({"reward_fn": lambda p, r, t: [1.0, float("nan")]}, r"Annotator\.reward_fn returned nan for reply 1"),
+])
+def test_annotator_rejects_a_bad_reward_function(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Annotator(**kwargs).prefers_first(P, "a", "b")
 
 
 def test_gold_reward_fn_is_a_reward_function():

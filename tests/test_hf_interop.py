@@ -74,7 +74,7 @@ def test_plain_generate_gives_the_librarys_tokens_and_logprobs(tiny_artifacts):
     hf_lp = torch.stack(out.logits[:R], 1).float().log_softmax(-1).gather(-1, hf_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(hf_lp[m], ro.logprobs[m], atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # and the library's teacher-forced forward agrees with both
-        tf = response_logprobs(lm, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+        tf = response_logprobs(lm, ro)
     torch.testing.assert_close(tf[m], ro.logprobs[m], atol=1e-4, rtol=1e-4)
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from rlhf_book.corpus import prompt_split
-from rlhf_book.critic import ValueModel
+from rlhf_book.critic import ValueModel, build_critic
 from rlhf_book.gold import gold_reward_fn
 from rlhf_book.kl import AdaptiveKLController
-from rlhf_book.ppo import PPOConfig, PPOTrainer, build_critic, ppo_policy_loss, prompt_texts
-from rlhf_book.rollout import Rollout, generate, response_logprobs
+from rlhf_book.ppo import PPOConfig, PPOTrainer, ppo_policy_loss
+from rlhf_book.rollout import Rollout, generate, prompt_texts, response_logprobs
 
 EPS = 0.2
 # (advantage, ratio) on both sides of the clip, for positive and negative advantages
@@ -104,7 +104,7 @@ def test_config_validation_names_the_field():
         PPOConfig.from_dict({"bogus": 1})
     assert PPOConfig.from_dict({"lr": 3e-4}).lr == 3e-4
     assert prompt_texts([{"prompt": "a"}, "b"]) == ["a", "b"]
-    with pytest.raises(ValueError, match="prompt record 0"):
+    with pytest.raises(ValueError, match=r"prompts\[0\]: missing field .prompt."):
         prompt_texts([{"text": "a"}])
 
 
@@ -120,7 +120,7 @@ def _trainer(world, **overrides):
     kw.pop("_critic", None)
     policy = copy.deepcopy(model)
     return PPOTrainer(policy, copy.deepcopy(model), tok, gold_reward_fn, PPOConfig(**kw),
-                      critic=critic(policy) if critic else None)
+                      critic=critic(policy) if critic else None, gold_fn=gold_reward_fn)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -139,13 +139,12 @@ def test_identity_at_start(tiny_world, temperature):
 def test_old_logprobs_are_the_rollouts_own(tiny_world):
     tr = _trainer(tiny_world, temperature=0.8)
     ro = generate(tr.lm, tr.tokenizer, prompt_texts(TRAIN[:8]), 12, 0.8, generator=torch.Generator().manual_seed(0))
-    batch = tr._prepare(ro)
-    assert batch["old_logprobs"] is ro.logprobs  # no second forward
-    ids = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-    recomputed = response_logprobs(tr.lm, *ids, temperature=0.8)
+    exp = tr.make_experience(ro)
+    assert exp.old_logprobs is ro.logprobs  # no second forward
+    recomputed = response_logprobs(tr.lm, ro, temperature=0.8)
     torch.testing.assert_close(ro.logprobs, recomputed, atol=1e-5, rtol=1e-5)
     tr.config.recompute_old_logprobs = True
-    torch.testing.assert_close(tr._prepare(ro)["old_logprobs"], recomputed)
+    torch.testing.assert_close(tr.make_experience(ro).old_logprobs, recomputed)
 
 
 def _pad_rollout(ro, left, right, pad_id):
@@ -165,14 +164,14 @@ def test_ppo_losses_are_padding_invariant(tiny_world, kl_penalty):
     tr.step(prompt_texts(TRAIN[:8]))  # move policy and value head away from their start
     ro = generate(tr.lm, tr.tokenizer, prompt_texts(TRAIN[8:16]), 12, generator=torch.Generator().manual_seed(0))
     padded = _pad_rollout(ro, 3, 4, tr.tokenizer.pad_token_id)
-    a, b = tr._prepare(ro), tr._prepare(padded)
+    a, b = tr.make_experience(ro), tr.make_experience(padded)
     R = ro.response_ids.size(1)
     for key in ("ref_logprobs", "values", "rewards", "advantages", "returns"):
-        torch.testing.assert_close(b[key][:, :R], a[key], atol=1e-5, rtol=1e-4, msg=key)
-        assert torch.equal(b[key][:, R:], torch.zeros_like(b[key][:, R:])), key
+        torch.testing.assert_close(getattr(b, key)[:, :R], getattr(a, key), atol=1e-5, rtol=1e-4, msg=key)
+        assert torch.equal(getattr(b, key)[:, R:], torch.zeros_like(getattr(b, key)[:, R:])), key
     idx = torch.tensor([0, 2, 5, 7])
-    la, sa = tr._minibatch_loss(ro, a, idx, 0.1)
-    lb, sb = tr._minibatch_loss(padded, b, idx, 0.1)
+    la, sa = tr.loss(a.select(idx))
+    lb, sb = tr.loss(b.select(idx))
     torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-4)
     for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"):
         assert float(sb[key]) == pytest.approx(float(sa[key]), abs=1e-5), key
@@ -197,6 +196,11 @@ def test_kl_as_loss_and_entropy_bonus_and_separate_critic(tiny_world):
     assert build_critic("head") is None
     with pytest.raises(ValueError, match="critic kind"):
         build_critic("nope")
+
+
+def test_grad_norm_is_reported_without_clipping(tiny_world):
+    s = _trainer(tiny_world, max_grad_norm=None).step(prompt_texts(TRAIN[:8]))
+    assert math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0
 
 
 def test_ref_must_be_a_separate_model(tiny_world):

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 
 import rlhf_book
-from rlhf_book.gold import Annotator, gold_reward
+from rlhf_book.gold import Annotator, gold_reward, gold_reward_fn, gold_rewards
 from rlhf_book.preferences import (
     PREFERENCE_RECIPES,
     build_preference_data,
     generate_preferences,
     load_preference_data,
     load_preferences,
+    preference_data_info,
+    preference_data_key,
     preference_data_path,
     save_preferences,
+    split_prompts,
     to_trl_dataset,
     to_trl_records,
     validate_preferences,
@@ -209,7 +212,8 @@ def test_generate_preferences_labels_follow_the_annotator(tiny_cache):
         tok,
         prompts,
         24,
-        Annotator(0.25, seed=3),
+        Annotator(gold_reward_fn, 0.25, seed=3),
+        gold_fn=gold_reward_fn,
         temperatures=(1.0, 2.0),
         max_new_tokens=12,
         seed=1,
@@ -228,15 +232,41 @@ def test_generate_preferences_labels_follow_the_annotator(tiny_cache):
         )
     # with a near-zero annotator temperature the label is the gold ordering
     sharp = generate_preferences(
-        model, tok, prompts, 24, Annotator(1e-6, seed=0), max_new_tokens=12, seed=1, progress=False
+        model, tok, prompts, 24, Annotator(gold_rewards, 1e-6, seed=0), gold_fn=gold_rewards, max_new_tokens=12,
+        seed=1, progress=False,
     )
     assert all(r["chosen_gold"] >= r["rejected_gold"] for r in sharp)
     again = generate_preferences(
-        model, tok, prompts, 24, Annotator(1e-6, seed=0), max_new_tokens=12, seed=1, progress=False
+        model, tok, prompts, 24, Annotator(gold_rewards, 1e-6, seed=0), gold_fn=gold_rewards, max_new_tokens=12,
+        seed=1, progress=False,
     )
     assert again == sharp  # deterministic for a seed
+    # without a gold function the records carry no gold, and the labels are the same
+    no_gold = generate_preferences(
+        model, tok, prompts, 24, Annotator(gold_rewards, 1e-6, seed=0), max_new_tokens=12, seed=1, progress=False
+    )
+    assert no_gold == [{k: v for k, v in r.items() if not k.endswith("_gold")} for r in sharp]
     with pytest.raises(ValueError, match="n_pairs"):
-        generate_preferences(model, tok, prompts, 0, Annotator())
+        generate_preferences(model, tok, prompts, 0, Annotator(gold_reward_fn))
+    with pytest.raises(ValueError, match="annotator must have a method prefers_first"):
+        generate_preferences(model, tok, prompts, 4, gold_reward_fn)
+    with pytest.raises(ValueError, match="prompts must be a list of strings"):
+        generate_preferences(model, tok, "Review Luigi's.", 4, Annotator(gold_reward_fn))
+    with pytest.raises(ValueError, match="gold_fn returned 1 scores"):
+        generate_preferences(model, tok, prompts, 4, Annotator(gold_reward_fn), gold_fn=lambda p, r, t: [0.0],
+                             max_new_tokens=4, progress=False)
+
+
+def test_any_annotator_object_labels_pairs(tiny_cache):
+    """A reader's own annotators: anything with prefers_first (here: always the shorter reply)."""
+    model, tok = rlhf_book.load_base_model("tiny", progress=False)
+
+    class Shorter:
+        def prefers_first(self, prompt, a, b, a_terminated=True, b_terminated=True):
+            return len(a) <= len(b)
+
+    recs = generate_preferences(model, tok, ["Review Luigi's."], 8, Shorter(), max_new_tokens=12, progress=False)
+    assert recs and all(len(r["chosen"]) <= len(r["rejected"]) and "chosen_gold" not in r for r in recs)
 
 
 def test_build_preference_data_splits_by_prompt(tiny_cache):
@@ -250,18 +280,64 @@ def test_build_preference_data_splits_by_prompt(tiny_cache):
     assert not set().union(*prompts.values()) & eval_prompts  # the RL eval prompts stay unseen
     path = preference_data_path("tiny")
     assert (path / "COMPLETE.json").is_file() and (path / "metadata.json").is_file()
+    info = preference_data_info("tiny")
+    for split, recs in data.items():
+        s = info["splits"][split]
+        strict = [r for r in recs if r["chosen_gold"] != r["rejected_gold"]]
+        assert s["pairs"] == len(recs) and s["gold_ties"] == len(recs) - len(strict)
+        agree = sum(r["chosen_gold"] > r["rejected_gold"] for r in strict) / len(strict)
+        assert s["label_agrees_with_gold"] == round(agree, 4)
     with pytest.raises(ValueError, match="unknown base preset"):
         preference_data_path("huge")
 
 
 def test_build_preference_data_given_path(tiny_cache, tmp_path):
     model, tok = rlhf_book.load_base_model("tiny", progress=False)
-    meta = build_preference_data(model, tok, PREFERENCE_RECIPES["tiny"], tmp_path / "out", progress=False)
+    meta = build_preference_data(model, tok, PREFERENCE_RECIPES["tiny"], tmp_path / "out", gold_fn=gold_rewards,
+                                 progress=False)
     for split in ("train", "validation", "test"):
         assert (
             len(load_preferences(tmp_path / "out" / f"{split}.jsonl", tok, model.config.n_positions))
             == meta["splits"][split]["pairs"]
         )
+    with pytest.raises(TypeError, match="gold_fn"):
+        build_preference_data(model, tok, PREFERENCE_RECIPES["tiny"], tmp_path / "x")  # the gold is never implied
+
+
+READER_PROMPTS = [f"Describe the {thing}." for thing in ("garden", "museum", "bakery", "bridge", "library", "harbour")]
+
+
+def test_a_readers_prompts_and_gold(tiny_cache, tmp_path):
+    model, tok = rlhf_book.load_base_model("tiny", progress=False)
+
+    def brevity(prompts, responses, terminated):
+        return [-float(len(r.split())) for r in responses]
+
+    meta = build_preference_data(model, tok, PREFERENCE_RECIPES["tiny"], tmp_path / "mine",
+                                 prompts=[{"prompt": p} for p in READER_PROMPTS], gold_fn=brevity, progress=False)
+    groups = split_prompts(READER_PROMPTS, PREFERENCE_RECIPES["tiny"].prompt_fractions)
+    for split in ("train", "validation", "test"):
+        recs = load_preferences(tmp_path / "mine" / f"{split}.jsonl")
+        assert {r["prompt"] for r in recs} <= set(groups[split])
+        assert all(r["chosen_gold"] == -len(r["chosen"].split()) for r in recs)  # the reader's gold, not the book's
+        assert meta["splits"][split]["prompts"] == len(groups[split])
+    assert sum(map(len, groups.values())) == len(READER_PROMPTS)
+    assert split_prompts(READER_PROMPTS[::-1] + READER_PROMPTS[:2]) == split_prompts(READER_PROMPTS)  # order, repeats
+    with pytest.raises(ValueError, match="needs >= 3"):
+        split_prompts(["a", "b", "a"])
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a non-empty string"):
+        split_prompts(["a", "", "c"])
+    with pytest.raises(ValueError, match=r"prompts\[0\]: missing field 'prompt'"):
+        split_prompts([{"text": "a"}])
+
+
+def test_the_cache_key_follows_the_prompts():
+    book = preference_data_key("tiny")
+    mine = preference_data_key("tiny", READER_PROMPTS)
+    assert mine != book and mine == preference_data_key("tiny", [{"prompt": p} for p in reversed(READER_PROMPTS)])
+    assert preference_data_key("tiny", READER_PROMPTS[:-1]) != mine
+    with pytest.raises(ValueError, match="needs >= 3"):
+        preference_data_path("tiny", prompts=["only one"])  # before any build
 
 
 # ------------------------------------------------------------------- TRL bridge

@@ -160,7 +160,7 @@ def _trainer(world, **overrides):
     kw = dict(batch_size=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=8, eval_every=2, checkpoint_every=2,
               progress=False)
     kw.update(overrides)
-    return PPOTrainer(copy.deepcopy(model), copy.deepcopy(model), tok, gold_reward_fn, PPOConfig(**kw))
+    return PPOTrainer(copy.deepcopy(model), copy.deepcopy(model), tok, gold_reward_fn, PPOConfig(**kw), gold_fn=gold_reward_fn)
 
 
 def test_save_checkpoint_fsyncs_before_replacing(tmp_path, monkeypatch):
@@ -184,7 +184,7 @@ def test_a_truncated_run_checkpoint_names_the_file_and_the_fix(tiny_world, tmp_p
 
 def test_a_changed_config_is_refused_on_resume(tiny_world, tmp_path):
     _trainer(tiny_world).train(TRAIN, 2, checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"cannot resume.*kl_coef: 0\.1 -> 0\.5; lr: 0\.0001 -> 0\.05"):
+    with pytest.raises(ValueError, match=r"cannot resume.*kl_coef: 0\.05 -> 0\.5; lr: 0\.0001 -> 0\.05"):
         _trainer(tiny_world, lr=5e-2, kl_coef=0.5).train(TRAIN, 4, checkpoint_dir=tmp_path)
     # what only changes display or bookkeeping may change
     tr = _trainer(tiny_world, progress=True, checkpoint_every=1)
@@ -219,12 +219,12 @@ def test_metrics_are_on_disk_after_a_killed_run(tiny_world, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tr.train(TRAIN, 10, checkpoint_dir=tmp_path, eval_prompts=EVAL[:4])
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3] and "eval_gold_reward" in rows[0]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "eval_gold_reward" in rows[0]
     # the resumed run drops the row the checkpoint (iteration 2) does not cover, then goes on
     tr2 = _trainer(tiny_world, checkpoint_every=2)
     history = tr2.train(TRAIN, 4, checkpoint_dir=tmp_path, eval_prompts=EVAL[:4])
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4] and rows == json.loads(json.dumps(history))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows == json.loads(json.dumps(history))
 
 
 def test_the_exported_policy_loads_in_plain_transformers(tiny_world, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -9,12 +10,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import rlhf_book
+from rlhf_book import reward_model as rm_mod
+from rlhf_book.advantage import last_token_index
 from rlhf_book.reward_model import (
     bradley_terry_loss,
     calibration_bins,
     encode_replies,
     evaluate_preferences,
-    last_token_index,
     load_reward_model,
     normalize_reward_model,
     preference_accuracy,
@@ -27,6 +29,7 @@ from rlhf_book.reward_model import (
     score_sequences,
     train_reward_model,
 )
+from rlhf_book.rewards import apply_missing_eos_score
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -224,9 +227,11 @@ def test_normalisation_and_reward_fn(tiny, tmp_path):
     assert out.shape == (len(roll.prompts),) and out.dtype == torch.float32
     torch.testing.assert_close(out, s)
     terminated = torch.tensor([True, False, True])
-    trick = reward_fn_from_model(rm, tok, no_eos_score=-3.0)(PROMPTS, REPLIES, terminated)
     plain = fn(PROMPTS, REPLIES, terminated)
+    trick = apply_missing_eos_score(plain, terminated, -3.0)  # the EOS trick lives in one place, not in the wrapper
     assert trick[1] == -3.0 and trick[0] == plain[0] and trick[2] == plain[2] and plain[1] != -3.0
+    assert "no_eos_score" not in inspect.signature(reward_fn_from_model).parameters
+    assert fn.to("cpu") is fn and next(rm.parameters()).device.type == "cpu"  # trainers move a model reward with it
     torch.testing.assert_close(fn(PROMPTS, REPLIES), fn(PROMPTS, REPLIES, [True] * 3))
 
 
@@ -256,9 +261,12 @@ def test_training_improves_validation(tiny):
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-6)
     hist = train_reward_model(rm, tok, pairs[16:], pairs[:16], epochs=3, batch_size=8, lr=1e-2, progress=False)
     after = evaluate_preferences(rm, tok, pairs[:16])
-    assert len(hist["val_loss"]) == 3 and hist["epoch"] == [1, 2, 3]
+    assert [r["step"] for r in hist] == list(range(1, 13)) and [r["epoch"] for r in hist] == [1] * 4 + [2] * 4 + [3] * 4
+    assert set(hist[0]) == {"step", "loss", "accuracy", "epoch"}
+    evals = [r for r in hist if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12] and all("val_gold_accuracy" in r for r in evals)
     assert (
-        hist["val_loss"][-1] < hist["val_loss"][0]
+        evals[-1]["val_loss"] < evals[0]["val_loss"]
         and after["loss"] < 0.2 * math.log(2)
         and after["accuracy"] == 1.0
         and after["gold_accuracy"] == 1.0
@@ -284,8 +292,7 @@ def test_trainer_resumes_from_checkpoint(tiny, tmp_path):
     torch.manual_seed(123)  # a different fresh model: everything must come from the checkpoint
     second = reward_model_from_lm(lm)
     h_resumed = train_reward_model(second, tok, pairs, pairs[:8], checkpoint_path=tmp_path / "b.pt", **kw)
-    assert h_resumed["step"] == list(range(1, 11)) and h_resumed["loss"] == h_full["loss"]
-    assert h_resumed["val_loss"] == h_full["val_loss"]
+    assert [r["step"] for r in h_resumed] == list(range(1, 11)) and h_resumed == h_full
     for k, v in full.state_dict().items():
         torch.testing.assert_close(second.state_dict()[k], v)
     # calling again with a finished checkpoint only reloads it
@@ -294,6 +301,17 @@ def test_trainer_resumes_from_checkpoint(tiny, tmp_path):
     assert h_again == h_resumed
     for k, v in full.state_dict().items():
         torch.testing.assert_close(third.state_dict()[k], v)
+
+
+def test_validation_without_gold_has_no_gold_key(tiny):
+    lm, _, tok = tiny
+    pairs = [{k: v for k, v in r.items() if not k.endswith("_gold")} for r in _toy_pairs(24)]
+    hist = train_reward_model(reward_model_from_lm(lm), tok, pairs[8:], pairs[:8], epochs=1, batch_size=8,
+                              progress=False)
+    assert set(hist[-1]) == {"step", "loss", "accuracy", "epoch", "val_loss", "val_accuracy"}
+    assert set(evaluate_preferences(reward_model_from_lm(lm), tok, pairs)) == {"loss", "accuracy", "pairs"}
+    no_val = train_reward_model(reward_model_from_lm(lm), tok, pairs, epochs=1, batch_size=8, progress=False)
+    assert all(set(r) == {"step", "loss", "accuracy", "epoch"} for r in no_val)
 
 
 def test_trainer_rejects_bad_records_and_writes_nothing(tiny, tmp_path):
@@ -326,6 +344,34 @@ def test_load_reward_model_tiny_is_plain_transformers(tmp_path, monkeypatch):
     torch.testing.assert_close(reward_scores(again, tok, PROMPTS, REPLIES), s)
     with pytest.raises(ValueError, match="unknown reward model"):
         load_reward_model("no-such-model")
+
+
+def test_the_books_pipeline_on_a_readers_prompts(tmp_path, monkeypatch):
+    from rlhf_book.preferences import load_preference_data, preference_data_info
+
+    monkeypatch.setenv("RLHF_BOOK_CACHE", str(tmp_path))
+    mine = [f"Describe the {t}." for t in ("garden", "museum", "bakery", "bridge", "library", "harbour")]
+    used = []
+    real = rm_mod._reference_replies
+
+    def spy(lm, tok, prompts, *a):
+        used.append(prompts)
+        return real(lm, tok, prompts, *a)
+
+    monkeypatch.setattr(rm_mod, "_reference_replies", spy)
+    load_reward_model("tiny", device="cpu", progress=False, prompts=mine)
+    assert reward_model_path("tiny", mine) != reward_model_path("tiny") and reward_model_path("tiny", mine).is_dir()
+    assert not reward_model_path("tiny").exists()  # the book's reward model was not built on the way
+    assert set(used[0]) == set(mine)  # normalised on replies to the reader's prompts
+    data = load_preference_data("tiny", progress=False, prompts=mine)
+    assert {r["prompt"] for split in data.values() for r in split} <= set(mine)
+    info = rm_mod.reward_model_info("tiny", progress=False, prompts=mine)
+    assert info["train_pairs"] == len(data["train"])
+    assert preference_data_info("tiny", prompts=mine)["splits"]["train"]["pairs"] == len(data["train"])
+    with pytest.raises(ValueError, match="prompts applies only to a preset"):
+        load_reward_model(str(reward_model_path("tiny", mine)), prompts=mine)
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be a non-empty string"):
+        load_reward_model("tiny", prompts=[None, "a", "b"])
 
 
 # ----------------------------------------------------------------------------- the cpu reward model

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf_book.rollout import encode_prompts, forward_logits, generate, position_ids_from_mask, response_logprobs, sequence_logprob
+from rlhf_book.rollout import Rollout, encode_prompts, forward_logits, generate, position_ids_from_mask, response_logprobs, sequence_logprob
 
 PROMPTS = ["Review Luigi's.", "How was your trip to the old town?", "Tell me about the book The Long Road."]
 
@@ -18,7 +18,7 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(tiny_world, temperature)
     r = generate(model, tok, PROMPTS, max_new_tokens=20, temperature=temperature, generator=torch.Generator().manual_seed(0))
     assert r.prompt_mask[:, 0].tolist() != [1, 1, 1], "prompts of different lengths: left padding is exercised"
     with torch.no_grad():
-        lp = response_logprobs(model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, temperature)
+        lp = response_logprobs(model, r, temperature)
     torch.testing.assert_close(lp, r.logprobs, atol=1e-5, rtol=1e-5)
     # the classic bug: slicing the logits without the shift gives different numbers
     P = r.prompt_ids.size(1)
@@ -36,11 +36,11 @@ def test_extra_padding_changes_no_logprob(tiny_world):
     pad_left = lambda x, v: torch.cat([torch.full((x.size(0), k), v, dtype=x.dtype), x], 1)
     pad_right = lambda x, v: torch.cat([x, torch.full((x.size(0), k), v, dtype=x.dtype)], 1)
     with torch.no_grad():
-        base = response_logprobs(model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-        more = response_logprobs(
-            model, pad_left(r.prompt_ids, tok.pad_token_id), pad_left(r.prompt_mask, 0),
+        base = response_logprobs(model, r)
+        more = response_logprobs(model, Rollout(
+            pad_left(r.prompt_ids, tok.pad_token_id), pad_left(r.prompt_mask, 0),
             pad_right(r.response_ids, tok.pad_token_id), pad_right(r.response_mask, 0),
-        )
+        ))
     torch.testing.assert_close(more[:, : base.size(1)], base, atol=1e-5, rtol=1e-5)
     assert more[:, base.size(1):].abs().sum() == 0
     torch.testing.assert_close(sequence_logprob(more, pad_right(r.response_mask, 0)), sequence_logprob(base, r.response_mask))

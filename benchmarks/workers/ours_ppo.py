@@ -8,9 +8,12 @@ our API, and its cost is ours). ``--critic separate`` (default, like-for-like wi
 ``value_model``) passes ``ValueModel.from_reward_model(<the shared value model>)``;
 ``--critic head`` uses the book's default (critic=None: a value head on the policy).
 
-Phase times come from thin wrappers installed on the trainer from outside (the library
-is not modified): generation, ``_prepare`` (critic + reference forwards, reward, GAE) with
-the reward function inside it, and the rest of ``step`` (the PPO update and statistics).
+Phase times come from the trainer's own ``timings`` (``OnPolicyTrainer.timings``, filled
+by every ``step``): generation, the experience step (critic + reference forwards and GAE,
+with the reward function's share reported apart) and the rest of ``step`` (the PPO update
+and statistics). ``trainer.experience`` gives the iteration's rollout for the token counts.
+Workers of older library versions (``run_cpu_before_after.py --before REV``) time the same
+phases with wrappers of their own.
 
 ``--device cuda --precision bf16`` (benchmarks/run_gpu.py) moves every model to the GPU and
 sets ``PPOConfig.precision``; the reward forward runs under the same autocast. On CUDA each
@@ -89,6 +92,7 @@ def main() -> None:
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     import rlhf_book.ppo as ppo_mod
+    import rlhf_book.trainer as trainer_mod
     from rlhf_book.critic import ValueModel
     from rlhf_book.ppo import PPOConfig, PPOTrainer
 
@@ -117,20 +121,7 @@ def main() -> None:
     )
     reward_fn = make_reward_fn(reward, tok, args.precision)
     clock = common.make_clock(args.device)
-    phase = {"generate": 0.0, "prepare": 0.0, "reward_fn": 0.0}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = clock()
-            try:
-                return fn(*a, **k)
-            finally:
-                phase[name] += clock() - t
-        return wrapper
-
-    ppo_mod.generate = timed("generate", ppo_mod.generate)  # the name PPOTrainer.step calls
-    trainer = PPOTrainer(policy, ref, tok, timed("reward_fn", reward_fn), cfg, critic=critic, gold_fn=None)
-    trainer._prepare = timed("prepare", trainer._prepare)
+    trainer = PPOTrainer(policy, ref, tok, reward_fn, cfg, critic=critic, gold_fn=None)
     setup_s = time.perf_counter() - t_start
 
     chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
@@ -142,22 +133,20 @@ def main() -> None:
 
             prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
             prof.__enter__()
-        for k in phase:
-            phase[k] = 0.0
         t, c = clock(), time.process_time()
         stats = trainer.step(chunks[it % len(chunks)])
         dt = clock() - t
         cpu.append(time.process_time() - c)
-        ro = trainer.last_rollout
+        ro, phase = trainer.experience.rollout, trainer.timings
         times.append(dt)
         tokens.append(int(ro.response_ids.numel()))
         real.append(int(ro.response_mask.sum()))
         # tokens trained: every (prompt + response) column of every sequence, once per PPO epoch
         train_tokens.append(len(ro) * (ro.prompt_ids.shape[1] + ro.response_ids.shape[1]) * cfg.ppo_epochs)
         max_id.append(int(ro.response_ids.max()))
-        phases.append({"generate": phase["generate"], "critic_ref_forwards_gae": phase["prepare"] - phase["reward_fn"],
-                       "reward_fn": phase["reward_fn"],
-                       "update_and_stats": dt - phase["generate"] - phase["prepare"]})
+        phases.append({"generate": phase["generate"], "critic_ref_forwards_gae": phase["experience"] - phase["reward"],
+                       "reward_fn": phase["reward"],
+                       "update_and_stats": dt - phase["generate"] - phase["experience"]})
     if prof is not None:
         prof.__exit__(None, None, None)
         Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
@@ -168,7 +157,8 @@ def main() -> None:
         "impl": "ours_ppo" if args.critic == "separate" else "ours_ppo_value_head",
         "label": "rlhf_book PPOTrainer" + (" (separate critic)" if args.critic == "separate" else " (value head on policy, critic=None)"),
         "versions": {"rlhf_book": rlhf_book.__version__,
-                     "rlhf_book_ppo_sha1": __import__("hashlib").sha1(Path(ppo_mod.__file__).read_bytes()).hexdigest()[:12],
+                     "rlhf_book_ppo_sha1": __import__("hashlib").sha1(
+                         Path(ppo_mod.__file__).read_bytes() + Path(trainer_mod.__file__).read_bytes()).hexdigest()[:12],
                      "transformers": transformers.__version__, "torch": torch.__version__,
                      "python": sys.version.split()[0]},
         "threads": torch.get_num_threads(),

@@ -73,8 +73,8 @@ def check_function(
         expected = reference(*inputs)
         try:
             got = learner(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
-        except NotImplementedError:
-            return report(name, False, "not implemented yet", hint)
+        except NotImplementedError:  # the untouched stub: no hint before a first attempt
+            return report(name, False, "not answered yet")
         except Exception as e:  # the learner's bug, shown rather than raised
             return report(name, False, f"raised {type(e).__name__}: {e}", hint)
         if got is None:
@@ -87,8 +87,8 @@ def check_function(
 
 def check_value(name: str, answer: Any, expected: Any, hint: str = "", atol: float = 1e-3) -> bool:
     """Check a numeric or multiple-choice answer."""
-    if answer is None or answer is ...:
-        return report(name, False, "no answer yet", hint)
+    if answer is None or answer is ...:  # no hint before a first attempt
+        return report(name, False, "not answered yet")
     if isinstance(expected, str):
         ok = isinstance(answer, str) and answer.strip().upper() == expected.upper()
     else:

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from ..reward_model import bradley_terry_loss, last_token_index
+from ..advantage import last_token_index
+from ..reward_model import bradley_terry_loss
 from . import check_function, check_value
 
 __all__ = [
