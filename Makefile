@@ -1,5 +1,6 @@
 # The two commands of the README (run them inside a fresh virtual environment, as CI does):
-#   make book   set up (install) and build the book: execute every chapter, write build/chapters + build/html
+#   make book   set up (install) and build the book: execute every chapter (build/chapters), then the offline
+#               website (build/site/index.html: Sphinx + MyST-NB, sources in site/)
 #   make test   set up (install) and run every test: library tests + every notebook under nbval
 # and the lower-bounds check CI also runs (in another fresh environment):
 #   make test-floor   install every dependency at the lower bound pyproject.toml states, run the fast library tests

@@ -1,61 +1,111 @@
-"""Execute every chapter headless and write the executed notebooks and an HTML rendering.
+"""Execute every chapter headless, then build the book's website from the executed notebooks.
 
-    python tools/build_book.py            # all chapters -> build/
+    python tools/build_book.py            # all chapters -> build/chapters/*.ipynb and build/site/index.html
     python tools/build_book.py 01 03      # only chapters whose file name starts with these
+    python tools/build_book.py --site-only   # rebuild the site from build/chapters (or the unexecuted chapters)
 
 Each chapter runs in a fresh kernel, on the best device rlhf_book finds (CUDA, MPS, CPU).
 Shared artifacts (base model, reward model) are built on first use and cached, so the
-second build is faster.
+second build is faster. The site (Sphinx + MyST-NB + the book theme, sources in ``site/``)
+is fully offline: MathJax and every asset are served from ``build/site`` itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
-from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parents[1]
+WIDGET = "application/vnd.jupyter.widget-view+json"
+# an attribute that makes the browser fetch something: scripts, styles, fonts, images, frames
+_FETCH = re.compile(r"""<(script|link|img|iframe|source|video|audio)\b[^>]*?\b(src|href)\s*=\s*["']([^"']+)["']""", re.I)
+_CSS_URL = re.compile(r"""url\(\s*["']?(https?:)?//""", re.I)
 
 
-def build(selected: list[str], out: Path, timeout: int) -> int:
-    chapters = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
-    if selected:
-        chapters = [c for c in chapters if any(c.name.startswith(s) for s in selected)]
-    if not chapters:
-        print("no chapters matched", selected, file=sys.stderr)
-        return 2
-    (out / "chapters").mkdir(parents=True, exist_ok=True)
-    (out / "html").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def chapters(selected: list[str] | None = None) -> list[Path]:
+    """The chapter notebooks in order, or those whose file name starts with one of ``selected``."""
+    found = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+    return [c for c in found if not selected or any(c.name.startswith(s) for s in selected)]
+
+
+def execute(paths: list[Path], out: Path, timeout: int) -> int:
+    """Run each notebook in a fresh kernel and write it, executed, into ``out``; returns the number that failed."""
+    from nbclient import NotebookClient
+
     from rlhf_book.cache import resolve_cache_env
 
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     resolve_cache_env()  # the kernels inherit an absolute $RLHF_BOOK_CACHE (they run in chapters/)
-    exporter = HTMLExporter()
-    rows, failed = [], 0
-    for path in chapters:
+    failed = 0
+    for path in paths:
         nb = nbformat.read(path, as_version=4)
-        t0 = time.time()
-        status = "ok"
+        t0, status = time.time(), "ok"
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
         except Exception as e:  # keep the partial notebook: it shows where it failed
             status, failed = f"FAILED: {type(e).__name__}", failed + 1
-        secs = time.time() - t0
-        nbformat.write(nb, out / "chapters" / path.name)
-        html, _ = exporter.from_notebook_node(nb)
-        (out / "html" / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
-        rows.append((path.stem, secs, status))
-        print(f"{path.name:<32} {secs:7.1f} s  {status}", flush=True)
-    links = "\n".join(f'<li><a href="{n}.html">{n}</a> ({s:.0f} s, {st})</li>' for n, s, st in rows)
-    (out / "html" / "index.html").write_text(f"<html><body><h1>rlhf-book</h1><ol>{links}</ol></body></html>")
-    print(f"executed notebooks in {out / 'chapters'}, HTML in {out / 'html'} (open index.html)")
-    return 1 if failed else 0
+        nbformat.write(nb, out / path.name)
+        print(f"{path.name:<32} {time.time() - t0:7.1f} s  {status}", flush=True)
+    return failed
+
+
+def clean_outputs(nb) -> int:
+    """Drop what a reader of the site should not see: widget outputs (blank offline) and stderr; returns how many."""
+    dropped = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        keep = []
+        for out in cell.get("outputs", []):
+            if (out.get("output_type") == "stream" and out.get("name") == "stderr") or WIDGET in out.get("data", {}):
+                dropped += 1
+                continue
+            keep.append(out)
+        cell["outputs"] = keep
+    nb.metadata.pop("widgets", None)
+    return dropped
+
+
+def build_site(notebooks: list[Path], out: Path) -> Path:
+    """Build the website from ``notebooks`` (executed or not) into ``out``; returns ``out / "index.html"``."""
+    from sphinx.cmd.build import build_main
+
+    src = out.parent / (out.name + "-src")
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ROOT / "site", src)
+    shutil.copy(ROOT / "README.md", src / "README.md")  # index.md includes parts of it: one source for both
+    (src / "chapters").mkdir()
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        if clean_outputs(nb):
+            print(f"{path.name}: dropped widget and stderr outputs from the site", flush=True)
+        nbformat.write(nb, src / "chapters" / path.name)
+    shutil.rmtree(out, ignore_errors=True)
+    status = build_main(["-b", "html", "-q", "-W", "--keep-going", str(src), str(out)])
+    if status != 0:
+        raise RuntimeError(f"sphinx-build failed (exit {status}); its warnings are above")
+    return out / "index.html"
+
+
+def external_references(site: Path) -> list[str]:
+    """``file: url`` for every script, style, font, image or frame in ``site`` that would be fetched from a network."""
+    found = []
+    for path in sorted(site.rglob("*")):
+        if path.suffix == ".html":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            found += [f"{path.relative_to(site)}: {url}" for _, _, url in _FETCH.findall(text)
+                      if re.match(r"(https?:)?//", url)]
+        elif path.suffix == ".css" and _CSS_URL.search(path.read_text(encoding="utf-8", errors="replace")):
+            found.append(f"{path.relative_to(site)}: url(//...)")
+    return found
 
 
 def main() -> int:
@@ -63,8 +113,23 @@ def main() -> int:
     ap.add_argument("chapters", nargs="*", help="chapter number prefixes, e.g. 01 02 (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "build")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
+    ap.add_argument("--site-only", action="store_true", help="do not execute; build the site from what is there")
     args = ap.parse_args()
-    return build(args.chapters, args.out, args.timeout)
+    selected = chapters(args.chapters)
+    if not selected:
+        print("no chapters matched", args.chapters, file=sys.stderr)
+        return 2
+    executed = args.out / "chapters"
+    failed = 0 if args.site_only else execute(selected, executed, args.timeout)
+    # the site lists every chapter: executed ones from build/chapters, the others as they are in chapters/
+    notebooks = [executed / c.name if (executed / c.name).exists() else c for c in chapters()]
+    index = build_site(notebooks, args.out / "site")
+    external = external_references(index.parent)
+    if external:
+        print("the site would fetch from the network:\n  " + "\n  ".join(external), file=sys.stderr)
+        return 1
+    print(f"executed notebooks in {executed}; the website: open {index} in a browser (works offline)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
