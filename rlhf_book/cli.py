@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .config import Config, config_changes, describe, option
+from .trainer import RESUMABLE_FIELDS
 
 __all__ = ["PipelineConfig", "PIPELINE_DEFAULTS", "ALGORITHMS", "load_config", "run_pipeline", "main",
            "RUN_CONFIG_NAME", "read_prompt_file"]
@@ -237,7 +238,7 @@ def _check_resume(out: Path, record: dict, checkpoint_name: str) -> None:
                          f"checked and continued: start a new run in another out_dir (--out)") from None
     changed = []
     for table in sorted((set(saved) | set(record)) - {"threads_used"}):
-        allowed = RESUMABLE_PIPELINE_KEYS if table == "pipeline" else frozenset()
+        allowed = RESUMABLE_PIPELINE_KEYS if table == "pipeline" else RESUMABLE_FIELDS
         changed += [f"[{table}] {c}" for c in config_changes(saved.get(table, {}), record.get(table, {}), allowed)]
     if changed:
         raise ValueError(

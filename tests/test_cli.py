@@ -104,3 +104,7 @@ def test_a2c_on_the_readers_prompts_with_overrides(tmp_cache, tmp_path, capsys):
     assert main(["pipeline", "--config", str(cfg), "--no-progress", "--a2c.kl_coef", "0.3",
                  "--pipeline.critic", "separate"]) == 2
     assert "[a2c] kl_coef: 0.2 -> 0.3" in capsys.readouterr().err
+    # what only changes what is shown or saved may change: the run continues
+    assert main(["pipeline", "--config", str(cfg), "--no-progress", "--a2c.kl_coef", "0.2", "--a2c.eval_every", "1",
+                 "--pipeline.critic", "separate", "--iterations", "3"]) == 0
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [0, 1, 2, 3]
