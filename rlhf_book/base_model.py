@@ -1,7 +1,6 @@
 """The base language model: a small GPT-2 trained from scratch, on the world's corpus or on your texts.
 
-``load_base_model("cpu")`` builds it the first time (about 1-2 minutes on two
-cores), caches it, and loads it from the cache afterwards. Any other argument is
+``load_base_model("cpu")`` builds it the first time (the README gives the time), caches it, and loads it from the cache afterwards. Any other argument is
 treated as a Hugging Face model name or a local directory, so a reader with a hub
 (or their own checkpoint) uses the same call: ``load_base_model("gpt2")``.
 

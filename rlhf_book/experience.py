@@ -22,8 +22,6 @@ or a reader's own loop calls the same function the trainers call.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
@@ -33,6 +31,7 @@ from .advantage import gae, masked_whiten
 from .critic import response_values
 from .rewards import apply_missing_eos_score, per_token_rewards
 from .rollout import Rollout, response_logprobs, score_rollout
+from .runtime import timed
 
 __all__ = ["Experience", "make_experience", "KL_PENALTIES"]
 
@@ -90,22 +89,6 @@ class Experience:
         return len(self.rollout)
 
 
-@contextmanager
-def _timed(timings: dict | None, key: str, device: torch.device):
-    """Add the seconds the block takes to ``timings[key]`` (after a CUDA sync, so GPU work is counted)."""
-    if timings is None:
-        yield
-        return
-    sync = device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    yield
-    if sync:
-        torch.cuda.synchronize(device)
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
 @torch.no_grad()
 def make_experience(
     rollout: Rollout,
@@ -142,11 +125,11 @@ def make_experience(
         raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {kl_penalty!r}")
     mask, T = rollout.response_mask, rollout.temperature
     device = mask.device
-    with _timed(timings, "reward", device):
+    with timed(timings, "reward", device):
         raw = score_rollout(reward_fn, rollout, device)
         gold = score_rollout(gold_fn, rollout, device) if gold_fn is not None else None
     scores = apply_missing_eos_score(raw, rollout.terminated, missing_eos_score)
-    with _timed(timings, "forwards", device):
+    with timed(timings, "forwards", device):
         if policy is not None:
             old_logprobs = response_logprobs(policy, rollout, T)
         elif rollout.logprobs is not None:

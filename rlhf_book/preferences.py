@@ -21,8 +21,7 @@ recipe: the prompts (the book's: the *train* prompts of :func:`rlhf_book.corpus.
 or a reader's list) are split into train / validation / test groups, so test pairs have
 prompts the reward model never saw, and annotators that sample from ``gold_fn`` label them.
 
-``load_preference_data("cpu")`` builds the book's data set once (30-45 s on two cores)
-and caches it with :func:`rlhf_book.cache.cached_artifact`; ``prompts=`` gives it a
+``load_preference_data("cpu")`` builds the book's data set once and caches it with :func:`rlhf_book.cache.cached_artifact`; ``prompts=`` gives it a
 reader's prompts instead (the book's base LM and gold annotators, cached under its own key),
 and :func:`preference_data_info` returns what the build measured.
 

@@ -635,8 +635,8 @@ def load_reward_model(base: str = "cpu", device: torch.device | str | None = Non
     the right (see the module docstring); the library's scoring does not depend on it.
 
     ``base``: a base preset (``"tiny"``, ``"cpu"``, ``"gpu"``): the reward model trained on that
-    base LM's preference data, built and cached on first use (the cpu one in about
-    1-2 minutes on two cores, preference data included); or a directory saved with ``save_pretrained``.
+    base LM's preference data, built and cached on first use (preference data
+    included); or a directory saved with ``save_pretrained``.
     ``prompts`` (with a preset; strings or ``{"prompt": ...}`` records): build the preset's
     pipeline on these prompts instead of the book's (cached under its own key).
     Stable API: later chapters call ``load_reward_model("cpu")`` and

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import random
 
 import numpy as np
 import torch
 
 __all__ = [
+    "timed",
     "get_device", "check_device", "set_seed", "configure_threads", "resolve_precision", "autocast", "enable_tf32", "adam",
     "intra_op_threads", "PRECISIONS",
 ]
@@ -110,9 +112,8 @@ def adam(
 ) -> torch.optim.Optimizer:
     """Adam (AdamW when ``weight_decay`` > 0) with the fused kernel when torch has one for these tensors.
 
-    The fused step is one kernel over all parameters instead of a dozen per tensor:
-    3x faster on a CPU here (9 ms against 27-34 ms for two 4 x 256 GPT-2s) and the
-    standard choice on GPUs. Same update rule; results differ only in rounding.
+    The fused step is one kernel over all parameters instead of a dozen per tensor
+    (measured in benchmarks/README.md) and the standard choice on GPUs. Same update rule; results differ only in rounding.
     ``fused=False`` gives torch's default implementation.
     """
     params = list(params)
@@ -131,8 +132,7 @@ def intra_op_threads(n: int | None):
     """Run the block with ``n`` intra-op CPU threads, then restore the previous number (None: leave as is).
 
     Sampling a small batch token by token is hundreds of tiny ops per token; waking a
-    second thread for each costs more than it saves (16 prompts x 24 tokens on a
-    4 x 256 GPT-2 here: 0.19-0.26 s with one thread, 0.24-0.44 s with two). Results are
+    second thread for each costs more than it saves (measured in benchmarks/README.md). Results are
     the same: matmuls are bitwise identical, other ops agree to ~1e-6.
     """
     before = torch.get_num_threads()
@@ -144,3 +144,19 @@ def intra_op_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def timed(timings: dict | None, key: str, device: torch.device):
+    """Add the seconds the block takes to ``timings[key]`` (after a CUDA sync, so GPU work is counted); None: no timing."""
+    if timings is None:
+        yield
+        return
+    sync = device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    yield
+    if sync:
+        torch.cuda.synchronize(device)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0

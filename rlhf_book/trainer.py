@@ -39,17 +39,16 @@ from tqdm.auto import tqdm
 
 from .advantage import masked_mean
 from .checkpoint import fsync_replace, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, check_config, check_types, config_changes, config_from_dict, option
+from .config import Config, config_changes, option
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
-from .experience import KL_PENALTIES, Experience, _timed, make_experience
+from .experience import KL_PENALTIES, Experience, make_experience
 from .export import save_model
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
-from .runtime import PRECISIONS, adam, autocast, enable_tf32, resolve_precision
+from .runtime import PRECISIONS, adam, autocast, enable_tf32, resolve_precision, timed
 
-__all__ = ["OnPolicyTrainer", "OnPolicyConfig", "disable_dropout", "check_config", "check_types", "config_from_dict",
-           "config_changes", "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics", "write_metrics", "read_metrics",
-           "save_history"]
+__all__ = ["OnPolicyTrainer", "OnPolicyConfig", "disable_dropout", "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics",
+           "write_metrics", "read_metrics", "save_history"]
 
 
 @dataclass
@@ -215,11 +214,11 @@ class OnPolicyTrainer:
     def step(self, prompts: Sequence) -> dict:
         """One iteration on ``prompts`` (strings or records): sample, make the experience, update; returns its stats."""
         t0, timings = time.perf_counter(), {}
-        with _timed(timings, "generate", self.device):
+        with timed(timings, "generate", self.device):
             rollout = self.sample(prompt_texts(prompts))
-        with _timed(timings, "experience", self.device):
+        with timed(timings, "experience", self.device):
             exp = self.make_experience(rollout, timings)
-        with _timed(timings, "update", self.device):
+        with timed(timings, "update", self.device):
             update_stats = self.update(exp)
         stats = {"step": self.iteration + 1, **self.experience_stats(exp), **update_stats}
         self.kl_ctl.update(stats["kl"], len(exp))
