@@ -62,6 +62,9 @@ def test_chapter_5_reads_offline_in_a_real_browser(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright ([book] extra)")
     executed = tmp_path / "executed"
     assert build_book.execute([ROOT / "chapters" / "05_ppo.ipynb"], executed, timeout=1200) == 0
+    import nbformat
+
+    assert build_book.clean_outputs(nbformat.read(executed / "05_ppo.ipynb", as_version=4)) == 0  # written clean
     notebooks = [executed / c.name if (executed / c.name).exists() else c for c in build_book.chapters()]
     site = build_book.build_site(notebooks, tmp_path / "site").parent
     shots = ROOT / "build" / "screenshots"

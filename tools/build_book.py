@@ -36,7 +36,7 @@ def chapters(selected: list[str] | None = None) -> list[Path]:
 
 
 def execute(paths: list[Path], out: Path, timeout: int) -> int:
-    """Run each notebook in a fresh kernel and write it, executed, into ``out``; returns the number that failed."""
+    """Run each notebook in a fresh kernel and write it, executed and cleaned, into ``out``; returns how many failed."""
     from nbclient import NotebookClient
 
     from rlhf_book.cache import resolve_cache_env
@@ -52,6 +52,8 @@ def execute(paths: list[Path], out: Path, timeout: int) -> int:
             NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
         except Exception as e:  # keep the partial notebook: it shows where it failed
             status, failed = f"FAILED: {type(e).__name__}", failed + 1
+        if clean_outputs(nb):  # e.g. the progress bars of an artifact built on first use
+            status += " (widget / stderr outputs dropped)"
         nbformat.write(nb, out / path.name)
         print(f"{path.name:<32} {time.time() - t0:7.1f} s  {status}", flush=True)
     return failed
