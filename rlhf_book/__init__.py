@@ -37,13 +37,16 @@ from .rewards import apply_missing_eos_score, per_token_rewards
 from .losses import entropy_from_logits, policy_gradient_loss, value_loss
 from .critic import PolicyWithValueHead, ValueModel, build_critic, response_values
 from .experience import Experience, make_experience
-from .trainer import OnPolicyConfig, OnPolicyTrainer
+from .trainer import OnPolicyConfig, OnPolicyTrainer, PolicyTrainer, TrainerConfig
 from .a2c import A2CConfig, A2CTrainer
 
 # chapter 5: KL and PPO
 from .kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3
 from .ppo import PPOConfig, PPOTrainer, ppo_policy_loss
 from .plotting import plot_run
+
+# chapter 6: direct preference optimisation
+from .dpo import DPOConfig, DPOTrainer, dpo_loss
 
 __version__ = "0.1.0"
 
@@ -62,4 +65,5 @@ __all__ = [
     "Experience", "make_experience", "OnPolicyConfig", "OnPolicyTrainer", "A2CConfig", "A2CTrainer",
     "AdaptiveKLController", "FixedKLController", "kl_k1", "kl_k2", "kl_k3",
     "PPOConfig", "PPOTrainer", "ppo_policy_loss", "plot_run",
+    "PolicyTrainer", "TrainerConfig", "DPOConfig", "DPOTrainer", "dpo_loss",
 ]

@@ -356,8 +356,12 @@ def _build_reward(args) -> None:
 
 def _print_options(table: str) -> None:
     """Every field of a config table: name, type, default, valid values, help."""
-    cls = PipelineConfig if table == "pipeline" else _algorithm(table)[0]
-    print(f"[{table}]  ({cls.__name__}; override with --{table}.FIELD VALUE)")
+    if table == "dpo":  # not a pipeline algorithm: DPOTrainer is used from Python (chapter 6)
+        from .dpo import DPOConfig as cls
+    else:
+        cls = PipelineConfig if table == "pipeline" else _algorithm(table)[0]
+    how = "rlhf_book.DPOConfig(FIELD=VALUE) in Python" if table == "dpo" else f"override with --{table}.FIELD VALUE"
+    print(f"[{table}]  ({cls.__name__}; {how})")
     for d in describe(cls):
         valid = f"  valid: {d['valid']}" if d["valid"] else ""
         print(f"  {d['name']} = {json.dumps(d['default'])}   ({d['type']}{valid})\n      {d['help']}")
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="override [pipeline] out_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     o = sub.add_parser("options", help="list the fields of a config table with their defaults, valid values and help")
-    o.add_argument("table", nargs="?", default="ppo", choices=("pipeline", *ALGORITHMS))
+    o.add_argument("table", nargs="?", default="ppo", choices=("pipeline", *ALGORITHMS, "dpo"))
     for name, helptext in (("base", "build and cache the base LM"), ("reward", "build and cache the reward model")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--preset", default="cpu", help="tiny, cpu or gpu")

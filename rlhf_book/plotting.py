@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "PANELS"]
+__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "seed_curves", "plot_seeds", "PANELS"]
 
 # (title, [(history key, legend label), ...], y label)
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
@@ -32,6 +32,13 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("value loss", [("value_loss", "value loss")], "loss"),
     ("explained variance", [("explained_variance", "1 - Var[R - V] / Var[R]")], "explained variance"),
     ("response length", [("response_length", "tokens"), ("eval_response_length", "tokens (held-out)")], "tokens"),
+    # DPO
+    ("implicit rewards", [("reward_chosen", "chosen"), ("reward_rejected", "rejected"), ("reward_margin", "margin"),
+                          ("val_reward_chosen", "chosen (held-out)"), ("val_reward_rejected", "rejected (held-out)"),
+                          ("val_reward_margin", "margin (held-out)")], "beta * log(pi / pi_ref)"),
+    ("log-probs of the data", [("logp_chosen", "chosen"), ("logp_rejected", "rejected"),
+                               ("val_logp_chosen", "chosen (held-out)"), ("val_logp_rejected", "rejected (held-out)")],
+     "log pi(y | x), nats"),
 ]
 
 
@@ -142,3 +149,67 @@ def plot_frontier(
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def seed_curves(histories: Sequence[Sequence[Mapping]], y_key: str, x_key: str = "step") -> dict[str, list[float]]:
+    """Mean, min and max over seeds of ``y_key`` (and of ``x_key``) at each step every history has both keys at.
+
+    Returns ``{"step", "x", "x_lo", "x_hi", "y", "y_lo", "y_hi"}``, lists ordered by step.
+    """
+    per_seed = []
+    for h in histories:
+        rows = {}
+        for r in h:
+            x, y = r.get(x_key), r.get(y_key)
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (x, y)):
+                rows[r.get("step")] = (float(x), float(y))
+        per_seed.append(rows)
+    steps = sorted(set.intersection(*(set(r) for r in per_seed))) if per_seed else []
+    out: dict[str, list[float]] = {k: [] for k in ("step", "x", "x_lo", "x_hi", "y", "y_lo", "y_hi")}
+    for s in steps:
+        xs, ys = [r[s][0] for r in per_seed], [r[s][1] for r in per_seed]
+        out["step"].append(s)
+        for name, v in (("x", xs), ("y", ys)):
+            out[name].append(sum(v) / len(v))
+            out[f"{name}_lo"].append(min(v))
+            out[f"{name}_hi"].append(max(v))
+    return out
+
+
+def plot_seeds(
+    groups: Mapping[str, Sequence[Sequence[Mapping]]],
+    y_key: str,
+    x_key: str = "step",
+    ax=None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+):
+    """Runs of several seeds per label (``{label: [history, ...]}``): the mean over seeds, and their min-max spread.
+
+    Against ``step`` the spread is a band; against another key (e.g. ``eval_kl``, a
+    frontier) it is an error bar in both directions at each evaluated step. Returns the axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, histories in groups.items():
+        c = seed_curves(histories, y_key, x_key)
+        if not c["step"]:
+            continue
+        name = f"{label} ({len(histories)} seeds)"
+        if x_key == "step":
+            (line,) = ax.plot(c["x"], c["y"], marker="o", ms=2.5, label=name)
+            ax.fill_between(c["x"], c["y_lo"], c["y_hi"], color=line.get_color(), alpha=0.2, lw=0)
+        else:
+            err = lambda m, lo, hi: [[a - b for a, b in zip(m, lo)], [b - a for a, b in zip(m, hi)]]  # noqa: E731
+            ax.errorbar(c["x"], c["y"], xerr=err(c["x"], c["x_lo"], c["x_hi"]), yerr=err(c["y"], c["y_lo"], c["y_hi"]),
+                        marker="o", ms=3, lw=1.2, elinewidth=0.6, capsize=0, label=name)
+    ax.set_xlabel(xlabel or x_key)
+    ax.set_ylabel(ylabel or y_key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    return ax

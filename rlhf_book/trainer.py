@@ -1,6 +1,6 @@
-"""The on-policy trainer every RL algorithm of the book shares (A2C, PPO, ...).
+"""The trainers of a policy: the shared base (:class:`PolicyTrainer`) and the on-policy RL trainer (A2C, PPO, ...).
 
-One iteration (:meth:`OnPolicyTrainer.step`) is four lines::
+One on-policy iteration (:meth:`OnPolicyTrainer.step`) is four lines::
 
     rollout    = self.sample(prompts)             # pi_theta answers each prompt (KV cache)
     experience = self.make_experience(rollout)    # scores, log pi_old / log pi_ref, V, rewards, advantages
@@ -8,17 +8,19 @@ One iteration (:meth:`OnPolicyTrainer.step`) is four lines::
     stats      = self.experience_stats(experience) | stats
 
 :func:`rlhf_book.experience.make_experience` is the experience step; an algorithm is a
-subclass that implements :meth:`update` and adds its own fields to
-:class:`OnPolicyConfig`. Everything else lives here, once: the critic choice, one device
-for policy, reference, critic and a model-based reward, one optimizer (actor and critic
-groups), the KL controller, the evaluation protocol, the statistics, and the bookkeeping
-that makes a run resumable bit for bit (at the same CPU thread count: sums over 1 and 2
-threads differ at ~1e-7), refuses to mix two configs in one run, streams metrics to disk
-and exports the policy.
+subclass that implements :meth:`OnPolicyTrainer.update` and adds its own fields to
+:class:`OnPolicyConfig`. :class:`PolicyTrainer` holds what every trainer of a policy
+needs, on-policy or not (DPO, :mod:`rlhf_book.dpo`, is its other subclass), once: one
+device for policy, reference and a model-based reward, the speed switches, sampling, the
+held-out evaluation protocol, and the training loop that makes a run resumable bit for
+bit (at the same CPU thread count: sums over 1 and 2 threads differ at ~1e-7), refuses to
+mix two configs in one run, streams metrics to disk and exports the policy.
+:class:`OnPolicyTrainer` adds the critic, one optimizer (actor and critic groups), the KL
+controller and the experience statistics.
 
-A history is a list of per-iteration dicts with a ``step`` key (the iteration number,
-0 for the evaluation before training); held-out ``eval_*`` keys appear only on the
-iterations where an evaluation ran (the same schema as base-LM and reward-model training).
+A history is a list of per-step dicts with a ``step`` key (the iteration or optimizer
+step, 0 for the evaluation before training); held-out ``eval_*`` keys appear only on the
+steps where an evaluation ran (the same schema as base-LM and reward-model training).
 """
 
 from __future__ import annotations
@@ -47,34 +49,57 @@ from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
 from .runtime import PRECISIONS, adam, autocast, enable_tf32, resolve_precision, timed
 
-__all__ = ["OnPolicyTrainer", "OnPolicyConfig", "disable_dropout", "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics",
+__all__ = ["PolicyTrainer", "TrainerConfig", "OnPolicyTrainer", "OnPolicyConfig", "disable_dropout", "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics",
            "write_metrics", "read_metrics", "save_history"]
 
 
 @dataclass
-class OnPolicyConfig(Config):
-    """The fields every on-policy trainer has; an algorithm's config subclasses it and adds its own."""
+class TrainerConfig(Config):
+    """The fields every trainer of a policy has (on-policy RL, DPO): sampling, optimizer, speed, bookkeeping."""
 
-    # --- rollouts
-    batch_size: int = option(32, "prompts (= responses) per iteration", ">= 1")
+    # --- sampling (RL rollouts and the held-out evaluation)
+    batch_size: int = option(32, "prompts per iteration (RL: one response each) or preference pairs per step (DPO)",
+                             ">= 1")
     max_new_tokens: int = option(40, "responses without EOS by then are cut off (terminated = False)", ">= 1")
     temperature: float = option(1.0, "sampling temperature T; policy and reference log-probs both use softmax(logits / T) "
                                      "(N+ detail: else the KL compares a sharpened policy with an unsharpened reference)", "> 0")
-    # --- the critic and the optimizer
+    # --- the optimizer
+    lr: float = option(1e-4, "Adam learning rate of the policy", "> 0")
+    adam_eps: float = option(1e-5, "Adam epsilon (N detail: 1e-5 as in TF; PyTorch's 1e-8 makes the first updates "
+                                   "aggressive)", "> 0")
+    max_grad_norm: float | None = option(1.0, "gradient-norm clip (None: no clipping; the norm is reported either way)", "> 0")
+    disable_dropout: bool = option(True, "dropout off in policy, reference and critic (else ratios and KL are noisy "
+                                         "from the start)")
+    # --- speed (each measured in benchmarks/README.md)
+    precision: str = option("auto", "'auto': bf16 autocast on a GPU that supports it, else fp32; or 'fp32' / 'bf16'",
+                            choices=PRECISIONS)
+    tf32: bool = option(True, "on CUDA, let fp32 matmuls use TF32 tensor cores")
+    compile: bool = option(False, "torch.compile the teacher-forced forwards (a CPU needs a C++ compiler)")
+    generation_threads: int | None = option(1, "CPU threads while sampling token by token (None: the process setting)",
+                                            ">= 1")
+    # --- bookkeeping
+    seed: int = option(0, "seeds prompt order, sampling and minibatch shuffling")
+    eval_every: int = option(10, "steps (RL: iterations) between held-out evaluations in train() (0: only first and "
+                                 "last)", ">= 0")
+    eval_samples: int = option(3, "held-out responses (with their scores) kept in the history at each evaluation", ">= 0")
+    checkpoint_every: int = option(10, "steps (RL: iterations) between checkpoints in train() (when checkpoint_dir is "
+                                       "given)", ">= 0")
+    progress: bool = option(True, "tqdm bar in train()")
+
+
+@dataclass
+class OnPolicyConfig(TrainerConfig):
+    """:class:`TrainerConfig` plus the fields every on-policy RL trainer has; an algorithm's config subclasses it."""
+
+    # --- the critic
     critic: str = option("head", "'head': a value head on the policy's trunk; 'separate': a ValueModel copy of the "
                                  "policy's trunk (a critic module given to the trainer replaces either)",
                          choices=("head", "separate"))
-    lr: float = option(1e-4, "Adam learning rate of the policy", "> 0")
     critic_lr: float | None = option(None, "Adam learning rate of the critic (value head or separate critic); None: lr", "> 0")
-    adam_eps: float = option(1e-5, "Adam epsilon (N detail: 1e-5 as in TF; PyTorch's 1e-8 makes the first updates "
-                                   "aggressive)", "> 0")
     detach_value_head: bool = option(True, "the value head reads detached features, so the value loss cannot move "
                                            "the policy's trunk")
     vf_coef: float = option(0.1, "weight of the value loss", ">= 0")
     entropy_coef: float = option(0.0, "entropy bonus weight (0: off; RLHF anchors the policy with the KL instead)", ">= 0")
-    max_grad_norm: float | None = option(1.0, "gradient-norm clip (None: no clipping; the norm is reported either way)", "> 0")
-    disable_dropout: bool = option(True, "dropout off in policy, reference and critic (else ratios and KL are noisy "
-                                         "from the start)")
     # --- rewards, returns and advantages
     gamma: float = option(1.0, "discount (1: the score at the end counts fully for every token)", "[0, 1]")
     lam: float = option(0.95, "GAE lambda (0: one-step TD advantage, 1: Monte-Carlo return minus V)", "[0, 1]")
@@ -90,19 +115,6 @@ class OnPolicyConfig(Config):
     kl_horizon: float = option(10_000.0, "adaptive controller horizon (responses)", "> 0")
     kl_penalty: str = option("reward", "'reward': -beta * k1 per token in the reward (InstructGPT); 'loss': "
                                        "+beta * mean k3 in the loss (GRPO)", choices=KL_PENALTIES)
-    # --- speed (each measured in benchmarks/README.md)
-    precision: str = option("auto", "'auto': bf16 autocast on a GPU that supports it, else fp32; or 'fp32' / 'bf16'",
-                            choices=PRECISIONS)
-    tf32: bool = option(True, "on CUDA, let fp32 matmuls use TF32 tensor cores")
-    compile: bool = option(False, "torch.compile the teacher-forced forwards (a CPU needs a C++ compiler)")
-    generation_threads: int | None = option(1, "CPU threads while sampling token by token (None: the process setting)",
-                                            ">= 1")
-    # --- bookkeeping
-    seed: int = option(0, "seeds prompt order, sampling and minibatch shuffling")
-    eval_every: int = option(10, "iterations between held-out evaluations in train() (0: only first and last)", ">= 0")
-    eval_samples: int = option(3, "held-out responses (with their scores) kept in the history at each evaluation", ">= 0")
-    checkpoint_every: int = option(10, "iterations between checkpoints in train() (when checkpoint_dir is given)", ">= 0")
-    progress: bool = option(True, "tqdm bar in train()")
 
     def check(self) -> None:
         if self.kl_target is not None and self.kl_coef <= 0:
@@ -121,44 +133,30 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-class OnPolicyTrainer:
-    """Sample -> :func:`~rlhf_book.experience.make_experience` -> ``update`` on a causal LM, against ``reward_fn``.
+class PolicyTrainer:
+    """What every trainer of a causal-LM policy shares: devices, sampling, evaluation, checkpoints, the training loop.
 
-    ``policy``: a causal LM (trained in place) or a :class:`~rlhf_book.critic.PolicyWithValueHead`;
-    ``ref_model``: a separate frozen copy of it (pi_ref); ``reward_fn(prompts, responses,
-    terminated) -> (B,)``: what is optimised (a learned reward model, e.g.
-    :func:`rlhf_book.reward_model.reward_fn_from_model`, or any function of the text);
-    ``critic``: a module to use as the critic (e.g. ``ValueModel.from_reward_model(rm)``),
-    else ``config.critic`` decides; ``gold_fn`` (same signature, or None): a reward that
-    is only logged (``gold_reward``), never learned from.
+    ``policy``: a causal LM (trained in place); ``ref_model``: a separate frozen copy of
+    it (pi_ref); ``reward_fn(prompts, responses, terminated) -> (B,)`` (or None where the
+    algorithm does not need one): a learned reward model (e.g.
+    :func:`rlhf_book.reward_model.reward_fn_from_model`) or any function of the text;
+    ``gold_fn`` (same signature, or None): a reward that is only logged, never learned from.
 
-    One device rule: everything runs on the policy's device; the reference, the critic
-    and a reward function with a ``to`` method (a model-based reward) are moved there.
-    After each :meth:`step`, ``experience`` is that iteration's :class:`~rlhf_book.experience.Experience`
-    (to inspect what the update saw) and ``timings`` the seconds of its phases (``generate``;
-    ``experience``, of which ``reward`` in the reward function and ``forwards`` in the
-    reference and critic; ``update``), also logged as ``*_seconds``: benchmarks read them
-    instead of patching the trainer. On CUDA each phase boundary synchronises the device.
+    One device rule: everything runs on the policy's device; the reference and a reward
+    function with a ``to`` method (a model-based reward) are moved there. A subclass
+    implements ``step(batch) -> stats`` and calls :meth:`run` from its ``train``.
     """
 
-    name = "RL"  # shown on the progress bar and in exported model cards
+    name = "policy"  # shown on the progress bar and in exported model cards
     checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
-    config_class = OnPolicyConfig
+    config_class = TrainerConfig
 
-    def __init__(
-        self,
-        policy: nn.Module,
-        ref_model: nn.Module,
-        tokenizer,
-        reward_fn: Callable,
-        config: OnPolicyConfig | None = None,
-        critic: nn.Module | None = None,
-        gold_fn: Callable | None = None,
-    ):
+    def __init__(self, policy: nn.Module, ref_model: nn.Module, tokenizer, config: TrainerConfig | None = None,
+                 reward_fn: Callable | None = None, gold_fn: Callable | None = None):
         cfg = self.config = config if config is not None else self.config_class()
         if not isinstance(cfg, self.config_class):
             raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
-        if not callable(reward_fn):
+        if reward_fn is not None and not callable(reward_fn):
             raise ValueError(f"reward_fn must be a function (prompts, responses, terminated) -> (B,) scores, got {reward_fn!r}")
         if gold_fn is not None and not callable(gold_fn):
             raise ValueError(f"gold_fn must be None or a function like reward_fn, got {gold_fn!r}")
@@ -167,66 +165,26 @@ class OnPolicyTrainer:
             raise ValueError("ref_model must be a separate frozen copy of the policy, not the policy itself")
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("tokenizer needs a PAD token distinct from EOS (else EOS is masked out and never learned)")
-        # the critic: a module given, the policy's own value head, a new value head, or a separate copy of the trunk
-        if critic is not None:
-            model = lm
-        elif isinstance(policy, PolicyWithValueHead):
-            model = policy
-        elif cfg.critic == "head":
-            model = PolicyWithValueHead(lm, detach_value_head=cfg.detach_value_head)
-        else:
-            model, critic = lm, ValueModel.from_causal_lm(lm)
-        if isinstance(model, PolicyWithValueHead):
-            model.detach_value_head = cfg.detach_value_head
-        self.lm, self.model, self.critic, self.tokenizer = lm, model, critic, tokenizer
+        self.lm, self.model, self.tokenizer = lm, lm, tokenizer
         # one device: the policy's
         self.device = next(lm.parameters()).device
-        self.model.to(self.device)
         self.ref = ref_model.to(self.device).eval().requires_grad_(False)
-        if self.critic is not None:
-            self.critic.to(self.device)
         if callable(getattr(reward_fn, "to", None)):
             reward_fn.to(self.device)
         self.reward_fn, self.gold_fn = reward_fn, gold_fn
         if cfg.disable_dropout:
-            for m in (self.model, self.ref, self.critic):
-                if m is not None:
-                    disable_dropout(m)
-        # one optimizer: the actor's parameters and the critic's, each group with its learning rate
-        critic_module = self.critic if self.critic is not None else self.model.value_head
-        self.actor_params = [p for p in lm.parameters() if p.requires_grad]
-        self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
-        critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-        self.optimizer = adam([{"params": self.actor_params, "lr": cfg.lr}, {"params": self.critic_params, "lr": critic_lr}],
-                              lr=cfg.lr, eps=cfg.adam_eps)
+            disable_dropout(self.ref)
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.tf32:
             enable_tf32(self.device)
         self._compiled: dict[int, nn.Module] = {}
-        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.iteration = 0
         self.history: list[dict] = []
-        self.experience: Experience | None = None
-        self.timings: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ one iteration
-    def step(self, prompts: Sequence) -> dict:
-        """One iteration on ``prompts`` (strings or records): sample, make the experience, update; returns its stats."""
-        t0, timings = time.perf_counter(), {}
-        with timed(timings, "generate", self.device):
-            rollout = self.sample(prompt_texts(prompts))
-        with timed(timings, "experience", self.device):
-            exp = self.make_experience(rollout, timings)
-        with timed(timings, "update", self.device):
-            update_stats = self.update(exp)
-        stats = {"step": self.iteration + 1, **self.experience_stats(exp), **update_stats}
-        self.kl_ctl.update(stats["kl"], len(exp))
-        stats["next_beta"] = self.kl_ctl.value
-        self.experience, self.timings = exp, timings
-        stats.update({f"{k}_seconds": v for k, v in timings.items()}, step_seconds=time.perf_counter() - t0)
-        self.iteration += 1
-        return stats
+    def step(self, batch) -> dict:
+        """One step of the algorithm on ``batch``; returns its statistics (floats). Subclasses implement it."""
+        raise NotImplementedError
 
     def sample(self, texts: Sequence[str], generator: torch.Generator | None = None) -> Rollout:
         """One response per prompt from the current policy, at ``config.temperature``."""
@@ -235,94 +193,23 @@ class OnPolicyTrainer:
             return generate(self.lm, self.tokenizer, list(texts), cfg.max_new_tokens, cfg.temperature,
                             generator=self.generator if generator is None else generator, threads=cfg.generation_threads)
 
-    def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
-        """:func:`rlhf_book.experience.make_experience` with this trainer's models and config (eval mode, no grad)."""
-        cfg = self.config
-        self.train_mode(False)
-        critic = self.critic if self.critic is not None else self.model
-        recompute = cfg.recompute_old_logprobs or self.precision == "bf16"
-        with self.autocast():  # a reward model's forward runs in bf16 too
-            return make_experience(
-                rollout, self.reward_fn, self.compiled(self.ref), self.compiled(critic), kl_coef=self.kl_ctl.value,
-                kl_penalty=cfg.kl_penalty, gamma=cfg.gamma, lam=cfg.lam, missing_eos_score=cfg.missing_eos_score,
-                whiten_rewards=cfg.whiten_rewards, whiten_advantages=cfg.whiten_advantages,
-                policy=self.compiled(self.lm) if recompute else None, gold_fn=self.gold_fn, timings=timings,
-            )
-
-    def update(self, experience: Experience) -> dict:
-        """The algorithm: learn from one experience batch; returns its statistics (floats). Subclasses implement it."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ pieces an update uses
-    def policy_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log pi_theta(a_t | s_t), V(s_t), entropy) of ``rollout``'s tokens, (B, R) each, with grad.
-
-        One teacher-forced forward of the policy (which also gives V with a value head),
-        plus one of the separate critic if there is one.
-        """
-        cfg = self.config
-        with self.autocast():
-            logprobs, values, entropy = forward_logprobs_and_values(
-                self.compiled(self.model), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
-            if self.critic is not None:
-                values = response_values(self.compiled(self.critic), rollout)
-        return logprobs, values.float(), entropy
-
-    def values(self, rollout: Rollout) -> torch.Tensor:
-        """V(s_t) of ``rollout``'s tokens under the current critic, (B, R), with grad."""
-        with self.autocast():
-            return response_values(self.compiled(self.critic if self.critic is not None else self.model), rollout).float()
-
-    def kl_penalty_loss(self, logprobs: torch.Tensor, experience: Experience) -> torch.Tensor | float:
-        """beta * mean k3 KL(pi_theta || pi_ref) when the KL goes in the loss (``kl_penalty="loss"``), else 0."""
-        if experience.kl_penalty != "loss" or experience.kl_coef <= 0:
-            return 0.0
-        return experience.kl_coef * kl_loss(logprobs, experience.ref_logprobs, experience.mask)
-
-    def gradient_step(self, loss: torch.Tensor, clip_groups: Sequence[Sequence[torch.Tensor]]) -> list[float | torch.Tensor]:
+    def gradient_step(self, loss, clip_groups: Sequence[Sequence[torch.Tensor]]) -> list[float | torch.Tensor]:
         """Backward ``loss``, clip each parameter group's gradient norm, one optimizer step; returns the norms (0-d tensors).
 
+        ``loss``: a tensor, or an iterable of tensors whose gradients are summed (gradient
+        accumulation: each is backpropagated as it comes, so one graph is alive at a time).
         Parameters without a gradient (e.g. the critic when the loss has no value term) are not changed.
         """
         limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for part in ([loss] if isinstance(loss, torch.Tensor) else loss):
+            part.backward()
         norms = [torch.nn.utils.clip_grad_norm_(list(g), limit) for g in clip_groups]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norms
 
-    def train_mode(self, on: bool) -> None:
-        """Train (dropout as configured) or eval mode for the policy and the critic."""
-        self.model.train(on)
-        if self.critic is not None:
-            self.critic.train(on)
-
-    # ------------------------------------------------------------------ statistics and evaluation
-    @torch.no_grad()
-    def experience_stats(self, exp: Experience) -> dict:
-        """The statistics of an experience batch every algorithm logs (floats); the keys are listed in the README."""
-        mask = exp.mask
-        seq_k1 = sequence_kl(exp.kl, mask)
-        seq_k3 = sequence_kl(kl_k3(exp.old_logprobs, exp.ref_logprobs), mask)
-        beta = exp.kl_coef
-        stats = {
-            "proxy_reward": exp.raw_scores.mean().item(),
-            "score": exp.scores.mean().item(),
-            "kl": seq_k1.mean().item(),
-            "kl_k3": seq_k3.mean().item(),
-            "beta": beta,
-            "non_score_reward": (-beta * seq_k1).mean().item() if exp.kl_penalty == "reward" else 0.0,
-            "response_length": exp.rollout.response_lengths.float().mean().item(),
-            "terminated": exp.rollout.terminated.float().mean().item(),
-            "explained_variance": explained_variance(exp.values, exp.returns, mask),
-            "value_mean": masked_mean(exp.values, mask).item(),
-            "return_mean": masked_mean(exp.returns, mask).item(),
-        }
-        if exp.gold is not None:
-            stats["gold_reward"] = exp.gold.mean().item()
-        return stats
-
+    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def eval_rollout(self, texts: Sequence[str], seed: int | None = None) -> tuple[Rollout, torch.Tensor]:
         """Sample ``texts`` with a private generator (seed ``config.seed + 1`` unless given) -> (rollout, ref log-probs).
@@ -340,37 +227,43 @@ class OnPolicyTrainer:
     def evaluate(self, prompts: Sequence, seed: int | None = None, n_samples: int | None = None) -> dict:
         """Held-out statistics: one response per prompt, sampled with a fixed seed; keys ``eval_*``.
 
-        ``eval_proxy_reward`` (the reward function, before the missing-EOS rule),
-        ``eval_gold_reward`` (with a ``gold_fn``), ``eval_kl`` / ``eval_kl_k3`` (sequence
-        KL to the reference, k1 / k3), ``eval_response_length``, ``eval_terminated`` and
-        ``eval_samples``: the first ``n_samples`` (default ``config.eval_samples``)
-        responses with their scores.
+        ``eval_proxy_reward`` (the reward function, before the missing-EOS rule; with a
+        ``reward_fn``), ``eval_gold_reward`` (with a ``gold_fn``), ``eval_kl`` /
+        ``eval_kl_k3`` (sequence KL to the reference, k1 / k3), ``eval_response_length``,
+        ``eval_terminated`` and ``eval_samples``: the first ``n_samples`` (default
+        ``config.eval_samples``) responses with their scores. Every trainer evaluates this
+        way, so runs of different algorithms are compared on the same footing.
         """
         n_samples = self.config.eval_samples if n_samples is None else n_samples
-        ro, ref_lp = self.eval_rollout(prompt_texts(prompts), seed)
-        with self.autocast():
-            proxy = score_rollout(self.reward_fn, ro, self.device)
-        gold = score_rollout(self.gold_fn, ro, self.device) if self.gold_fn is not None else None
-        out = {
-            "eval_proxy_reward": proxy.mean().item(),
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            ro, ref_lp = self.eval_rollout(prompt_texts(prompts), seed)
+        finally:
+            self.lm.train(was_training)
+        scores = {}
+        if self.reward_fn is not None:
+            with self.autocast():
+                scores["proxy"] = score_rollout(self.reward_fn, ro, self.device)
+        if self.gold_fn is not None:
+            scores["gold"] = score_rollout(self.gold_fn, ro, self.device)
+        out = {f"eval_{name}_reward": v.mean().item() for name, v in scores.items()}
+        out.update({
             "eval_kl": sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
             "eval_kl_k3": sequence_kl(kl_k3(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
             "eval_response_length": ro.response_lengths.float().mean().item(),
             "eval_terminated": ro.terminated.float().mean().item(),
-        }
-        if gold is not None:
-            out["eval_gold_reward"] = gold.mean().item()
+        })
         out["eval_samples"] = [
             {"prompt": ro.prompts[i], "response": ro.responses[i], "terminated": bool(ro.terminated[i]),
-             "proxy": round(proxy[i].item(), 3), **({"gold": round(gold[i].item(), 3)} if gold is not None else {})}
+             **{name: round(v[i].item(), 3) for name, v in scores.items()}}
             for i in range(min(n_samples, len(ro)))
         ]
         return out
 
     def progress_postfix(self, stats: dict) -> dict:
-        """What the progress bar shows after an iteration."""
-        return {"proxy": f"{stats['proxy_reward']:.2f}", "gold": f"{stats.get('gold_reward', float('nan')):.2f}",
-                "kl": f"{stats['kl']:.2f}", "beta": f"{stats['beta']:.3f}"}
+        """What the progress bar shows after a step."""
+        return {}
 
     # ------------------------------------------------------------------ speed switches
     def autocast(self):
@@ -392,28 +285,21 @@ class OnPolicyTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def stateful(self) -> dict:
-        """Objects with ``state_dict``/``load_state_dict`` besides model and critic, by checkpoint key."""
-        return {"optimizer": self.optimizer, "kl_ctl": self.kl_ctl}
+        """Objects with ``state_dict``/``load_state_dict`` besides the model, by checkpoint key."""
+        return {"optimizer": self.optimizer}
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run bit for bit (at the same CPU thread count, see :meth:`load`)."""
-        state = {
+        return {
             "model": self.model.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
             "iteration": self.iteration, "history": self.history, "config": asdict(self.config),
             "threads": torch.get_num_threads(),
             **{k: v.state_dict() for k, v in self.stateful().items()},
         }
-        if self.critic is not None:
-            state["critic"] = self.critic.state_dict()
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.model.load_state_dict(state["model"])
-        if self.critic is not None:
-            if "critic" not in state:
-                raise ValueError("checkpoint has no separate critic but this trainer has one")
-            self.critic.load_state_dict(state["critic"])
         for k, v in self.stateful().items():
             v.load_state_dict(state[k])
         self.generator.set_state(state["generator"])
@@ -464,7 +350,7 @@ class OnPolicyTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(
             self.lm, self.tokenizer, tmp, title=f"{self.name} policy trained with rlhf_book",
-            description=f"A causal LM after {self.iteration} {self.name} iterations (config in the run's run_config.json).",
+            description=f"A causal LM after {self.iteration} {self.name} steps (config in the run's run_config.json).",
         )
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
@@ -474,6 +360,245 @@ class OnPolicyTrainer:
         shutil.rmtree(old, ignore_errors=True)
         return directory
 
+    # ------------------------------------------------------------------ the loop
+    def run(
+        self,
+        steps: int,
+        next_batch: Callable[[], object],
+        checkpoint_dir: str | Path | None = None,
+        evaluate: Callable[[], dict] | None = None,
+        progress: bool | None = None,
+        extra: Callable[[], dict] | None = None,
+    ) -> list[dict]:
+        """Call ``self.step(next_batch())`` until ``steps`` steps are done; returns the history.
+
+        With ``evaluate`` (a function returning ``eval_*``/``val_*`` statistics), step 0
+        (before training), every ``eval_every``-th step and the last one also carry its
+        statistics. With ``checkpoint_dir`` the run is saved every ``checkpoint_every``
+        steps and at the end; calling again with the same directory resumes and reproduces
+        the uninterrupted run exactly (same thread count; a changed config is refused, see
+        :meth:`load`), and every step's statistics are appended to
+        ``checkpoint_dir/metrics.jsonl`` as they happen (one JSON object a line: watch it
+        during a run, read it after a crash). ``next_batch`` is called after a resume, so
+        it sees the restored state. ``extra()`` adds keys to every row (e.g. the epoch).
+        """
+        cfg = self.config
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"the number of steps (iterations) must be an integer >= 0, got {steps!r}")
+        ckpt = Path(checkpoint_dir) / self.checkpoint_name if checkpoint_dir is not None else None
+        metrics = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir is not None else None
+        if ckpt is not None and ckpt.exists():
+            self.load(ckpt)
+        if metrics is not None:  # rows after the last checkpoint were lost with the run: the file restarts from it
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            write_metrics(self.history, metrics)
+        extra = extra if extra is not None else dict
+        if evaluate is not None and self.iteration == 0 and not any(h["step"] == 0 for h in self.history):
+            self.history.append({"step": 0, **extra(), **evaluate()})
+            if metrics is not None:
+                append_metrics(self.history[-1], metrics)
+        show = cfg.progress if progress is None else progress
+        bar = tqdm(total=steps, initial=min(self.iteration, steps), desc=self.name, disable=not show)
+        while self.iteration < steps:
+            stats = self.step(next_batch())
+            stats.update(extra())
+            last = self.iteration == steps
+            if evaluate is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
+                stats.update(evaluate())
+            self.history.append(stats)
+            if metrics is not None:
+                append_metrics(stats, metrics)
+            bar.update(1)
+            bar.set_postfix(self.progress_postfix(stats))
+            if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
+                self.save(ckpt)
+        bar.close()
+        return self.history
+
+
+class OnPolicyTrainer(PolicyTrainer):
+    """Sample -> :func:`~rlhf_book.experience.make_experience` -> ``update`` on a causal LM, against ``reward_fn``.
+
+    ``policy``: a causal LM (trained in place) or a :class:`~rlhf_book.critic.PolicyWithValueHead`;
+    ``ref_model``: a separate frozen copy of it (pi_ref); ``reward_fn(prompts, responses,
+    terminated) -> (B,)``: what is optimised (a learned reward model, e.g.
+    :func:`rlhf_book.reward_model.reward_fn_from_model`, or any function of the text);
+    ``critic``: a module to use as the critic (e.g. ``ValueModel.from_reward_model(rm)``),
+    else ``config.critic`` decides; ``gold_fn`` (same signature, or None): a reward that
+    is only logged (``gold_reward``), never learned from.
+
+    One device rule (:class:`PolicyTrainer`), the critic included. After each
+    :meth:`step`, ``experience`` is that iteration's :class:`~rlhf_book.experience.Experience`
+    (to inspect what the update saw) and ``timings`` the seconds of its phases (``generate``;
+    ``experience``, of which ``reward`` in the reward function and ``forwards`` in the
+    reference and critic; ``update``), also logged as ``*_seconds``: benchmarks read them
+    instead of patching the trainer. On CUDA each phase boundary synchronises the device.
+    """
+
+    name = "RL"
+    config_class = OnPolicyConfig
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        ref_model: nn.Module,
+        tokenizer,
+        reward_fn: Callable,
+        config: OnPolicyConfig | None = None,
+        critic: nn.Module | None = None,
+        gold_fn: Callable | None = None,
+    ):
+        if not callable(reward_fn):
+            raise ValueError(f"reward_fn must be a function (prompts, responses, terminated) -> (B,) scores, got {reward_fn!r}")
+        super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn)
+        cfg, lm = self.config, self.lm
+        # the critic: a module given, the policy's own value head, a new value head, or a separate copy of the trunk
+        if critic is not None:
+            model = lm
+        elif isinstance(policy, PolicyWithValueHead):
+            model = policy
+        elif cfg.critic == "head":
+            model = PolicyWithValueHead(lm, detach_value_head=cfg.detach_value_head)
+        else:
+            model, critic = lm, ValueModel.from_causal_lm(lm)
+        if isinstance(model, PolicyWithValueHead):
+            model.detach_value_head = cfg.detach_value_head
+        self.model, self.critic = model, critic
+        self.model.to(self.device)
+        if self.critic is not None:
+            self.critic.to(self.device)
+        if cfg.disable_dropout:
+            for m in (self.model, self.critic):
+                if m is not None:
+                    disable_dropout(m)
+        # one optimizer: the actor's parameters and the critic's, each group with its learning rate
+        critic_module = self.critic if self.critic is not None else self.model.value_head
+        self.actor_params = [p for p in lm.parameters() if p.requires_grad]
+        self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
+        critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
+        self.optimizer = adam([{"params": self.actor_params, "lr": cfg.lr}, {"params": self.critic_params, "lr": critic_lr}],
+                              lr=cfg.lr, eps=cfg.adam_eps)
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.experience: Experience | None = None
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, prompts: Sequence) -> dict:
+        """One iteration on ``prompts`` (strings or records): sample, make the experience, update; returns its stats."""
+        t0, timings = time.perf_counter(), {}
+        with timed(timings, "generate", self.device):
+            rollout = self.sample(prompt_texts(prompts))
+        with timed(timings, "experience", self.device):
+            exp = self.make_experience(rollout, timings)
+        with timed(timings, "update", self.device):
+            update_stats = self.update(exp)
+        stats = {"step": self.iteration + 1, **self.experience_stats(exp), **update_stats}
+        self.kl_ctl.update(stats["kl"], len(exp))
+        stats["next_beta"] = self.kl_ctl.value
+        self.experience, self.timings = exp, timings
+        stats.update({f"{k}_seconds": v for k, v in timings.items()}, step_seconds=time.perf_counter() - t0)
+        self.iteration += 1
+        return stats
+
+    def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
+        """:func:`rlhf_book.experience.make_experience` with this trainer's models and config (eval mode, no grad)."""
+        cfg = self.config
+        self.train_mode(False)
+        critic = self.critic if self.critic is not None else self.model
+        recompute = cfg.recompute_old_logprobs or self.precision == "bf16"
+        with self.autocast():  # a reward model's forward runs in bf16 too
+            return make_experience(
+                rollout, self.reward_fn, self.compiled(self.ref), self.compiled(critic), kl_coef=self.kl_ctl.value,
+                kl_penalty=cfg.kl_penalty, gamma=cfg.gamma, lam=cfg.lam, missing_eos_score=cfg.missing_eos_score,
+                whiten_rewards=cfg.whiten_rewards, whiten_advantages=cfg.whiten_advantages,
+                policy=self.compiled(self.lm) if recompute else None, gold_fn=self.gold_fn, timings=timings,
+            )
+
+    def update(self, experience: Experience) -> dict:
+        """The algorithm: learn from one experience batch; returns its statistics (floats). Subclasses implement it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ pieces an update uses
+    def policy_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi_theta(a_t | s_t), V(s_t), entropy) of ``rollout``'s tokens, (B, R) each, with grad.
+
+        One teacher-forced forward of the policy (which also gives V with a value head),
+        plus one of the separate critic if there is one.
+        """
+        cfg = self.config
+        with self.autocast():
+            logprobs, values, entropy = forward_logprobs_and_values(
+                self.compiled(self.model), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+            if self.critic is not None:
+                values = response_values(self.compiled(self.critic), rollout)
+        return logprobs, values.float(), entropy
+
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        """V(s_t) of ``rollout``'s tokens under the current critic, (B, R), with grad."""
+        with self.autocast():
+            return response_values(self.compiled(self.critic if self.critic is not None else self.model), rollout).float()
+
+    def kl_penalty_loss(self, logprobs: torch.Tensor, experience: Experience) -> torch.Tensor | float:
+        """beta * mean k3 KL(pi_theta || pi_ref) when the KL goes in the loss (``kl_penalty="loss"``), else 0."""
+        if experience.kl_penalty != "loss" or experience.kl_coef <= 0:
+            return 0.0
+        return experience.kl_coef * kl_loss(logprobs, experience.ref_logprobs, experience.mask)
+
+    def train_mode(self, on: bool) -> None:
+        """Train (dropout as configured) or eval mode for the policy and the critic."""
+        self.model.train(on)
+        if self.critic is not None:
+            self.critic.train(on)
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def experience_stats(self, exp: Experience) -> dict:
+        """The statistics of an experience batch every algorithm logs (floats); the keys are listed in the README."""
+        mask = exp.mask
+        seq_k1 = sequence_kl(exp.kl, mask)
+        seq_k3 = sequence_kl(kl_k3(exp.old_logprobs, exp.ref_logprobs), mask)
+        beta = exp.kl_coef
+        stats = {
+            "proxy_reward": exp.raw_scores.mean().item(),
+            "score": exp.scores.mean().item(),
+            "kl": seq_k1.mean().item(),
+            "kl_k3": seq_k3.mean().item(),
+            "beta": beta,
+            "non_score_reward": (-beta * seq_k1).mean().item() if exp.kl_penalty == "reward" else 0.0,
+            "response_length": exp.rollout.response_lengths.float().mean().item(),
+            "terminated": exp.rollout.terminated.float().mean().item(),
+            "explained_variance": explained_variance(exp.values, exp.returns, mask),
+            "value_mean": masked_mean(exp.values, mask).item(),
+            "return_mean": masked_mean(exp.returns, mask).item(),
+        }
+        if exp.gold is not None:
+            stats["gold_reward"] = exp.gold.mean().item()
+        return stats
+
+    def progress_postfix(self, stats: dict) -> dict:
+        """What the progress bar shows after an iteration."""
+        return {"proxy": f"{stats['proxy_reward']:.2f}", "gold": f"{stats.get('gold_reward', float('nan')):.2f}",
+                "kl": f"{stats['kl']:.2f}", "beta": f"{stats['beta']:.3f}"}
+
+    # ------------------------------------------------------------------ checkpoints
+    def stateful(self) -> dict:
+        """Objects with ``state_dict``/``load_state_dict`` besides model and critic, by checkpoint key."""
+        return {"optimizer": self.optimizer, "kl_ctl": self.kl_ctl}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.critic is not None and "critic" not in state:
+            raise ValueError("checkpoint has no separate critic but this trainer has one")
+        super().load_state_dict(state)
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+
+    # ------------------------------------------------------------------ the loop
     def train(
         self,
         prompt_list: Sequence,
@@ -486,13 +611,9 @@ class OnPolicyTrainer:
 
         Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
         ``eval_prompts``, iteration 0 (before training), every ``eval_every``-th iteration and
-        the last one also carry ``eval_*`` statistics. With ``checkpoint_dir`` the run is saved
-        every ``checkpoint_every`` iterations and at the end; calling again with the same
-        directory resumes and reproduces the uninterrupted run exactly (same thread count;
-        a changed config is refused, see :meth:`load`), and every iteration's statistics are
-        appended to ``checkpoint_dir/metrics.jsonl`` as they happen (one JSON object a line:
-        watch it during a run, read it after a crash). ``progress`` (default
-        ``config.progress``) shows a tqdm bar.
+        the last one also carry :meth:`evaluate`'s ``eval_*`` statistics. With
+        ``checkpoint_dir`` the run is resumable and streams its metrics (see :meth:`run`).
+        ``progress`` (default ``config.progress``) shows a tqdm bar.
         """
         cfg = self.config
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
@@ -501,34 +622,13 @@ class OnPolicyTrainer:
         if len(texts) < cfg.batch_size:
             raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
         eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
-        ckpt = Path(checkpoint_dir) / self.checkpoint_name if checkpoint_dir is not None else None
-        metrics = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir is not None else None
-        if ckpt is not None and ckpt.exists():
-            self.load(ckpt)
-        if metrics is not None:  # rows after the last checkpoint were lost with the run: the file restarts from it
-            metrics.parent.mkdir(parents=True, exist_ok=True)
-            write_metrics(self.history, metrics)
-        if eval_texts is not None and self.iteration == 0 and not any(h["step"] == 0 for h in self.history):
-            self.history.append({"step": 0, **self.evaluate(eval_texts)})
-            if metrics is not None:
-                append_metrics(self.history[-1], metrics)
-        show = cfg.progress if progress is None else progress
-        bar = tqdm(total=iterations, initial=min(self.iteration, iterations), desc=self.name, disable=not show)
-        while self.iteration < iterations:
+
+        def next_batch() -> list[str]:
             order = torch.randperm(len(texts), generator=self.generator, device=self.device)[: cfg.batch_size]
-            stats = self.step([texts[i] for i in order.tolist()])
-            last = self.iteration == iterations
-            if eval_texts is not None and (last or (cfg.eval_every and self.iteration % cfg.eval_every == 0)):
-                stats.update(self.evaluate(eval_texts))
-            self.history.append(stats)
-            if metrics is not None:
-                append_metrics(stats, metrics)
-            bar.update(1)
-            bar.set_postfix(self.progress_postfix(stats))
-            if ckpt is not None and (last or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0)):
-                self.save(ckpt)
-        bar.close()
-        return self.history
+            return [texts[i] for i in order.tolist()]
+
+        evaluate = (lambda: self.evaluate(eval_texts)) if eval_texts is not None else None
+        return self.run(iterations, next_batch, checkpoint_dir, evaluate, progress)
 
 
 METRICS_NAME = "metrics.jsonl"

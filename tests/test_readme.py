@@ -1,9 +1,11 @@
 """The README's "your own notebook" examples run as written, without the book's world, and do what they say."""
 
+import math
 import re
 from pathlib import Path
 
 import rlhf_book  # noqa: F401  (before torch)
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,7 +18,7 @@ def _own_notebook_blocks() -> list[str]:
 
 def test_the_own_notebook_examples_run(tmp_path, monkeypatch, no_book_world):
     blocks = _own_notebook_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     for block in blocks:
@@ -26,3 +28,6 @@ def test_the_own_notebook_examples_run(tmp_path, monkeypatch, no_book_world):
     assert len(ns["pairs"]) > 40 and "chosen_gold" in ns["pairs"][0]
     scores = ns["reward_fn"](ns["ref"].prompts, ns["ref"].responses, ns["ref"].terminated)
     assert abs(float(scores.mean())) < 1e-4  # normalised on the reference replies, as the comment says
+    dpo = ns["dpo_history"]  # DPO on the same pairs: the training loss falls from log 2 and "my_reward" goes up
+    assert dpo[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5) and dpo[-1]["loss"] < math.log(2) - 0.1
+    assert dpo[-1]["eval_gold_reward"] > dpo[0]["eval_gold_reward"]

@@ -94,6 +94,9 @@ def test_command_line_overrides_and_lists_any_field(tmp_path, capsys):
     assert main(["options", "ppo"]) == 0
     out = capsys.readouterr().out
     assert "kl_coef = 0.05" in out and "clip_range = 0.2" in out and "valid: > 0" in out and "beta" in out
+    assert main(["options", "dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "loss_type = \"sigmoid\"" in out and "'ipo'" in out and "beta = 0.1" in out and "DPOConfig(FIELD=VALUE)" in out
 
 
 def test_make_experience_is_the_trainers_experience_step(tiny_world):

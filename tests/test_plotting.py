@@ -1,0 +1,35 @@
+"""Plot helpers: the seed aggregate is the mean, min and max at the steps every seed has; plots draw what exists."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+from rlhf_book.plotting import plot_run, plot_seeds, seed_curves  # noqa: E402
+
+RUNS = [
+    [{"step": 0, "eval_kl": 0.0, "gold": 1.0}, {"step": 4, "eval_kl": 2.0, "gold": 2.0}, {"step": 8, "eval_kl": 3.0}],
+    [{"step": 0, "eval_kl": 0.0, "gold": 3.0}, {"step": 4, "eval_kl": 4.0, "gold": float("nan")},
+     {"step": 8, "eval_kl": 5.0, "gold": 4.0}],
+]
+
+
+def test_seed_curves_by_hand():
+    c = seed_curves(RUNS, "gold")
+    # step 4 has no finite gold in seed 2 and step 8 none in seed 1: only step 0 is shared
+    assert c["step"] == [0] and c["y"] == [2.0] and (c["y_lo"], c["y_hi"]) == ([1.0], [3.0])
+    c = seed_curves(RUNS, "eval_kl")
+    assert c["step"] == [0, 4, 8] and c["y"] == [0.0, 3.0, 4.0] and c["y_hi"] == [0.0, 4.0, 5.0]
+    f = seed_curves([RUNS[0], RUNS[0]], "gold", x_key="eval_kl")
+    assert f["x"] == [0.0, 2.0] and f["y"] == [1.0, 2.0] and f["x_lo"] == f["x_hi"] == [0.0, 2.0]
+
+
+def test_plots_draw_only_what_the_histories_have():
+    ax = plot_seeds({"a": RUNS, "b": [RUNS[0]]}, "eval_kl")
+    assert len(ax.get_lines()) == 2 and "a (2 seeds)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plot_seeds({"a": RUNS}, "gold", x_key="eval_kl")
+    fig = plot_run([{"step": 1, "loss": 0.6, "reward_chosen": 0.1, "reward_rejected": -0.1, "logp_chosen": -20.0}])
+    assert {a.get_title() for a in fig.axes if a.get_visible()} == {"loss", "implicit rewards", "log-probs of the data"}
+    with pytest.raises(ValueError, match="none of the plotted keys"):
+        plot_run([{"step": 1, "nothing": 1.0}])
