@@ -48,6 +48,10 @@ from .plotting import plot_run
 # chapter 6: direct preference optimisation
 from .dpo import DPOConfig, DPOTrainer, dpo_loss
 
+# chapter 7: RL without a critic (REINFORCE, RLOO, GRPO and its variants), pass@k
+from .critic_free import (CriticFreeConfig, CriticFreeTrainer, RunningMeanBaseline, aggregate_loss,
+                          critic_free_policy_loss, evaluate_pass_at_k, grpo_advantages, pass_at_k, rloo_advantages)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -66,4 +70,6 @@ __all__ = [
     "AdaptiveKLController", "FixedKLController", "kl_k1", "kl_k2", "kl_k3",
     "PPOConfig", "PPOTrainer", "ppo_policy_loss", "plot_run",
     "PolicyTrainer", "TrainerConfig", "DPOConfig", "DPOTrainer", "dpo_loss",
+    "CriticFreeConfig", "CriticFreeTrainer", "RunningMeanBaseline", "aggregate_loss", "critic_free_policy_loss",
+    "evaluate_pass_at_k", "grpo_advantages", "pass_at_k", "rloo_advantages",
 ]

@@ -184,11 +184,13 @@ def plot_seeds(
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str | None = None,
+    styles: Mapping[str, dict] | None = None,
 ):
     """Runs of several seeds per label (``{label: [history, ...]}``): the mean over seeds, and their min-max spread.
 
     Against ``step`` the spread is a band; against another key (e.g. ``eval_kl``, a
-    frontier) it is an error bar in both directions at each evaluated step. Returns the axes.
+    frontier) it is an error bar in both directions at each evaluated step. ``styles``:
+    matplotlib keywords per label (e.g. ``{"PPO": {"ls": "--", "marker": "s"}}``). Returns the axes.
     """
     import matplotlib.pyplot as plt
 
@@ -199,13 +201,14 @@ def plot_seeds(
         if not c["step"]:
             continue
         name = f"{label} ({len(histories)} seeds)"
+        style = {"marker": "o", "ms": 2.5 if x_key == "step" else 3, **(styles or {}).get(label, {})}
         if x_key == "step":
-            (line,) = ax.plot(c["x"], c["y"], marker="o", ms=2.5, label=name)
+            (line,) = ax.plot(c["x"], c["y"], label=name, **style)
             ax.fill_between(c["x"], c["y_lo"], c["y_hi"], color=line.get_color(), alpha=0.2, lw=0)
         else:
             err = lambda m, lo, hi: [[a - b for a, b in zip(m, lo)], [b - a for a, b in zip(m, hi)]]  # noqa: E731
             ax.errorbar(c["x"], c["y"], xerr=err(c["x"], c["x_lo"], c["x_hi"]), yerr=err(c["y"], c["y_lo"], c["y_hi"]),
-                        marker="o", ms=3, lw=1.2, elinewidth=0.6, capsize=0, label=name)
+                        lw=1.2, elinewidth=0.6, capsize=0, label=name, **style)
     ax.set_xlabel(xlabel or x_key)
     ax.set_ylabel(ylabel or y_key)
     ax.grid(alpha=0.3)

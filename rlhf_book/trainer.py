@@ -424,8 +424,10 @@ class OnPolicyTrainer(PolicyTrainer):
     terminated) -> (B,)``: what is optimised (a learned reward model, e.g.
     :func:`rlhf_book.reward_model.reward_fn_from_model`, or any function of the text);
     ``critic``: a module to use as the critic (e.g. ``ValueModel.from_reward_model(rm)``),
-    else ``config.critic`` decides; ``gold_fn`` (same signature, or None): a reward that
-    is only logged (``gold_reward``), never learned from.
+    else ``config.critic`` decides (``"none"``, which a critic-free config such as
+    :class:`~rlhf_book.critic_free.CriticFreeConfig` declares: no value model at all, V = 0 in
+    the experience, no critic parameters in the optimizer); ``gold_fn`` (same signature, or
+    None): a reward that is only logged (``gold_reward``), never learned from.
 
     One device rule (:class:`PolicyTrainer`), the critic included. After each
     :meth:`step`, ``experience`` is that iteration's :class:`~rlhf_book.experience.Experience`
@@ -452,8 +454,15 @@ class OnPolicyTrainer(PolicyTrainer):
             raise ValueError(f"reward_fn must be a function (prompts, responses, terminated) -> (B,) scores, got {reward_fn!r}")
         super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn)
         cfg, lm = self.config, self.lm
-        # the critic: a module given, the policy's own value head, a new value head, or a separate copy of the trunk
-        if critic is not None:
+        # the critic: none, a module given, the policy's value head, a new value head, or a separate copy of the trunk
+        self.has_critic = cfg.critic != "none"
+        if not self.has_critic:
+            if critic is not None or isinstance(policy, PolicyWithValueHead):
+                raise ValueError(f"{type(cfg).__name__}.critic is 'none' (no critic) but a critic was given "
+                                 f"({'critic=' if critic is not None else 'a policy with a value head: '}"
+                                 f"{type(critic if critic is not None else policy).__name__}); pass the bare causal LM")
+            model = lm
+        elif critic is not None:
             model = lm
         elif isinstance(policy, PolicyWithValueHead):
             model = policy
@@ -471,13 +480,15 @@ class OnPolicyTrainer(PolicyTrainer):
             for m in (self.model, self.critic):
                 if m is not None:
                     disable_dropout(m)
-        # one optimizer: the actor's parameters and the critic's, each group with its learning rate
-        critic_module = self.critic if self.critic is not None else self.model.value_head
+        # one optimizer: the actor's parameters and the critic's (if any), each group with its learning rate
         self.actor_params = [p for p in lm.parameters() if p.requires_grad]
-        self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
-        critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-        self.optimizer = adam([{"params": self.actor_params, "lr": cfg.lr}, {"params": self.critic_params, "lr": critic_lr}],
-                              lr=cfg.lr, eps=cfg.adam_eps)
+        groups = [{"params": self.actor_params, "lr": cfg.lr}]
+        self.critic_params = []
+        if self.has_critic:
+            critic_module = self.critic if self.critic is not None else self.model.value_head
+            self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
+            groups.append({"params": self.critic_params, "lr": cfg.critic_lr if cfg.critic_lr is not None else cfg.lr})
+        self.optimizer = adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.experience: Experience | None = None
         self.timings: dict[str, float] = {}
@@ -504,7 +515,7 @@ class OnPolicyTrainer(PolicyTrainer):
         """:func:`rlhf_book.experience.make_experience` with this trainer's models and config (eval mode, no grad)."""
         cfg = self.config
         self.train_mode(False)
-        critic = self.critic if self.critic is not None else self.model
+        critic = self.critic if self.critic is not None else (self.model if self.has_critic else None)  # None: V = 0
         recompute = cfg.recompute_old_logprobs or self.precision == "bf16"
         with self.autocast():  # a reward model's forward runs in bf16 too
             return make_experience(
@@ -523,7 +534,7 @@ class OnPolicyTrainer(PolicyTrainer):
         """(log pi_theta(a_t | s_t), V(s_t), entropy) of ``rollout``'s tokens, (B, R) each, with grad.
 
         One teacher-forced forward of the policy (which also gives V with a value head),
-        plus one of the separate critic if there is one.
+        plus one of the separate critic if there is one; V = 0 without a critic.
         """
         cfg = self.config
         with self.autocast():
@@ -531,10 +542,12 @@ class OnPolicyTrainer(PolicyTrainer):
                 self.compiled(self.model), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
             if self.critic is not None:
                 values = response_values(self.compiled(self.critic), rollout)
-        return logprobs, values.float(), entropy
+        return logprobs, (torch.zeros_like(logprobs) if values is None else values.float()), entropy
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """V(s_t) of ``rollout``'s tokens under the current critic, (B, R), with grad."""
+        if not self.has_critic:
+            raise ValueError(f"this trainer has no critic ({type(self.config).__name__}.critic is 'none')")
         with self.autocast():
             return response_values(self.compiled(self.critic if self.critic is not None else self.model), rollout).float()
 
@@ -553,7 +566,10 @@ class OnPolicyTrainer(PolicyTrainer):
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
     def experience_stats(self, exp: Experience) -> dict:
-        """The statistics of an experience batch every algorithm logs (floats); the keys are listed in the README."""
+        """The statistics of an experience batch every algorithm logs (floats); the keys are listed in the README.
+
+        Without a critic there is no ``explained_variance`` nor ``value_mean``.
+        """
         mask = exp.mask
         seq_k1 = sequence_kl(exp.kl, mask)
         seq_k3 = sequence_kl(kl_k3(exp.old_logprobs, exp.ref_logprobs), mask)
@@ -567,10 +583,11 @@ class OnPolicyTrainer(PolicyTrainer):
             "non_score_reward": (-beta * seq_k1).mean().item() if exp.kl_penalty == "reward" else 0.0,
             "response_length": exp.rollout.response_lengths.float().mean().item(),
             "terminated": exp.rollout.terminated.float().mean().item(),
-            "explained_variance": explained_variance(exp.values, exp.returns, mask),
-            "value_mean": masked_mean(exp.values, mask).item(),
-            "return_mean": masked_mean(exp.returns, mask).item(),
         }
+        if self.has_critic:
+            stats["explained_variance"] = explained_variance(exp.values, exp.returns, mask)
+            stats["value_mean"] = masked_mean(exp.values, mask).item()
+        stats["return_mean"] = masked_mean(exp.returns, mask).item()
         if exp.gold is not None:
             stats["gold_reward"] = exp.gold.mean().item()
         return stats

@@ -47,7 +47,7 @@ DPO_BETAS = (0.03, 0.1, 0.3, 1.0)
 DPO_EPOCHS = 3
 DPO = dict(lr=1e-4, batch_size=32, eval_every=24, eval_samples=3, progress=False)  # 94 steps an epoch
 PPO_BETAS = (0.0, 0.05, 0.2)
-PPO_ITERATIONS = 40
+PPO_ITERATIONS = 80  # twice chapter 5's 40, so the beta > 0 runs reach their plateau
 PPO = dict(batch_size=32, minibatch_size=16, ppo_epochs=4, lr=1e-4, clip_range=0.2, max_new_tokens=40, eval_every=4,
            eval_samples=3, progress=False)  # chapter 5's base_config
 DATA_BETA, DATA_PAIRS, DATA_EPOCHS = 0.1, 1500, 2

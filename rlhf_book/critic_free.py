@@ -1,0 +1,577 @@
+"""RL without a critic: REINFORCE, RLOO, GRPO and its variants (Dr. GRPO, DAPO, GSPO), and pass@k.
+
+A critic-free algorithm replaces the value model V(s_t) of A2C/PPO by a baseline made of
+*other samples*: each prompt x gets K responses y_1..y_K (``num_generations``), each is
+scored once, r_i = r(x, y_i) [- beta * sum_t k1_t when the KL is in the reward], and the
+sequence advantage A_i is broadcast to every token of y_i. On (B, K) rewards:
+
+    REINFORCE + running mean   A_i = r_i - b,   b = bias-corrected EMA of past batch means
+                               (Williams 1992; the moving-average baseline of Ahmadian et al. 2024)
+    RLOO (leave one out)       A_i = r_i - 1/(K-1) sum_{j != i} r_j  =  K/(K-1) (r_i - mean_j r_j)
+                               (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!";
+                               Ahmadian et al. 2024, "Back to basics")
+    GRPO                       A_i = (r_i - mean_j r_j) / (std_j r_j + eps)
+                               (Shao et al. 2024, DeepSeekMath; std over the group, TRL scale_rewards="group")
+    Lite PPO                   A_i = (r_i - mean_j r_j) / (std over the whole batch + eps)   (scale="batch",
+                               Liu et al. 2025, "Tricks or traps?")
+    Dr. GRPO                   A_i = r_i - mean_j r_j   (scale="none", Liu et al. 2025, "Understanding R1-Zero-like
+                               training": dividing by the group std weighs prompts by their difficulty)
+
+A group whose K rewards are all equal ("degenerate": every answer right, or every one wrong)
+carries no signal; its advantages are exactly 0 (no 0/0). The update is PPO's clipped
+surrogate without a value loss, on the ratio w = pi_theta / pi_old at one of two levels:
+
+    token    (GRPO)   w_{i,t} = exp(log pi_theta(y_it) - log pi_old(y_it))
+    sequence (GSPO)   w_i     = exp(1/|y_i| sum_t [log pi_theta(y_it) - log pi_old(y_it)])  (Zheng et al. 2025)
+
+    l_{i,t} = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i)  [+ beta * k3_{i,t}]
+
+(``epsilon_high`` > ``epsilon``: DAPO's "clip-higher", Yu et al. 2025), and the per-token
+losses l_{i,t} are reduced to one number by ``loss_type``, with TRL 1.16's names and
+normalisers (``trl/trainer/grpo_trainer.py``, ``GRPOTrainer._compute_loss``); N sequences in
+the optimizer step, m the response mask, L = ``max_completion_length``:
+
+    grpo      1/N sum_i (1/|y_i| sum_t l_it)        per-sequence mean: a long reply's tokens weigh less
+    bnpo      sum_it l_it / sum_it m_it             token mean over the step's (local) batch
+    dr_grpo   sum_it l_it / (N L)                   a constant normaliser (Dr. GRPO)
+    dapo      sum_it l_it / num_items               token mean over the whole generation batch (DAPO): TRL divides
+                                                    by the batch's active tokens over the number of optimizer steps
+                                                    it is split into, so with one step dapo == bnpo
+
+The KL to the reference goes either into the reward (RLOO's form: k1 summed over the reply,
+``kl_penalty="reward"``, as in the experience step of every on-policy trainer) or into the
+loss (GRPO's form: beta * k3 per token, ``kl_penalty="loss"``, aggregated like the policy
+term, as TRL does; :func:`rlhf_book.kl.kl_k3`). ``kl_coef`` is TRL's ``beta``.
+
+Where this departs from the papers (and follows TRL 1.16): the std gets eps = 1e-4 (GRPO
+divides by the bare std) and degenerate groups are zeroed explicitly; DAPO's dynamic sampling
+(resampling degenerate groups) and overlong reward shaping are not implemented, only its
+clip-higher and token-level loss; GSPO's paper clips the sequence ratio at ~3e-4 / 4e-4, not
+0.2 (set ``epsilon`` for it, with ``loss_type="grpo"``: the token-level normalisers weigh a
+reply's one sequence loss by its length). RLOO and REINFORCE here use the same clipped,
+token-level loss as GRPO (with one step per batch, w = 1 and the clip never binds, so it is
+the REINFORCE gradient); TRL's RLOOTrainer instead takes the ratio of *summed* log-probs per
+reply and averages over replies, whose on-policy gradient is -1/N sum_i A_i sum_t grad log
+pi(y_it): ``loss_type="dr_grpo"`` times max_completion_length (the same direction; under Adam
+the scale matters only through epsilon and gradient clipping).
+
+pass@k (Chen et al. 2021) measures whether RL sharpens (pass@1 up, pass@k for large k flat
+or down) or widens (pass@k up too): :func:`pass_at_k` is the unbiased estimator from n
+samples with c correct, :func:`evaluate_pass_at_k` samples n replies per held-out prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+
+from .advantage import masked_mean, masked_sum
+from .config import option, redefault
+from .experience import Experience
+from .kl import kl_k3, sequence_kl
+from .rollout import Rollout, generate, prompt_texts, score_rollout
+from .trainer import OnPolicyConfig, OnPolicyTrainer
+
+__all__ = [
+    "ADVANTAGES", "SCALE_REWARDS", "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS",
+    "degenerate_groups", "rloo_advantages", "grpo_advantages", "RunningMeanBaseline",
+    "sequence_rewards", "aggregate_loss", "critic_free_policy_loss",
+    "CriticFreeConfig", "CriticFreeTrainer", "pass_at_k", "evaluate_pass_at_k",
+]
+
+ADVANTAGES = ("grpo", "rloo", "reinforce")
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+STD_EPS = 1e-4  # TRL's constant in (r - mean) / (std + 1e-4)
+
+
+# ------------------------------------------------------------------ advantages on (B, K) sequence rewards
+def _check_groups(rewards: torch.Tensor, min_k: int, who: str) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
+        raise ValueError(f"{who}: rewards must be a (B, K) tensor (B prompts, K samples each), got "
+                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
+    if rewards.size(1) < min_k:
+        raise ValueError(f"{who} needs K >= {min_k} samples per prompt, got rewards of shape {tuple(rewards.shape)}")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"{who}: rewards contain NaN or inf")
+    return rewards.float()
+
+
+def degenerate_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """True for each group whose K rewards are all equal (no learning signal); (B, K) -> (B,) bool."""
+    r = _check_groups(rewards, 1, "degenerate_groups")
+    return r.amax(1) == r.amin(1)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO: A_i = r_i - mean of the other K - 1 rewards of its group (Kool et al. 2019); (B, K) -> (B, K).
+
+    Equal to K/(K-1) (r_i - group mean): unbiased, since the baseline of r_i does not use r_i.
+    A degenerate group gets exactly 0 (computed, the baseline could differ from r_i by rounding).
+    """
+    r = _check_groups(rewards, 2, "rloo_advantages")
+    K = r.size(1)
+    baseline = (r.sum(1, keepdim=True) - r) / (K - 1)
+    return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(r), r - baseline)
+
+
+def grpo_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = STD_EPS) -> torch.Tensor:
+    """GRPO: A_i = (r_i - group mean) / (std + eps), std of the group, of the batch or none; (B, K) -> (B, K).
+
+    ``scale``: "group" (GRPO, TRL's default), "batch" (std of all B * K rewards: Lite PPO) or
+    "none" (Dr. GRPO: only the group mean is subtracted). The std is Bessel-corrected and
+    eps = 1e-4, as TRL 1.16 computes it (``nanstd``); a degenerate group gets exactly 0,
+    even with eps = 0.
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {list(SCALE_REWARDS)}, got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    r = _check_groups(rewards, 2, "grpo_advantages")
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (r.std() + eps)
+    return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(adv), adv)
+
+
+class RunningMeanBaseline:
+    """REINFORCE's baseline b: an exponential moving average of past batches' mean reward, bias-corrected.
+
+    After batches with means m_1..m_n, b = sum_j decay^(n-j) m_j / sum_j decay^(n-j) (so
+    b = m_1 after one batch, whatever the decay; ``decay=0``: the last batch's mean). b = 0
+    before any batch. :meth:`advantages` uses the b of *past* batches only, so A = r - b is
+    an unbiased policy-gradient weight (b does not depend on the samples it is subtracted from).
+    """
+
+    def __init__(self, decay: float = 0.9):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        self.decay, self._ema, self.count = float(decay), 0.0, 0
+
+    @property
+    def value(self) -> float:
+        """The current baseline b (0 before the first batch)."""
+        return self._ema / (1.0 - self.decay ** self.count) if self.count else 0.0
+
+    def update(self, rewards: torch.Tensor) -> float:
+        """Fold one batch's mean reward into b; returns the new b."""
+        self._ema = self.decay * self._ema + (1.0 - self.decay) * float(rewards.float().mean())
+        self.count += 1
+        return self.value
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """A = r - b with the b of past batches, then fold this batch in; any shape -> same shape."""
+        adv = rewards.float() - self.value
+        self.update(rewards)
+        return adv
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "ema": self._ema, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self._ema, self.count = float(state["decay"]), float(state["ema"]), int(state["count"])
+
+
+def sequence_rewards(exp: Experience) -> torch.Tensor:
+    """The reward of each reply the advantages see: r(x, y) [- beta sum_t k1_t with the KL in the reward]; -> (N,).
+
+    ``exp.scores`` is r(x, y) after the missing-EOS rule; with ``kl_penalty="reward"`` the
+    sequence k1 KL of pi_old to pi_ref is subtracted, as TRL's RLOOTrainer does (the sum of
+    the experience's per-token rewards, without their optional whitening).
+    """
+    if exp.kl_penalty == "reward" and exp.kl_coef > 0:
+        return exp.scores - exp.kl_coef * sequence_kl(exp.kl, exp.mask)
+    return exp.scores
+
+
+# ------------------------------------------------------------------ the loss
+def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str = "dapo",
+                   max_completion_length: int | None = None, num_items: float | torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Reduce per-token losses (B, T) (or (B, 1), broadcast) to a scalar, as TRL 1.16's ``loss_type`` does.
+
+    "grpo": mean over sequences of each one's token mean; "bnpo": sum / active tokens of
+    this batch; "dr_grpo": sum / (B * ``max_completion_length``); "dapo": sum / ``num_items``
+    (TRL's ``num_items_in_batch``: active tokens of the whole generation batch, per optimizer
+    step; None: this batch's, which makes it "bnpo"). Positions where ``mask`` is 0 never count.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape (B, T), got {tuple(mask.shape)}")
+    x = per_token_loss.expand_as(mask) if per_token_loss.shape != mask.shape else per_token_loss
+    m = mask.bool()
+    if loss_type == "grpo":
+        return (masked_sum(x, m, dim=-1) / m.sum(-1).clamp(min=1).to(x.dtype)).mean()
+    total = masked_sum(x, m)
+    if loss_type == "bnpo":
+        return total / m.sum().clamp(min=1).to(x.dtype)
+    if loss_type == "dr_grpo":
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
+                or max_completion_length < 1:
+            raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, an integer >= 1, "
+                             f"got {max_completion_length!r}")
+        return total / (m.size(0) * max_completion_length)
+    n = m.sum() if num_items is None else torch.as_tensor(num_items, device=x.device)
+    return total / n.clamp(min=1).to(x.dtype)
+
+
+def critic_free_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    as_tensors: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """-min(w A, clip(w, 1-eps, 1+eps_high) A) [+ beta k3] per token, reduced by ``loss_type``; -> (scalar, stats).
+
+    logprobs, old_logprobs, mask (B, T); advantages (B,) per sequence or (B, T). w is the
+    token ratio or GSPO's sequence ratio exp(mean_t log-ratio) (``importance_sampling_level``);
+    ``epsilon_high`` None means ``epsilon``. With ``ref_logprobs`` and beta > 0, beta * k3 of
+    KL(pi_theta || pi_ref) is added per token before aggregation (TRL's GRPO form; unlike
+    :meth:`~rlhf_book.trainer.OnPolicyTrainer.kl_penalty_loss`, a token mean, it then follows
+    ``loss_type``). Garbage (NaN, inf) where ``mask`` is 0 does not reach loss or gradient.
+
+    ``stats``: ``policy_loss`` (without the KL term), ``kl_loss`` (token mean of k3, when
+    given ``ref_logprobs``), ``clipfrac`` = ``clip_low`` + ``clip_high`` (share where the clip
+    is active: w < 1 - eps with A < 0, w > 1 + eps_high with A > 0; of tokens, or of sequences
+    at sequence level, as TRL counts them), ``approx_kl`` (k3 of KL(pi_old || pi_theta) per
+    token), ``approx_kl_k1``, ``ratio_mean`` (of w). ``as_tensors=True``: 0-d tensors.
+    """
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    for name, v in (("epsilon", eps_low), ("epsilon_high", eps_high)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}, "
+                         f"got {importance_sampling_level!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    for name, t in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs)):
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but logprobs has {tuple(logprobs.shape)}")
+    if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
+        raise ValueError(f"advantages must have shape (B,) or (B, T) = {tuple(logprobs.shape)}, "
+                         f"got {tuple(advantages.shape)}")
+    m = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), zero)  # 0 on padding: no inf/NaN there
+    adv = advantages.detach().to(logprobs.dtype)
+    adv = torch.where(m, adv[:, None] if adv.dim() == 1 else adv, zero)
+    sequence_level = importance_sampling_level == "sequence"
+    if sequence_level:  # GSPO: one ratio per reply, the geometric mean of its token ratios
+        log_w = masked_sum(log_ratio, m, dim=-1)[:, None] / m.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)
+    else:
+        log_w = log_ratio
+    w = torch.exp(log_w)  # (B, T) or (B, 1)
+    w_clipped = w.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(w * adv, w_clipped * adv)
+    policy_loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, num_items)
+    loss, kl = policy_loss, None
+    if ref_logprobs is not None:
+        kl = kl_k3(torch.where(m, logprobs, zero), torch.where(m, ref_logprobs.detach(), zero))
+        if beta:
+            loss = loss + beta * aggregate_loss(kl, mask, loss_type, max_completion_length, num_items)
+    with torch.no_grad():
+        rows = m.any(-1)
+
+        def share(x: torch.Tensor) -> torch.Tensor:  # of tokens, or of sequences at sequence level (TRL's counting)
+            x = x.float().expand_as(m)
+            return masked_mean(x, m) if not sequence_level else masked_mean(masked_mean(x, m, dim=-1), rows)
+
+        low = share((w < 1.0 - eps_low) & (adv < 0))
+        high = share((w > 1.0 + eps_high) & (adv > 0))
+        stats = {
+            "policy_loss": policy_loss.detach(), "clipfrac": low + high, "clip_low": low, "clip_high": high,
+            "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), torch.where(m, logprobs.detach(), zero)), m),
+            "approx_kl_k1": masked_mean(-log_ratio.detach(), m),
+            "ratio_mean": share(w.detach()),
+        }
+        if kl is not None:
+            stats["kl_loss"] = masked_mean(kl.detach(), m)
+    return loss, (stats if as_tensors else {k: v.item() for k, v in stats.items()})
+
+
+# ------------------------------------------------------------------ the trainer
+@dataclass
+class CriticFreeConfig(OnPolicyConfig):
+    """:class:`~rlhf_book.trainer.OnPolicyConfig` without a critic, plus the group and loss fields (TRL's names).
+
+    ``kl_coef`` is TRL's ``beta``; ``kl_penalty`` says where it goes ("loss": GRPO's k3 in
+    the loss, the default; "reward": RLOO's k1 in the sequence reward). ``gamma``, ``lam``,
+    ``vf_coef``, ``critic_lr`` and ``detach_value_head`` have no effect (there is no critic and
+    the advantage is one number per reply); ``whiten_advantages`` normalises the sequence
+    advantages over the batch, (A - mean) / (std + 1e-4), like TRL RLOO's ``normalize_advantages``.
+    """
+
+    batch_size: int = option(8, "prompts per iteration; each gets num_generations responses (batch_size * "
+                                "num_generations in all)", ">= 1")
+    critic: str = option("none", "no critic: the baseline is made of the other samples of a prompt", choices=("none",))
+    whiten_advantages: bool = redefault(OnPolicyConfig, "whiten_advantages", False)
+    kl_penalty: str = redefault(OnPolicyConfig, "kl_penalty", "loss")
+    # --- the advantage
+    advantage: str = option("grpo", "'grpo': (r - group mean) / scale_rewards; 'rloo': r - mean of the other K-1; "
+                                    "'reinforce': r - running mean of past batches", choices=ADVANTAGES)
+    num_generations: int = option(4, "K, responses per prompt (>= 2 for 'grpo' and 'rloo')", ">= 1")
+    scale_rewards: str = option("group", "GRPO's divisor: the group std ('group'), the batch std ('batch', Lite "
+                                         "PPO) or none ('none', Dr. GRPO); only with advantage='grpo'",
+                                choices=SCALE_REWARDS)
+    baseline_decay: float = option(0.9, "REINFORCE's running-mean baseline: weight of the past per batch (< 1); only "
+                                        "with advantage='reinforce'", "[0, 1]")
+    # --- the loss
+    loss_type: str = option("dapo", "aggregation of the per-token losses, as TRL: 'grpo' (sequence means), 'dr_grpo' "
+                                    "(sum / (N * max_new_tokens)), 'dapo' (token mean of the generation batch), "
+                                    "'bnpo' (token mean of the optimizer step's batch)", choices=LOSS_TYPES)
+    epsilon: float = option(0.2, "lower clip of the ratio, 1 - epsilon (and the upper one unless epsilon_high)", "> 0")
+    epsilon_high: float | None = option(None, "upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); None: "
+                                              "epsilon", "> 0")
+    importance_sampling_level: str = option("token", "'token': one ratio per token (GRPO); 'sequence': exp(mean "
+                                                     "token log-ratio) per reply (GSPO)",
+                                            choices=IMPORTANCE_SAMPLING_LEVELS)
+    num_iterations: int = option(1, "mu: passes over each generation batch (1: on-policy, the ratio stays 1 in the "
+                                    "first step)", ">= 1")
+    minibatch_size: int | None = option(None, "responses per optimizer step (None: all batch_size * num_generations, "
+                                              "one step per pass)", ">= 1")
+
+    def check(self) -> None:
+        super().check()
+        name = type(self).__name__
+        if self.advantage in ("grpo", "rloo") and self.num_generations < 2:
+            raise ValueError(f"{name}.num_generations must be >= 2 for advantage={self.advantage!r} (a group baseline "
+                             f"needs other samples), got {self.num_generations}")
+        if self.baseline_decay >= 1:
+            raise ValueError(f"{name}.baseline_decay must be < 1 (1 would never move the baseline), "
+                             f"got {self.baseline_decay}")
+        if self.whiten_rewards:
+            raise ValueError(f"{name}.whiten_rewards must be False: the advantages use the sequence rewards, not the "
+                             "per-token ones it scales")
+        n = self.batch_size * self.num_generations
+        if self.minibatch_size is not None and self.minibatch_size < n and n % self.minibatch_size:
+            raise ValueError(f"{name}.minibatch_size ({self.minibatch_size}) must divide batch_size * num_generations "
+                             f"({n}): otherwise the last minibatch of every pass is smaller")
+
+
+class CriticFreeTrainer(OnPolicyTrainer):
+    """REINFORCE, RLOO or GRPO (``config.advantage``) on a causal LM against ``reward_fn``; no value model.
+
+    ``CriticFreeTrainer(policy, ref_model, tokenizer, reward_fn, config=CriticFreeConfig(...),
+    gold_fn=None)``. One iteration is :meth:`OnPolicyTrainer.step
+    <rlhf_book.trainer.OnPolicyTrainer.step>` on ``batch_size`` prompts each repeated K times
+    (``num_generations``, adjacent: rows i*K .. i*K + K - 1 are prompt i's group): sample,
+    :meth:`make_experience` (the shared experience step with V = 0, then the group advantage
+    of each reply broadcast over its tokens), :meth:`update` (``num_iterations`` passes of
+    clipped-surrogate steps). Evaluation, history, checkpoints and export are the shared ones.
+    """
+
+    name = "GRPO"
+    config_class = CriticFreeConfig
+    NAMES = {"grpo": "GRPO", "rloo": "RLOO", "reinforce": "REINFORCE"}
+
+    def __init__(self, policy, ref_model, tokenizer, reward_fn: Callable, config: CriticFreeConfig | None = None,
+                 gold_fn: Callable | None = None):
+        super().__init__(policy, ref_model, tokenizer, reward_fn, config, critic=None, gold_fn=gold_fn)
+        cfg = self.config
+        self.name = self.NAMES[cfg.advantage]
+        if cfg.advantage == "grpo" and cfg.scale_rewards == "none":
+            self.name = "Dr. GRPO"
+        self.checkpoint_name = f"{cfg.advantage}_state.pt"
+        self.baseline = RunningMeanBaseline(cfg.baseline_decay) if cfg.advantage == "reinforce" else None
+
+    def step(self, prompts: Sequence) -> dict:
+        """One iteration on B distinct prompts (strings or records): each is sampled K times; returns its stats."""
+        K = self.config.num_generations
+        return super().step([t for t in prompt_texts(prompts) for _ in range(K)])
+
+    def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
+        """The shared experience step (V = 0), then ``advantages`` = the group advantage of each reply on its tokens.
+
+        ``returns`` become the sequence rewards (:func:`sequence_rewards`) on every token.
+        With ``advantage="reinforce"`` this folds the batch into the running baseline.
+        """
+        exp = super().make_experience(rollout, timings)
+        m = exp.mask.bool()
+        zero = torch.zeros((), device=m.device)
+        rewards = sequence_rewards(exp)
+        adv = self.sequence_advantages(rewards)
+        return replace(exp, advantages=torch.where(m, adv[:, None], zero),
+                       returns=torch.where(m, rewards[:, None], zero))
+
+    def sequence_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The configured estimator on sequence rewards (N,) = (B * K,), grouped (B, K); -> (N,)."""
+        cfg = self.config
+        K = cfg.num_generations
+        if rewards.numel() % K:
+            raise ValueError(f"{rewards.numel()} responses are not groups of num_generations={K}")
+        groups = rewards.float().view(-1, K)
+        if cfg.advantage == "grpo":
+            adv = grpo_advantages(groups, cfg.scale_rewards)
+        elif cfg.advantage == "rloo":
+            adv = rloo_advantages(groups)
+        else:
+            adv = self.baseline.advantages(groups)
+        adv = adv.reshape(-1)
+        if cfg.whiten_advantages and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + STD_EPS)
+        return adv
+
+    def update(self, exp: Experience) -> dict:
+        """``num_iterations`` passes of clipped-surrogate steps over (minibatches of) the batch; returns their stats.
+
+        Reported: the mean over optimizer steps of each loss statistic, the first step's
+        ratio, clip fraction and approx-KL (``first_*``: 1, 0, 0 up to float rounding when
+        log pi_old is the policy's own), and the number of optimizer steps (``updates``).
+        """
+        cfg = self.config
+        N = len(exp)
+        mb = min(cfg.minibatch_size or N, N)
+        n_steps = math.ceil(N / mb)
+        num_items = exp.mask.sum() / n_steps  # TRL's dapo normaliser: the batch's tokens per optimizer step
+        self.train_mode(not cfg.disable_dropout)
+        steps: list[dict] = []  # statistics as 0-d tensors, read once at the end
+        for _ in range(cfg.num_iterations):
+            order = torch.randperm(N, generator=self.generator, device=self.device).tolist() if n_steps > 1 else None
+            for start in range(0, N, mb):
+                batch = exp if order is None else exp.select(order[start : start + mb])
+                loss, stats = self.loss(batch, num_items)
+                (stats["grad_norm"],) = self.gradient_step(loss, [self.actor_params])
+                steps.append(stats)
+        self.train_mode(False)
+        out = {k: torch.stack([s[k].float() for s in steps]).mean().item() for k in steps[0]}
+        out.update({f"first_{k}": steps[0][k].item() for k in ("ratio_mean", "clipfrac", "approx_kl")})
+        out["updates"] = len(steps)
+        return out
+
+    def loss(self, batch: Experience, num_items: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(loss, statistics as 0-d tensors) of one minibatch, with grad; ``num_items``: dapo's normaliser."""
+        cfg = self.config
+        mask = batch.mask
+        logprobs, _, entropy = self.policy_forward(batch.rollout)
+        kl_in_loss = batch.kl_penalty == "loss" and batch.kl_coef > 0
+        loss, stats = critic_free_policy_loss(
+            logprobs, batch.old_logprobs, batch.advantages, mask, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high, importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_new_tokens, num_items=num_items,
+            ref_logprobs=batch.ref_logprobs if kl_in_loss else None, beta=batch.kl_coef if kl_in_loss else 0.0,
+            as_tensors=True,
+        )
+        ent = masked_mean(entropy, mask)
+        loss = loss - cfg.entropy_coef * ent
+        stats.update(entropy=ent.detach(), loss=loss.detach())
+        return loss, stats
+
+    @torch.no_grad()
+    def experience_stats(self, exp: Experience) -> dict:
+        """The shared statistics plus the groups': ``reward_std``, ``advantage_std``, ``degenerate_groups``.
+
+        ``reward_std``: std of the sequence rewards over the batch; ``group_reward_std``: mean
+        std within a group; ``degenerate_groups``: share of groups whose K rewards are all
+        equal (TRL's ``frac_reward_zero_std``); ``baseline``: REINFORCE's b after this batch.
+        """
+        stats = super().experience_stats(exp)
+        K, m = self.config.num_generations, exp.mask
+        rewards = sequence_rewards(exp).float()
+        adv = masked_sum(exp.advantages, m, dim=-1) / m.sum(-1).clamp(min=1)
+        stats["reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
+        stats["advantage_std"] = adv.std().item() if adv.numel() > 1 else 0.0
+        if K > 1 and rewards.numel() % K == 0:
+            groups = rewards.view(-1, K)
+            stats["group_reward_std"] = groups.std(1).mean().item()
+            stats["degenerate_groups"] = degenerate_groups(groups).float().mean().item()
+        if self.baseline is not None:
+            stats["baseline"] = self.baseline.value
+        return stats
+
+    def stateful(self) -> dict:
+        state = super().stateful()
+        if self.baseline is not None:
+            state["baseline"] = self.baseline
+        return state
+
+
+# ------------------------------------------------------------------ pass@k
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
+
+    Computed as 1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the binomials
+    (they overflow floats for n in the hundreds); 1 when fewer than k samples are wrong.
+    """
+    for name, v in (("n", n), ("c", c), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+    if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need n >= 1, 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    score_fn: Callable,
+    tau: float,
+    n: int = 8,
+    ks: Sequence[int] | None = None,
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    threads: int | None = 1,
+) -> dict:
+    """Sample ``n`` replies per prompt, call a reply correct when ``score_fn`` >= ``tau``; -> pass@k for each k.
+
+    ``score_fn(prompts, responses, terminated) -> (N,)`` (e.g. the gold reward); ``ks``
+    (default 1 and n): the k reported as ``pass@k``, each the mean over prompts of
+    :func:`pass_at_k`. Also ``mean_score``, ``accuracy`` (share of correct replies, = pass@1),
+    ``correct`` (c per prompt), ``n`` and ``tau``. Sampling uses its own generator seeded
+    with ``seed`` and at most ``batch_size`` replies per :func:`~rlhf_book.rollout.generate` call.
+    """
+    texts = prompt_texts(prompts)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    ks = sorted(set([1, n] if ks is None else ks))
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"every k must be an integer in [1, n={n}], got {k!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ValueError(f"tau must be a finite number, got {tau!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    repeated = [t for t in texts for _ in range(n)]
+    scores = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(repeated), batch_size):
+            ro = generate(model, tokenizer, repeated[start : start + batch_size], max_new_tokens, temperature,
+                          generator=g, threads=threads)
+            scores.append(score_rollout(score_fn, ro, "cpu"))
+    finally:
+        model.train(was_training)
+    s = torch.cat(scores).view(len(texts), n)
+    correct = (s >= tau).sum(1).tolist()
+    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(texts) for k in ks}
+    out.update(mean_score=s.mean().item(), accuracy=sum(correct) / (n * len(texts)), correct=correct, n=n,
+               tau=float(tau))
+    return out
