@@ -128,6 +128,86 @@ def build_artifacts(n_layer: int = SETUP["n_layer"], n_embd: int = SETUP["n_embd
     return out
 
 
+# The DPO benchmark (run_cpu_dpo_vs_trl.py): the book's CPU base model and preference data, not the PPO setup above.
+DPO_SETUP = {
+    "base_model": "cpu",  # rlhf_book.load_base_model("cpu"): 2-layer GPT-2, width 128, vocab 1024
+    "data": "cpu",  # rlhf_book.preferences.load_preference_data("cpu")["train"]
+    "n_pairs": 512,  # the first 512 train pairs whose two replies both end with EOS (TRL always appends one)
+    "batch_size": 32,  # pairs per optimizer step (one forward of 64 rows: 32 chosen, then 32 rejected)
+    "beta": 0.1,
+    "loss_type": "sigmoid",
+    "lr": 1e-4,  # our DPOConfig default; TRL's is 1e-6 (speed does not depend on it)
+    "adam_eps": 1e-5,  # our default; TRL's adam_epsilon is set to it
+    "max_grad_norm": 1.0,  # both defaults
+    "ref_batch_size": 128,  # pairs per reference forward when precomputing (ours: ref_batch_size default;
+                            # TRL: precompute_ref_batch_size, set to it)
+    "dtype": "float32",
+    "threads": 2,
+    "seed": 0,
+    "order_steps": 256,  # optimizer steps whose batches are fixed in batch_order.json (16 epochs of 512 pairs)
+}
+
+
+def dpo_artifacts_dir(n_pairs: int = DPO_SETUP["n_pairs"]) -> Path:
+    return WORK / f"dpo-setup-{DPO_SETUP['base_model']}-{n_pairs}pairs-bs{DPO_SETUP['batch_size']}"
+
+
+def build_dpo_artifacts(n_pairs: int = DPO_SETUP["n_pairs"]) -> Path:
+    """The DPO benchmark's shared files; idempotent. Main Python only (imports rlhf_book).
+
+    ``model/``: a copy of the cached base model directory (weights + tokenizer, save_pretrained
+    format) that both workers load; ``pairs.json``: our records; ``trl_records.json``: the same
+    pairs through ``rlhf_book.preferences.to_trl_records`` (prompt = ``format_prompt(prompt)``);
+    ``batch_order.json``: the rows of every optimizer step as our ``DPOTrainer.batch_rows`` draws
+    them, so TRL's sampler can be given the very same batches.
+    """
+    D = DPO_SETUP
+    out = dpo_artifacts_dir(n_pairs)
+    if (out / "setup.json").exists():
+        return out
+    import shutil
+
+    import rlhf_book  # before torch: sets OMP_WAIT_POLICY
+    from rlhf_book.base_model import base_model_path
+    from rlhf_book.dpo import DPOConfig, DPOTrainer
+    from rlhf_book.preferences import load_preference_data, preference_data_path, to_trl_records
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    src = Path(base_model_path(D["base_model"]))
+    if not (src / "config.json").exists():  # not built yet: load_base_model builds and caches it
+        rlhf_book.load_base_model(D["base_model"], device="cpu")
+    shutil.copytree(src, tmp / "model")
+    train = load_preference_data(D["data"])["train"]
+    both = [r for r in train if r.get("chosen_terminated", True) and r.get("rejected_terminated", True)]
+    if len(both) < n_pairs:
+        raise ValueError(f"only {len(both)} train pairs with two terminated replies, {n_pairs} asked for")
+    pairs = both[:n_pairs]
+    skipped = next(i for i, r in enumerate(train) if r is pairs[-1]) + 1 - n_pairs
+    (tmp / "pairs.json").write_text(json.dumps(pairs))
+    (tmp / "trl_records.json").write_text(json.dumps(to_trl_records(pairs)))
+    policy, tok = rlhf_book.load_base_model(str(tmp / "model"), device="cpu")
+    ref, _ = rlhf_book.load_base_model(str(tmp / "model"), device="cpu")
+    cfg = DPOConfig(batch_size=D["batch_size"], seed=D["seed"], progress=False)
+    trainer = DPOTrainer(policy, ref, tok, cfg)
+    order = [trainer.batch_rows(s, n_pairs) for s in range(D["order_steps"])]
+    (tmp / "batch_order.json").write_text(json.dumps(order))
+    meta = {"base_model_source": str(src), "preference_data": str(preference_data_path(D["data"])),
+            "n_pairs": n_pairs, "unterminated_pairs_skipped": skipped, "train_pairs": len(train),
+            "n_params": sum(p.numel() for p in policy.parameters()), "vocab_size": len(tok),
+            "n_layer": policy.config.n_layer, "n_embd": policy.config.n_embd, "n_head": policy.config.n_head,
+            "n_positions": policy.config.n_positions, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id, "steps_per_epoch": trainer.steps_per_epoch(n_pairs),
+            "order_steps": D["order_steps"]}
+    (tmp / "setup.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def load_prompts(art: Path) -> list[str]:
     return json.loads((Path(art) / "prompts.json").read_text())
 
