@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "seed_curves", "plot_seeds", "PANELS"]
+__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "seed_curves", "plot_seeds", "best_within", "PANELS"]
 
 # (title, [(history key, legend label), ...], y label)
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
@@ -174,6 +174,21 @@ def seed_curves(histories: Sequence[Sequence[Mapping]], y_key: str, x_key: str =
             out[f"{name}_lo"].append(min(v))
             out[f"{name}_hi"].append(max(v))
     return out
+
+
+def best_within(histories: Sequence[Sequence[Mapping]], budget: float, y_key: str = "eval_gold_reward",
+                x_key: str = "eval_kl") -> float:
+    """The frontier at a budget: max of ``y_key`` over every row of ``histories`` with ``x_key`` <= ``budget``.
+
+    ``histories``: the runs of one method and one seed (e.g. all its betas); NaN if no row fits.
+    """
+    ys = [y for x, y in ((r.get(x_key), r.get(y_key)) for h in histories for r in h)
+          if _finite(x) and _finite(y) and x <= budget]
+    return float(max(ys)) if ys else math.nan
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def plot_seeds(

@@ -6,7 +6,9 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-from rlhf_book.plotting import plot_run, plot_seeds, seed_curves  # noqa: E402
+import math  # noqa: E402
+
+from rlhf_book.plotting import best_within, plot_run, plot_seeds, seed_curves  # noqa: E402
 
 RUNS = [
     [{"step": 0, "eval_kl": 0.0, "gold": 1.0}, {"step": 4, "eval_kl": 2.0, "gold": 2.0}, {"step": 8, "eval_kl": 3.0}],
@@ -33,3 +35,12 @@ def test_plots_draw_only_what_the_histories_have():
     assert {a.get_title() for a in fig.axes if a.get_visible()} == {"loss", "implicit rewards", "log-probs of the data"}
     with pytest.raises(ValueError, match="none of the plotted keys"):
         plot_run([{"step": 1, "nothing": 1.0}])
+
+
+def test_best_within_a_budget_by_hand():
+    # rows (kl, gold): (0, 1), (2, 2), (0, 3), (5, 4) over two runs; step 8 of run 1 has no gold, NaN gold is skipped
+    assert best_within(RUNS, 1.0, y_key="gold") == 3.0
+    assert best_within(RUNS, 4.0, y_key="gold") == 3.0  # (4, nan) does not count
+    assert best_within(RUNS, 5.0, y_key="gold") == 4.0
+    assert math.isnan(best_within(RUNS, -1.0, y_key="gold"))
+    assert best_within([[{"eval_kl": 0.0, "g": float("nan")}, {"eval_kl": 0.0, "g": 1.0}]], 1.0, y_key="g") == 1.0

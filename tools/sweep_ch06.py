@@ -13,7 +13,7 @@ Runs:
 
 * ``dpo``: DPO (``loss_type="sigmoid"``) on chapter 2's 2,999 training pairs, beta in ``DPO_BETAS``,
   ``DPO_EPOCHS`` epochs, evaluated every quarter epoch;
-* ``ppo``: PPO against chapter 2's reward model with chapter 5's config, beta in ``PPO_BETAS``;
+* ``ppo``: PPO against chapter 2's reward model with chapter 5's config, beta in ``PPO_BETAS``, for ``PPO_ITERATIONS``;
 * ``data``: where DPO's pairs come from, at beta 0.1 and 1,500 pairs a round: round 1 on pairs
   sampled from pi_ref at T = 1 (the policy being trained, at its start) or at T = 2 (a weaker, noisier
   policy); round 2 continues the round-1 policy on 1,500 new pairs from pi_ref (offline) or from the
@@ -46,7 +46,7 @@ EVAL_REPEATS = 4
 DPO_BETAS = (0.03, 0.1, 0.3, 1.0)
 DPO_EPOCHS = 3
 DPO = dict(lr=1e-4, batch_size=32, eval_every=24, eval_samples=3, progress=False)  # 94 steps an epoch
-PPO_BETAS = (0.0, 0.05, 0.2)
+PPO_BETAS = (0.0, 0.05, 0.2, 1.0)
 PPO_ITERATIONS = 80  # twice chapter 5's 40, so the beta > 0 runs reach their plateau
 PPO = dict(batch_size=32, minibatch_size=16, ppo_epochs=4, lr=1e-4, clip_range=0.2, max_new_tokens=40, eval_every=4,
            eval_samples=3, progress=False)  # chapter 5's base_config
