@@ -90,6 +90,10 @@ class Sweep:
         append_metrics({"run": run, **fields, "seconds": round(time.time() - t0, 1),
                         "threads": torch.get_num_threads()}, self.path)
         shutil.rmtree(self.scratch(run), ignore_errors=True)
+        root, parent = self.path.with_suffix(".runs"), self.scratch(run).parent
+        while parent != root.parent and parent.is_dir() and not any(parent.iterdir()):  # no empty folders left behind
+            parent.rmdir()
+            parent = parent.parent
         self.done.add(run)
         print(f"{run}: {time.time() - t0:.0f} s", flush=True)
 
