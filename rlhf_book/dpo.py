@@ -203,7 +203,6 @@ class DPOTrainer(PolicyTrainer):
                  reward_fn: Callable | None = None, gold_fn: Callable | None = None):
         super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn)
         cfg = self.config
-        self.lm.to(self.device)
         if cfg.disable_dropout:
             disable_dropout(self.lm)
         self.params = [p for p in self.lm.parameters() if p.requires_grad]

@@ -42,12 +42,17 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
 ]
 
 
+def _finite(v) -> bool:
+    """A plottable value: an int or float (not a bool), finite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def series(history: Sequence[Mapping], key: str) -> tuple[list[float], list[float]]:
     """(iterations, values) of ``key`` over a history, skipping iterations without a finite value."""
     xs, ys = [], []
     for h in history:
         v = h.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if _finite(v):
             xs.append(h.get("step", len(xs)))
             ys.append(float(v))
     return xs, ys
@@ -161,7 +166,7 @@ def seed_curves(histories: Sequence[Sequence[Mapping]], y_key: str, x_key: str =
         rows = {}
         for r in h:
             x, y = r.get(x_key), r.get(y_key)
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (x, y)):
+            if _finite(x) and _finite(y):
                 rows[r.get("step")] = (float(x), float(y))
         per_seed.append(rows)
     steps = sorted(set.intersection(*(set(r) for r in per_seed))) if per_seed else []
@@ -186,9 +191,6 @@ def best_within(histories: Sequence[Sequence[Mapping]], budget: float, y_key: st
           if _finite(x) and _finite(y) and x <= budget]
     return float(max(ys)) if ys else math.nan
 
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def plot_seeds(

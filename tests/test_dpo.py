@@ -180,3 +180,16 @@ def test_dpo_on_the_book_world_raises_accuracy_and_gold():
     assert end["val_accuracy"] >= 0.70, end["val_accuracy"]
     assert end["eval_gold_reward"] - start["eval_gold_reward"] >= 0.25, (start["eval_gold_reward"], end["eval_gold_reward"])
     assert end["eval_kl"] < 5.0
+
+
+def test_batches_are_a_function_of_seed_and_step(tiny_world):
+    """Each epoch is one permutation seeded by (seed, epoch): the global RNG does not change it."""
+    a = _trainer(tiny_world, batch_size=3)
+    torch.manual_seed(123)
+    first = [a.batch_rows(s, 10) for s in range(8)]
+    torch.manual_seed(456)
+    assert [a.batch_rows(s, 10) for s in range(8)] == first
+    for epoch in range(2):  # 4 steps an epoch (3 + 3 + 3 + 1): every pair exactly once
+        assert sorted(i for rows in first[4 * epoch: 4 * epoch + 4] for i in rows) == list(range(10))
+    assert first[:4] != first[4:]  # a new order every epoch
+    assert [_trainer(tiny_world, batch_size=3, seed=1).batch_rows(s, 10) for s in range(4)] != first[:4]
