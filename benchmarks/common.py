@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -382,3 +383,36 @@ def run_header(benchmark: str, load_start: list[float], t0: float) -> dict:
         "total_wall_s": round(time.perf_counter() - t0, 1),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+def python_for(kind: str) -> str:
+    """The interpreter of a worker: "main" (this one), "trl112" or "trl116" (their venvs, created on first use)."""
+    if kind == "main":
+        return sys.executable
+    venv = VENV_TRL112 if kind == "trl112" else VENV_TRL116
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"{venv.name} missing: running setup_venvs.sh (torch==2.13.0 first, then pinned trl)", flush=True)
+        subprocess.run(["bash", str(HERE / "setup_venvs.sh")], check=True, env={**os.environ, "PYTHON": sys.executable})
+    return str(py)
+
+
+def load_snapshot() -> dict:
+    """Load average, ``uptime``, the busiest other processes and whether a chapter sweep runs: how shared the machine is."""
+    snap = {"loadavg": loadavg(), "time": now()}
+    try:
+        snap["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        snap["uptime"] = None
+    try:
+        ps = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True,
+                            timeout=10, check=False).stdout.splitlines()
+        mine = {str(os.getpid())}
+        snap["top_processes"] = [line.strip()[:160] for line in ps[1:8]
+                                 if line.split() and line.split()[0] not in mine][:5]
+        snap["busy_processes"] = [" ".join(line.split()[3:])[:100] for line in ps[1:]
+                                  if line.split() and line.split()[0] not in mine and float(line.split()[1]) >= 20]
+        snap["sweep_running"] = any("tools/sweep_ch" in line for line in ps[1:])
+    except (OSError, subprocess.SubprocessError, ValueError):
+        snap["top_processes"], snap["busy_processes"], snap["sweep_running"] = None, None, None
+    return snap

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -48,40 +47,13 @@ HEADLINE = ("ours_dpo", "trl_dpo_precompute")
 GOAL = 0.5  # the issue's target for ours / TRL (s/step)
 
 
-def python_for(kind: str) -> str:
-    if kind == "main":
-        return sys.executable
-    py = common.VENV_TRL116 / "bin" / "python"
-    if not py.exists():
-        print(f"{common.VENV_TRL116.name} missing: running setup_venvs.sh (torch==2.13.0 first, then pinned trl)", flush=True)
-        subprocess.run(["bash", str(common.HERE / "setup_venvs.sh")], check=True, env={**os.environ, "PYTHON": sys.executable})
-    return str(py)
 
 
-def load_snapshot() -> dict:
-    """Load average, ``uptime`` and the busiest other processes: how shared the machine is right now."""
-    snap = {"loadavg": common.loadavg(), "time": common.now()}
-    try:
-        snap["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        snap["uptime"] = None
-    try:
-        ps = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True,
-                            timeout=10, check=False).stdout.splitlines()
-        mine = {str(os.getpid())}
-        snap["top_processes"] = [line.strip()[:160] for line in ps[1:8]
-                                 if line.split() and line.split()[0] not in mine][:5]
-        snap["busy_processes"] = [" ".join(line.split()[3:])[:100] for line in ps[1:]
-                                  if line.split() and line.split()[0] not in mine and float(line.split()[1]) >= 20]
-        snap["sweep_ch06_running"] = any("sweep_ch06" in line for line in ps[1:])
-    except (OSError, subprocess.SubprocessError):
-        snap["top_processes"], snap["sweep_ch06_running"] = None, None
-    return snap
 
 
 def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: list[str]) -> dict:
     kind, script, args = IMPLS[name]
-    cmd = [python_for(kind), str(WORKERS / script), "--artifacts", str(art), "--out", str(out),
+    cmd = [common.python_for(kind), str(WORKERS / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(warmup), "--iters", str(iters), *args, *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=common.worker_env(), cwd=common.REPO, capture_output=True, text=True, check=False)
@@ -90,7 +62,7 @@ def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: 
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
     res = json.loads(out.read_text())
-    res["other_busy_processes_after"] = load_snapshot().get("busy_processes")  # jobs that may have shared the CPUs
+    res["other_busy_processes_after"] = common.load_snapshot().get("busy_processes")  # jobs that may have shared the CPUs
     res["wall_s"] = round(wall, 1)
     res["command"] = shlex.join(cmd)
     pre = res.get("precompute_ref_s")
@@ -185,12 +157,12 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{res['machine']['mem_gib']} GiB. Threads: {S['threads']}, OMP_WAIT_POLICY=PASSIVE, fp32, offline."),
         "",
         (f"**Load.** Start: load average {ls['loadavg']} (`{ls['uptime']}`), `tools/sweep_ch06.py` running: "
-         f"{ls['sweep_ch06_running']}. End: {le['loadavg']} (`{le['uptime']}`), sweep running: {le['sweep_ch06_running']}. "
+         f"{ls['sweep_running']}. End: {le['loadavg']} (`{le['uptime']}`), sweep running: {le['sweep_running']}. "
          + f"Other processes using >= 20% of a CPU at start: {ls.get('busy_processes') or 'none'}; at end: "
          f"{le.get('busy_processes') or 'none'}. "
          + ("**Another job was using the CPUs during this run: absolute seconds are inflated; compare the ratios "
             "(each round runs all implementations back to back).**"
-            if ls["sweep_ch06_running"] or le["sweep_ch06_running"] or ls.get("busy_processes") or le.get("busy_processes")
+            if ls["sweep_running"] or le["sweep_running"] or ls.get("busy_processes") or le.get("busy_processes")
             else "No other job was seen at start or end.")
          + " Per-worker load averages (1 min, start -> end) are in the JSON (`raw_runs`)."),
         "",
@@ -280,8 +252,8 @@ def main() -> None:
 
     names = args.only or list(IMPLS)
     load_start, t0 = common.loadavg(), time.perf_counter()
-    snap_start = load_snapshot()
-    print(f"load at start: {snap_start['uptime']}; sweep_ch06 running: {snap_start['sweep_ch06_running']}", flush=True)
+    snap_start = common.load_snapshot()
+    print(f"load at start: {snap_start['uptime']}; sweep running: {snap_start['sweep_running']}", flush=True)
     art = common.build_dpo_artifacts()
     meta = json.loads((art / "setup.json").read_text())
     scratch = common.WORK / "runs-dpo"
@@ -301,7 +273,7 @@ def main() -> None:
         for n in names:
             r = run_worker(n, art, scratch / f"{n}_cprofile.json", args.warmup, args.profile_iters, ["--cprofile", "25"])
             profiles[n] = r["cprofile"]
-    snap_end = load_snapshot()
+    snap_end = common.load_snapshot()
     impls = {n: merge(rs) for n, rs in raw.items()}
     res = {
         **common.run_header("cpu_dpo_vs_trl", load_start, t0),

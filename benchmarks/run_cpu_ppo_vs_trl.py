@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -46,15 +45,6 @@ IMPLS = {
 HEADLINE = ("ours_ppo", "trl_ppo")
 
 
-def python_for(kind: str) -> str:
-    if kind == "main":
-        return sys.executable
-    venv = common.VENV_TRL112 if kind == "trl112" else common.VENV_TRL116
-    py = venv / "bin" / "python"
-    if not py.exists():
-        print(f"{venv.name} missing: running setup_venvs.sh (torch==2.13.0 first, then pinned trl)", flush=True)
-        subprocess.run(["bash", str(common.HERE / "setup_venvs.sh")], check=True, env={**os.environ, "PYTHON": sys.executable})
-    return str(py)
 
 
 BEFORE = {"ours_ppo_before": "ours_ppo", "ours_ppo_value_head_before": "ours_ppo_value_head"}  # --before REV
@@ -65,7 +55,7 @@ def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: 
     """One worker run; ``tree``: the unpacked tree of an earlier commit whose rlhf_book and worker are used instead."""
     kind, script, args = IMPLS[BEFORE.get(name, name)]
     workers = WORKERS if tree is None else tree / "benchmarks" / "workers"
-    cmd = [python_for(kind), str(workers / script), "--artifacts", str(art), "--out", str(out),
+    cmd = [common.python_for(kind), str(workers / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(warmup), "--iters", str(iters), *args, *extra]
     env = common.worker_env() if tree is None else common.worker_env({"PYTHONPATH": str(tree)})
     t = time.perf_counter()

@@ -53,7 +53,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from run_cpu_ppo_vs_trl import python_for  # noqa: E402  (creates the TRL venv on first use)
 
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
 SMOKE_MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256, "vocab_size": 1280}  # > 1024: the masking runs
@@ -168,7 +167,7 @@ def flop_params(model: dict) -> dict:
 def run_worker(name: str, art: Path, out: Path, args, model_args: list[str]) -> dict:
     """One implementation in its own subprocess (common.worker_env); returns its JSON."""
     kind, script, impl_args, label = IMPLS[name]
-    cmd = [python_for(kind), str(common.HERE / "workers" / script), "--artifacts", str(art), "--out", str(out),
+    cmd = [common.python_for(kind), str(common.HERE / "workers" / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(args.warmup), "--iters", str(args.iters), *impl_args, *model_args]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=common.worker_env(), cwd=common.REPO, capture_output=True, text=True, check=False)
@@ -437,7 +436,7 @@ def main() -> int:
                   "build); run it on a GPU machine, or use --smoke for the CPU check.", file=sys.stderr)
             return 2
         if any(IMPLS[n][0] == "trl112" for n in args.only) and "ppo" in args.parts:
-            trl_dev = device_info(python_for("trl112"))
+            trl_dev = device_info(common.python_for("trl112"))
             if not trl_dev["cuda"]:
                 print(f"run_gpu.py: {common.VENV_TRL112.name} has no CUDA torch ({trl_dev}); recreate it with the CUDA "
                       "build (benchmarks/README.md, 'GPU benchmark').", file=sys.stderr)

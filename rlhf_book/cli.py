@@ -356,11 +356,15 @@ def _build_reward(args) -> None:
 
 def _print_options(table: str) -> None:
     """Every field of a config table: name, type, default, valid values, help."""
-    if table == "dpo":  # not a pipeline algorithm: DPOTrainer is used from Python (chapter 6)
+    python_only = {"dpo": "DPOConfig", "critic_free": "CriticFreeConfig"}  # not pipeline algorithms (chapters 6, 7)
+    if table == "dpo":
         from .dpo import DPOConfig as cls
+    elif table == "critic_free":
+        from .critic_free import CriticFreeConfig as cls
     else:
         cls = PipelineConfig if table == "pipeline" else _algorithm(table)[0]
-    how = "rlhf_book.DPOConfig(FIELD=VALUE) in Python" if table == "dpo" else f"override with --{table}.FIELD VALUE"
+    how = (f"rlhf_book.{python_only[table]}(FIELD=VALUE) in Python" if table in python_only
+           else f"override with --{table}.FIELD VALUE")
     print(f"[{table}]  ({cls.__name__}; {how})")
     for d in describe(cls):
         valid = f"  valid: {d['valid']}" if d["valid"] else ""
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="override [pipeline] out_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     o = sub.add_parser("options", help="list the fields of a config table with their defaults, valid values and help")
-    o.add_argument("table", nargs="?", default="ppo", choices=("pipeline", *ALGORITHMS, "dpo"))
+    o.add_argument("table", nargs="?", default="ppo", choices=("pipeline", *ALGORITHMS, "dpo", "critic_free"))
     for name, helptext in (("base", "build and cache the base LM"), ("reward", "build and cache the reward model")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--preset", default="cpu", help="tiny, cpu or gpu")

@@ -46,7 +46,8 @@ term, as TRL does; :func:`rlhf_book.kl.kl_k3`). ``kl_coef`` is TRL's ``beta``.
 Where this departs from the papers (and follows TRL 1.16): the std gets eps = 1e-4 (GRPO
 divides by the bare std) and degenerate groups are zeroed explicitly; DAPO's dynamic sampling
 (resampling degenerate groups) and overlong reward shaping are not implemented, only its
-clip-higher and token-level loss; GSPO's paper clips the sequence ratio at ~3e-4 / 4e-4, not
+clip-higher and token-level loss; the k3 term is not multiplied by the ratio unless
+``use_bias_correction_kl`` (TRL 1.16 multiplies by default); GSPO's paper clips the sequence ratio at ~3e-4 / 4e-4, not
 0.2 (set ``epsilon`` for it, with ``loss_type="grpo"``: the token-level normalisers weigh a
 reply's one sequence loss by its length). RLOO and REINFORCE here use the same clipped,
 token-level loss as GRPO (with one step per batch, w = 1 and the clip never binds, so it is
@@ -72,7 +73,7 @@ from .advantage import masked_mean, masked_sum
 from .config import option, redefault
 from .experience import Experience
 from .kl import kl_k3, sequence_kl
-from .rollout import Rollout, generate, prompt_texts, score_rollout
+from .rollout import Rollout, prompt_texts, sample_groups
 from .trainer import OnPolicyConfig, OnPolicyTrainer
 
 __all__ = [
@@ -236,6 +237,7 @@ def critic_free_policy_loss(
     num_items: float | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
+    use_bias_correction_kl: bool = False,
     as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """-min(w A, clip(w, 1-eps, 1+eps_high) A) [+ beta k3] per token, reduced by ``loss_type``; -> (scalar, stats).
@@ -245,7 +247,10 @@ def critic_free_policy_loss(
     ``epsilon_high`` None means ``epsilon``. With ``ref_logprobs`` and beta > 0, beta * k3 of
     KL(pi_theta || pi_ref) is added per token before aggregation (TRL's GRPO form; unlike
     :meth:`~rlhf_book.trainer.OnPolicyTrainer.kl_penalty_loss`, a token mean, it then follows
-    ``loss_type``). Garbage (NaN, inf) where ``mask`` is 0 does not reach loss or gradient.
+    ``loss_type``). ``use_bias_correction_kl``: multiply that k3 by the (differentiable) ratio
+    w, TRL 1.16's default (DeepSeek-V3.2): the same value on-policy, but the gradient gains
+    k3 * grad log pi, which makes it the unbiased gradient of KL(pi_theta || pi_ref) under samples
+    of pi_old. Garbage (NaN, inf) where ``mask`` is 0 does not reach loss or gradient.
 
     ``stats``: ``policy_loss`` (without the KL term), ``kl_loss`` (token mean of k3, when
     given ``ref_logprobs``), ``clipfrac`` = ``clip_low`` + ``clip_high`` (share where the clip
@@ -287,7 +292,8 @@ def critic_free_policy_loss(
     if ref_logprobs is not None:
         kl = kl_k3(torch.where(m, logprobs, zero), torch.where(m, ref_logprobs.detach(), zero))
         if beta:
-            loss = loss + beta * aggregate_loss(kl, mask, loss_type, max_completion_length, num_items)
+            weighted = kl * w if use_bias_correction_kl else kl  # w: (B, T) or GSPO's (B, 1), broadcast
+            loss = loss + beta * aggregate_loss(weighted, mask, loss_type, max_completion_length, num_items)
     with torch.no_grad():
         rows = m.any(-1)
 
@@ -341,6 +347,8 @@ class CriticFreeConfig(OnPolicyConfig):
     epsilon: float = option(0.2, "lower clip of the ratio, 1 - epsilon (and the upper one unless epsilon_high)", "> 0")
     epsilon_high: float | None = option(None, "upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); None: "
                                               "epsilon", "> 0")
+    use_bias_correction_kl: bool = option(False, "multiply the k3 KL in the loss by the ratio pi_theta / pi_old (TRL "
+                                                 "1.16's default is True; same value on-policy, a different gradient)")
     importance_sampling_level: str = option("token", "'token': one ratio per token (GRPO); 'sequence': exp(mean "
                                                      "token log-ratio) per reply (GSPO)",
                                             choices=IMPORTANCE_SAMPLING_LEVELS)
@@ -372,8 +380,9 @@ class CriticFreeTrainer(OnPolicyTrainer):
 
     ``CriticFreeTrainer(policy, ref_model, tokenizer, reward_fn, config=CriticFreeConfig(...),
     gold_fn=None)``. One iteration is :meth:`OnPolicyTrainer.step
-    <rlhf_book.trainer.OnPolicyTrainer.step>` on ``batch_size`` prompts each repeated K times
-    (``num_generations``, adjacent: rows i*K .. i*K + K - 1 are prompt i's group): sample,
+    <rlhf_book.trainer.OnPolicyTrainer.step>` on ``batch_size`` prompts each sampled K times
+    (``num_generations``, adjacent: rows i*K .. i*K + K - 1 are prompt i's group; the prompt is
+    prefilled once and its KV cache shared by the K samples): sample,
     :meth:`make_experience` (the shared experience step with V = 0, then the group advantage
     of each reply broadcast over its tokens), :meth:`update` (``num_iterations`` passes of
     clipped-surrogate steps). Evaluation, history, checkpoints and export are the shared ones.
@@ -393,10 +402,10 @@ class CriticFreeTrainer(OnPolicyTrainer):
         self.checkpoint_name = f"{cfg.advantage}_state.pt"
         self.baseline = RunningMeanBaseline(cfg.baseline_decay) if cfg.advantage == "reinforce" else None
 
-    def step(self, prompts: Sequence) -> dict:
-        """One iteration on B distinct prompts (strings or records): each is sampled K times; returns its stats."""
-        K = self.config.num_generations
-        return super().step([t for t in prompt_texts(prompts) for _ in range(K)])
+    @property
+    def samples_per_prompt(self) -> int:
+        """K: :meth:`step` samples each of its B prompts K times, from one prefill of the prompt."""
+        return self.config.num_generations
 
     def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
         """The shared experience step (V = 0), then ``advantages`` = the group advantage of each reply on its tokens.
@@ -468,6 +477,7 @@ class CriticFreeTrainer(OnPolicyTrainer):
             epsilon_high=cfg.epsilon_high, importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_new_tokens, num_items=num_items,
             ref_logprobs=batch.ref_logprobs if kl_in_loss else None, beta=batch.kl_coef if kl_in_loss else 0.0,
+            use_bias_correction_kl=cfg.use_bias_correction_kl,
             as_tensors=True,
         )
         ent = masked_mean(entropy, mask)
@@ -542,8 +552,10 @@ def evaluate_pass_at_k(
     ``score_fn(prompts, responses, terminated) -> (N,)`` (e.g. the gold reward); ``ks``
     (default 1 and n): the k reported as ``pass@k``, each the mean over prompts of
     :func:`pass_at_k`. Also ``mean_score``, ``accuracy`` (share of correct replies, = pass@1),
-    ``correct`` (c per prompt), ``n`` and ``tau``. Sampling uses its own generator seeded
-    with ``seed`` and at most ``batch_size`` replies per :func:`~rlhf_book.rollout.generate` call.
+    ``correct`` (c per prompt), ``scores`` (the (P, n) scores as lists, to recount at another
+    threshold), ``n`` and ``tau``. Sampling uses its own generator seeded
+    with ``seed``, at most ``batch_size`` replies (but at least one prompt's n) per
+    :func:`~rlhf_book.rollout.generate` call.
     """
     texts = prompt_texts(prompts)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -556,22 +568,12 @@ def evaluate_pass_at_k(
         raise ValueError(f"tau must be a finite number, got {tau!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    repeated = [t for t in texts for _ in range(n)]
-    scores = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(repeated), batch_size):
-            ro = generate(model, tokenizer, repeated[start : start + batch_size], max_new_tokens, temperature,
-                          generator=g, threads=threads)
-            scores.append(score_rollout(score_fn, ro, "cpu"))
-    finally:
-        model.train(was_training)
+    chunks = sample_groups(model, tokenizer, texts, n, score_fn, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, batch_size=batch_size, threads=threads)
+    scores = [sc for _, sc in chunks]
     s = torch.cat(scores).view(len(texts), n)
     correct = (s >= tau).sum(1).tolist()
     out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(texts) for k in ks}
-    out.update(mean_score=s.mean().item(), accuracy=sum(correct) / (n * len(texts)), correct=correct, n=n,
-               tau=float(tau))
+    out.update(mean_score=s.mean().item(), accuracy=sum(correct) / (n * len(texts)), correct=correct,
+               scores=s.tolist(), n=n, tau=float(tau))
     return out

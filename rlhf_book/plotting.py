@@ -32,6 +32,11 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("value loss", [("value_loss", "value loss")], "loss"),
     ("explained variance", [("explained_variance", "1 - Var[R - V] / Var[R]")], "explained variance"),
     ("response length", [("response_length", "tokens"), ("eval_response_length", "tokens (held-out)")], "tokens"),
+    # critic-free RL (chapter 7)
+    ("group rewards", [("reward_std", "std over the batch"), ("group_reward_std", "mean std within a group")],
+     "reward std"),
+    ("advantage std", [("advantage_std", "std of the sequence advantages")], "advantage std"),
+    ("degenerate groups", [("degenerate_groups", "K equal rewards")], "share of groups"),
     # DPO
     ("implicit rewards", [("reward_chosen", "chosen"), ("reward_rejected", "rejected"), ("reward_margin", "margin"),
                           ("val_reward_chosen", "chosen (held-out)"), ("val_reward_rejected", "rejected (held-out)"),

@@ -186,15 +186,18 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     threads: int | None = None,
+    samples_per_prompt: int = 1,
 ) -> Rollout:
-    """Sample one response per prompt (KV cache, stop at EOS) and record log pi(a_t | s_t).
+    """Sample ``samples_per_prompt`` responses per prompt (KV cache, stop at EOS) and record log pi(a_t | s_t).
 
     Sampling uses softmax(logits / temperature); ``greedy`` takes the argmax instead.
     ``generator`` (a torch.Generator on the model's device) makes sampling reproducible.
     ``threads``: CPU intra-op threads while sampling (None: the process setting; see
     :func:`rlhf_book.runtime.intra_op_threads`). Raises ValueError for an empty prompt
     list, an empty prompt, or a prompt that leaves no room for ``max_new_tokens`` in
-    the model's context.
+    the model's context. With K = ``samples_per_prompt`` > 1 the rollout has B * K rows, rows
+    i*K .. i*K + K - 1 answering prompt i (a GRPO/RLOO group), and each prompt is encoded and
+    prefilled once (see :func:`generate_from_ids`).
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, got one string: wrap a single prompt in a list, [prompt]")
@@ -206,8 +209,19 @@ def generate(
                          f"tokens: use at most {ctx - 2}")
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
     return generate_from_ids(
-        model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts, threads
+        model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts, threads,
+        samples_per_prompt,
     )
+
+
+def _repeat_cache(past, k: int):
+    """The KV cache of B prompts as the cache of B * k rows, each prompt's row repeated k times in a row."""
+    if hasattr(past, "batch_repeat_interleave"):  # transformers' Cache classes (in place)
+        past.batch_repeat_interleave(k)
+        return past
+    if isinstance(past, (tuple, list)):  # the legacy format: per layer (key, value), batch first
+        return type(past)(tuple(t.repeat_interleave(k, dim=0) for t in layer) for layer in past)
+    raise TypeError(f"cannot repeat a KV cache of type {type(past).__name__} for samples_per_prompt > 1")
 
 
 @torch.no_grad()
@@ -222,14 +236,23 @@ def generate_from_ids(
     generator: torch.Generator | None = None,
     prompts: Sequence[str] | None = None,
     threads: int | None = None,
+    samples_per_prompt: int = 1,
 ) -> Rollout:
     """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` is their text (decoded if None).
+
+    ``samples_per_prompt`` = K > 1: the prompts are prefilled once and the KV cache, the
+    last logits and the mask are repeated K times (``repeat_interleave``), so a group of K
+    samples shares its prompt's forward; the sampling, and the rollout of B * K rows, are
+    those of the prompts repeated K times (up to float rounding of the prefill).
 
     On a GPU the loop asks "has every response ended?" only every 8 tokens: the answer
     is a device-to-host copy that stalls the queue of kernels. Columns sampled after
     the last EOS are PAD and are cut off, so the rollout is the same as checking every token.
     """
     _check_sampling(max_new_tokens, temperature)
+    K = samples_per_prompt
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"samples_per_prompt must be an integer >= 1, got {K!r}")
     ctx = _context_size(model)
     if ctx is not None and prompt_ids.size(1) + max_new_tokens > ctx:
         raise ValueError(f"{prompt_ids.size(1)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's context of {ctx}")
@@ -240,10 +263,16 @@ def generate_from_ids(
 
     check_every = 1 if device.type == "cpu" else 8  # a host sync is free on a CPU, a stall on a GPU
     with intra_op_threads(threads if device.type == "cpu" else None):
-        B = prompt_ids.size(0)
         mask = prompt_mask
         logits, past = _step_with_cache(model, None, input_ids=prompt_ids, attention_mask=mask,
                                         position_ids=position_ids_from_mask(mask), **logits_to_keep_kwargs(model, 1))
+        if K > 1:  # one prefill per prompt, K copies of its cache
+            logits, past = logits.repeat_interleave(K, dim=0), _repeat_cache(past, K)
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(K, dim=0), prompt_mask.repeat_interleave(K, dim=0)
+            mask = prompt_mask
+            if prompts is not None:
+                prompts = [p for p in prompts for _ in range(K)]
+        B = prompt_ids.size(0)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, logps, alive = [], [], []
         for t in range(max_new_tokens):
@@ -276,6 +305,32 @@ def generate_from_ids(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
         logprobs=torch.stack(logps[:R], 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
     )
+
+
+@torch.no_grad()
+def sample_groups(model, tokenizer, texts: Sequence[str], n: int, score_fn, *, max_new_tokens: int = 40,
+                  temperature: float = 1.0, seed: int = 0, batch_size: int = 256,
+                  threads: int | None = 1) -> list[tuple[Rollout, torch.Tensor]]:
+    """n replies to each prompt (adjacent rows), scored by ``score_fn``; -> [(rollout, scores (rows,) on the CPU)].
+
+    In eval mode, with a generator of its own seeded with ``seed``; at most ``batch_size``
+    replies (but at least one prompt's n) per :func:`generate` call, each prompt prefilled
+    once. What best-of-n and pass@k both start from.
+    """
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_call = max(1, batch_size // n)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), per_call):
+            ro = generate(model, tokenizer, list(texts[start : start + per_call]), max_new_tokens, temperature,
+                          generator=g, threads=threads, samples_per_prompt=n)
+            out.append((ro, score_rollout(score_fn, ro, "cpu")))
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _check_sampling(max_new_tokens, temperature) -> None:

@@ -186,12 +186,14 @@ class PolicyTrainer:
         """One step of the algorithm on ``batch``; returns its statistics (floats). Subclasses implement it."""
         raise NotImplementedError
 
-    def sample(self, texts: Sequence[str], generator: torch.Generator | None = None) -> Rollout:
-        """One response per prompt from the current policy, at ``config.temperature``."""
+    def sample(self, texts: Sequence[str], generator: torch.Generator | None = None,
+               samples_per_prompt: int = 1) -> Rollout:
+        """``samples_per_prompt`` responses per prompt (adjacent rows) from the current policy, at ``config.temperature``."""
         cfg = self.config
         with self.autocast():
             return generate(self.lm, self.tokenizer, list(texts), cfg.max_new_tokens, cfg.temperature,
-                            generator=self.generator if generator is None else generator, threads=cfg.generation_threads)
+                            generator=self.generator if generator is None else generator, threads=cfg.generation_threads,
+                            samples_per_prompt=samples_per_prompt)
 
     def gradient_step(self, loss, clip_groups: Sequence[Sequence[torch.Tensor]]) -> list[float | torch.Tensor]:
         """Backward ``loss``, clip each parameter group's gradient norm, one optimizer step; returns the norms (0-d tensors).
@@ -439,6 +441,7 @@ class OnPolicyTrainer(PolicyTrainer):
 
     name = "RL"
     config_class = OnPolicyConfig
+    samples_per_prompt = 1  # responses sampled per prompt in step() (a critic-free trainer's K)
 
     def __init__(
         self,
@@ -498,7 +501,7 @@ class OnPolicyTrainer(PolicyTrainer):
         """One iteration on ``prompts`` (strings or records): sample, make the experience, update; returns its stats."""
         t0, timings = time.perf_counter(), {}
         with timed(timings, "generate", self.device):
-            rollout = self.sample(prompt_texts(prompts))
+            rollout = self.sample(prompt_texts(prompts), samples_per_prompt=self.samples_per_prompt)
         with timed(timings, "experience", self.device):
             exp = self.make_experience(rollout, timings)
         with timed(timings, "update", self.device):

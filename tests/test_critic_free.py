@@ -154,6 +154,26 @@ def test_kl_in_the_loss_is_k3_aggregated_like_the_policy_term():
     assert critic_free_policy_loss(old, old, adv, mask, loss_type="bnpo")[0].item() == pytest.approx(-0.5)
 
 
+def test_bias_corrected_kl_has_the_same_value_and_gains_k3_grad_log_pi():
+    """TRL 1.16's use_bias_correction_kl: beta * k3 * w; on-policy (w = 1) the value is unchanged and the
+    gradient of each token's log-prob gains beta * k3_t / (tokens), the k3 * grad log pi term."""
+    old = torch.tensor([[-1.0, -0.5, -2.0], [-1.5, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ref = old - torch.tensor([[0.3, -0.2, 0.5], [0.1, 0.4, 0.0]])
+    zero_adv = torch.zeros(2)  # only the KL term has a gradient
+    grads, values = [], []
+    for corrected in (False, True):
+        lp = old.clone().requires_grad_()
+        loss, _ = critic_free_policy_loss(lp, old, zero_adv, mask, loss_type="bnpo", ref_logprobs=ref, beta=0.5,
+                                          use_bias_correction_kl=corrected)
+        loss.backward()
+        grads.append(lp.grad)
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1])
+    k3 = (torch.exp(ref - old) - 1) - (ref - old)
+    torch.testing.assert_close(grads[1] - grads[0], 0.5 * k3 * mask / mask.sum())
+
+
 def test_identity_ratio_is_one_and_nothing_clipped():
     g = torch.Generator().manual_seed(0)
     lp = -torch.rand(4, 6, generator=g)
@@ -226,6 +246,7 @@ def test_evaluate_pass_at_k_on_the_tiny_world(tiny_world):
     words = lambda p, r, t: [float(len(x.split())) for x in r]  # noqa: E731
     out = evaluate_pass_at_k(lm, tok, prompts, words, tau=4.0, n=6, ks=[1, 3, 6], max_new_tokens=8, batch_size=7)
     assert len(out["correct"]) == 3 and all(0 <= c <= 6 for c in out["correct"])
+    assert [sum(v >= 4.0 for v in row) for row in out["scores"]] == out["correct"]  # the scores recount c
     assert 0 < sum(out["correct"]) < 18, out  # the threshold splits this model's replies
     assert out["pass@1"] == pytest.approx(out["accuracy"])
     assert out["pass@6"] == pytest.approx(sum(c > 0 for c in out["correct"]) / 3)
@@ -421,3 +442,23 @@ def test_config_defaults_and_reinforce_with_one_sample():
         "none", "grpo", "dapo", "loss", False)
     assert CriticFreeConfig(advantage="reinforce", num_generations=1).num_generations == 1  # no group needed
     assert CriticFreeConfig.from_dict({"epsilon_high": 0.28}).epsilon_high == 0.28
+
+
+# ------------------------------------------------------------------ the book's world
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_a_short_run_on_the_books_world_raises_heldout_gold(cpu_world, advantage):
+    """12 iterations of 8 prompts x 4 replies against the gold reward: held-out gold +0.3 over pi_ref, KL < 12 nats."""
+    from rlhf_book import gold_reward_fn
+
+    model, tok = cpu_world
+    cfg = CriticFreeConfig(advantage=advantage, batch_size=8, num_generations=4, num_iterations=4, minibatch_size=16,
+                           max_new_tokens=40, lr=1e-4, kl_coef=0.05,
+                           kl_penalty="loss" if advantage == "grpo" else "reward", eval_every=0, progress=False)
+    tr = CriticFreeTrainer(copy.deepcopy(model), copy.deepcopy(model), tok, gold_reward_fn, cfg, gold_fn=gold_reward_fn)
+    history = tr.train(TRAIN, 12, eval_prompts=EVAL)
+    before, after = history[0], history[-1]
+    assert abs(before["eval_kl"]) < 1e-3  # the untrained policy is the reference
+    assert after["eval_gold_reward"] - before["eval_gold_reward"] > 0.3, (before["eval_gold_reward"],
+                                                                          after["eval_gold_reward"])
+    assert after["eval_kl"] < 12.0

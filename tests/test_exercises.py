@@ -85,3 +85,33 @@ def test_checks_catch_typical_bugs():
     assert ok is False
     ok, out = _run(ch01.check_trajectory_logprob, lambda lp, m: 1 / 0)
     assert ok is False and "ZeroDivisionError" in out
+
+
+def test_ch07_checks_catch_typical_bugs():
+    import torch
+
+    from rlhf_book.critic_free import grpo_advantages
+    from rlhf_book.exercises import ch07
+
+    def centred(r, std):
+        return (r - r.mean(1, keepdim=True)) / (std + 1e-4)
+
+    def unmasked(r):  # degenerate groups of 0.9s keep a ~1e-4 advantage from rounding
+        return centred(r, r.std(1, keepdim=True))
+
+    def biased_std(r):
+        return torch.where((r.amax(1) == r.amin(1))[:, None], 0.0, centred(r, r.std(1, keepdim=True, unbiased=False)))
+
+    for bug in (unmasked, biased_std):  # (a std == 0 test fails too where torch's std rounds, not everywhere)
+        ok, out = _run(ch07.check_group_advantage_fn, bug)
+        assert ok is False and "hint:" in out, (bug.__name__, out)
+    ok, _ = _run(ch07.check_group_advantage_fn, lambda r: grpo_advantages(r).double())
+    assert ok is True
+    for check, wrong in ((ch07.check_rloo_by_hand, [0.0, -1.0, -1.0, 2.0]),  # r - mean: not leave-one-out
+                         (ch07.check_rloo_by_hand, "0, -4/3, -4/3, 8/3"),  # a string: a FAIL, not an exception
+                         (ch07.check_grpo_by_hand, 2 / 1.5 ** 0.5),  # biased std
+                         (ch07.check_pass_at_k_by_hand, 1 - 0.6 ** 2),  # with replacement
+                         (ch07.check_loss_aggregation_choice, "C"),
+                         (ch07.check_sharpen_or_widen, {"run_a": "sharpens", "run_b": "sharpens", "run_c": "neither"})):
+        ok, out = _run(check, wrong)
+        assert ok is False and "hint:" in out, out

@@ -89,3 +89,29 @@ def test_bad_inputs_raise_clear_errors(tiny_world):
         generate(model, tok, PROMPTS, temperature=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tok, PROMPTS, max_new_tokens=0)
+
+
+def test_samples_per_prompt_shares_the_prefill_and_equals_repeated_prompts(tiny_world):
+    """K samples of each prompt from one prefill: the same rollout as the prompts repeated K times."""
+    model, tok = tiny_world
+    prompts = ["Review the film Night Train.", "Tell me about the coffee maker.", "Hi"]
+    K = 3
+    shared = generate(model, tok, prompts, 10, generator=torch.Generator().manual_seed(5), samples_per_prompt=K)
+    repeated = generate(model, tok, [p for p in prompts for _ in range(K)], 10, generator=torch.Generator().manual_seed(5))
+    assert shared.prompts == repeated.prompts and shared.responses == repeated.responses
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "terminated"):
+        assert torch.equal(getattr(shared, name), getattr(repeated, name)), name
+    torch.testing.assert_close(shared.logprobs, repeated.logprobs)
+    torch.testing.assert_close(response_logprobs(model, shared), shared.logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="samples_per_prompt must be an integer >= 1"):
+        generate(model, tok, prompts, 4, samples_per_prompt=0)
+
+
+def test_repeat_cache_of_the_legacy_tuple_format():
+    from rlhf_book.rollout import _repeat_cache
+
+    k, v = torch.arange(2.0)[:, None, None, None].expand(2, 1, 3, 4), torch.ones(2, 1, 3, 4)
+    (k2, v2), = _repeat_cache(((k, v),), 3)
+    assert k2.shape == (6, 1, 3, 4) and k2[:, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(v2, torch.ones(6, 1, 3, 4))
+    with pytest.raises(TypeError, match="cannot repeat a KV cache"):
+        _repeat_cache(object(), 2)

@@ -97,6 +97,9 @@ def test_command_line_overrides_and_lists_any_field(tmp_path, capsys):
     assert main(["options", "dpo"]) == 0
     out = capsys.readouterr().out
     assert "loss_type = \"sigmoid\"" in out and "'ipo'" in out and "beta = 0.1" in out and "DPOConfig(FIELD=VALUE)" in out
+    assert main(["options", "critic_free"]) == 0
+    out = capsys.readouterr().out
+    assert "num_generations = 4" in out and "'dr_grpo'" in out and "CriticFreeConfig(FIELD=VALUE)" in out
 
 
 def test_make_experience_is_the_trainers_experience_step(tiny_world):

@@ -24,13 +24,11 @@ Runs:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import rlhf_book  # noqa: F401  (first: OMP_WAIT_POLICY before torch)
-import torch
 
 from rlhf_book import Annotator, generate_preferences, gold_reward_fn, gold_rewards, load_base_model, prompt_split
 from rlhf_book.dpo import DPOConfig, DPOTrainer
@@ -38,7 +36,7 @@ from rlhf_book.ppo import PPOConfig, PPOTrainer
 from rlhf_book.preferences import load_preference_data
 from rlhf_book.reward_model import load_reward_model, reward_fn_from_model
 from rlhf_book.runtime import configure_threads
-from rlhf_book.trainer import append_metrics, read_metrics
+from sweep_common import Results
 
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "ch06_dpo.jsonl"
 SEEDS = (0, 1, 2)
@@ -71,10 +69,9 @@ def pairs_from(model, tok, prompts, n: int, temperature: float, seed: int) -> li
                                 max_new_tokens=48, seed=seed + 104729, progress=False)
 
 
-class Sweep:
+class Sweep(Results):
     def __init__(self, path: Path):
-        self.path = path
-        self.done = {r["run"] for r in read_metrics(path)} if path.exists() else set()
+        super().__init__(path)
         self.rm = None
 
     def reward_fn(self):
@@ -82,20 +79,6 @@ class Sweep:
             model, tok = load_reward_model("cpu", progress=False)
             self.rm = reward_fn_from_model(model, tok)
         return self.rm
-
-    def scratch(self, run: str) -> Path:
-        return self.path.with_suffix(".runs") / run
-
-    def record(self, run: str, t0: float, **fields) -> None:
-        append_metrics({"run": run, **fields, "seconds": round(time.time() - t0, 1),
-                        "threads": torch.get_num_threads()}, self.path)
-        shutil.rmtree(self.scratch(run), ignore_errors=True)
-        root, parent = self.path.with_suffix(".runs"), self.scratch(run).parent
-        while parent != root.parent and parent.is_dir() and not any(parent.iterdir()):  # no empty folders left behind
-            parent.rmdir()
-            parent = parent.parent
-        self.done.add(run)
-        print(f"{run}: {time.time() - t0:.0f} s", flush=True)
 
     def dpo(self, run: str, pairs, beta: float, seed: int, epochs: float, policy=None, record: bool = True, **extra):
         """One DPO run (from pi_ref unless ``policy`` is given); returns the trained policy.
