@@ -52,6 +52,12 @@ from .dpo import DPOConfig, DPOTrainer, dpo_loss
 from .critic_free import (CriticFreeConfig, CriticFreeTrainer, RunningMeanBaseline, aggregate_loss,
                           critic_free_policy_loss, evaluate_pass_at_k, grpo_advantages, pass_at_k, rloo_advantages)
 
+# chapter 8: over-optimisation (best-of-n and its KL, reward-model ensembles, Gao et al.'s fits)
+from .overoptimization import (BestOfN, EnsembleReward, GaoFit, best_of_n, best_of_n_distribution, best_of_n_kl_bound,
+                               best_of_n_kl_estimate, best_of_n_kl_exact, best_of_n_kl_sampled, ensemble_reward_fn,
+                               expected_best_of_n, fit_gao)
+from .reward_model import load_reward_ensemble, train_reward_ensemble
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -72,4 +78,7 @@ __all__ = [
     "PolicyTrainer", "TrainerConfig", "DPOConfig", "DPOTrainer", "dpo_loss",
     "CriticFreeConfig", "CriticFreeTrainer", "RunningMeanBaseline", "aggregate_loss", "critic_free_policy_loss",
     "evaluate_pass_at_k", "grpo_advantages", "pass_at_k", "rloo_advantages",
+    "BestOfN", "EnsembleReward", "GaoFit", "best_of_n", "best_of_n_distribution", "best_of_n_kl_bound",
+    "best_of_n_kl_estimate", "best_of_n_kl_exact", "best_of_n_kl_sampled", "ensemble_reward_fn", "expected_best_of_n",
+    "fit_gao", "load_reward_ensemble", "train_reward_ensemble",
 ]

@@ -181,14 +181,17 @@ class Annotator:
 
     ``reward_fn(prompts, responses, terminated) -> (B,)`` is any reward function (list of
     str, list of str, bools -> tensor or sequence of floats); the book's annotators use the
-    gold reward.
+    gold reward. ``flip`` (default 0) is label noise: after the Bradley-Terry draw the label
+    is inverted with probability ``flip``, so P(a > b) = (1 - flip) sigmoid(.) + flip (1 - sigmoid(.))
+    (Coste et al. 2023 use 25% noise to mimic rater disagreement). With ``flip=0`` no extra
+    random number is drawn: the labels are those of an annotator without the option.
 
     >>> ann = Annotator(gold_reward_fn, temperature=0.25, seed=0)
     >>> ann.prefers_first("Review Luigi's.", "The food was great.", "The food was bad.")
     True
     """
 
-    def __init__(self, reward_fn: Callable, temperature: float = 0.25, seed: int = 0):
+    def __init__(self, reward_fn: Callable, temperature: float = 0.25, seed: int = 0, flip: float = 0.0):
         if not callable(reward_fn):
             raise ValueError(
                 "Annotator: reward_fn must be a function (prompts, responses, terminated) -> scores (B,), "
@@ -196,15 +199,21 @@ class Annotator:
             )
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
             raise ValueError(f"Annotator: temperature must be a number > 0, got {temperature!r}")
+        if isinstance(flip, bool) or not isinstance(flip, numbers.Real) or not 0 <= flip <= 1:
+            raise ValueError(f"Annotator: flip (the probability a label is flipped) must be in [0, 1], got {flip!r}")
         self.reward_fn = reward_fn
         self.temperature = temperature
+        self.flip = float(flip)
         self.rng = random.Random(seed)
 
     def prefers_first(self, prompt: str, a: str, b: str, a_terminated: bool = True, b_terminated: bool = True) -> bool:
         """Sample one label: True when the annotator picks ``a``."""
         terminated = [a_terminated, b_terminated]
         r_a, r_b = _scores(self.reward_fn, [prompt, prompt], [a, b], terminated, "Annotator.reward_fn")
-        return self.rng.random() < preference_probability(r_a, r_b, self.temperature)
+        first = self.rng.random() < preference_probability(r_a, r_b, self.temperature)
+        if self.flip > 0 and self.rng.random() < self.flip:  # label noise: the rater clicks the other one
+            first = not first
+        return first
 
     def label(self, prompt: str, a: str, b: str) -> dict:
         """Return a TRL-style record ``{"prompt", "chosen", "rejected"}`` for the pair."""

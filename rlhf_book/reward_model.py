@@ -38,7 +38,11 @@ Stable entry points for later chapters::
 The parts work without the book's world too: :func:`reward_model_from_lm` on any causal
 LM, :func:`train_reward_model` on any preference records, :func:`normalize_reward_model`
 on replies of any reference policy to any prompts; ``load_reward_model("cpu", prompts=...)``
-builds the book's pipeline on a reader's prompts. A training *history* is a list of
+builds the book's pipeline on a reader's prompts. Ensembles (chapter 8): :func:`train_reward_ensemble`
+trains k reward models on one LM's trunk, differing in seed (batch order, optionally a random
+score-head start) and optionally in a random subset of the pairs; :func:`load_reward_ensemble`
+does the same for the book's pipeline, each member cached under its own
+:func:`~rlhf_book.cache.artifact_key`. A training *history* is a list of
 per-step rows ``{"step", "loss", "accuracy", "epoch"}`` (the batch's loss and accuracy, the
 1-based epoch); the rows of steps that ended an epoch with validation data also hold
 ``val_loss``, ``val_accuracy`` and, when the validation records carry gold scores,
@@ -70,6 +74,7 @@ from .corpus import prompt_split
 from .export import save_model
 from .preferences import (
     PREFERENCE_RECIPES,
+    _is_number,
     load_preference_data,
     preference_data_key,
     split_prompts,
@@ -102,6 +107,10 @@ __all__ = [
     "reward_model_path",
     "reward_model_info",
     "artifact_name",
+    "ensemble_member_records",
+    "init_score_head",
+    "train_reward_ensemble",
+    "load_reward_ensemble",
 ]
 
 RM_VERSION = 2  # bump when the recipe, the input format or the normalisation changes
@@ -530,25 +539,31 @@ def _reference_replies(lm, tokenizer, prompts: Sequence[str], n: int, max_new_to
     return prompts, texts, terms
 
 
-def build_reward_model(base: str, workdir: str | Path, device=None, progress: bool = True, prompts=None) -> dict:
+def build_reward_model(base: str, workdir: str | Path, device=None, progress: bool = True, prompts=None,
+                       member: dict | None = None) -> dict:
     """Preferences (cached) -> BT training (checkpointed, resumable) -> normalisation -> save_pretrained(workdir).
 
     ``prompts`` (strings or ``{"prompt": ...}`` records; None: the book's RL train prompts):
     the prompts of the preference data (:func:`rlhf_book.preferences.load_preference_data`)
-    and of the reference replies the score is normalised on.
+    and of the reference replies the score is normalised on. ``member`` (an ensemble member,
+    ``{"seed", "data_fraction", "head_init_std"}``, see :func:`load_reward_ensemble`; None: the
+    book's reward model) replaces the recipe's seed, trains on that share of the pairs and
+    starts the score head at that std; the reference replies are the same for every member.
     """
     workdir = Path(workdir)
     recipe = RM_RECIPES[base]
+    member = _member(recipe, member)
     device = torch.device(device) if device is not None else get_device()
     data = load_preference_data(base, progress=progress, prompts=prompts)
     lm, tokenizer = load_base_model(base, device=device, progress=progress)
-    set_seed(recipe.seed)
-    rm = reward_model_from_lm(lm)
+    set_seed(member["seed"])
+    rm = init_score_head(reward_model_from_lm(lm), member["head_init_std"], member["seed"])
+    train = ensemble_member_records(data["train"], member["seed"], member["data_fraction"])
     t0 = time.time()
     history = train_reward_model(
         rm,
         tokenizer,
-        data["train"],
+        train,
         data["validation"],
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
@@ -557,7 +572,7 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
         warmup_frac=recipe.warmup_frac,
         checkpoint_path=workdir / "train_state.pt",
         checkpoint_every=recipe.checkpoint_every,
-        seed=recipe.seed,
+        seed=member["seed"],
         progress=progress,
     )
     train_seconds = time.time() - t0
@@ -586,7 +601,8 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
         "recipe": asdict(recipe),
         "rm_version": RM_VERSION,
         "world_version": WORLD_VERSION,
-        "train_pairs": len(data["train"]),
+        "train_pairs": len(train),
+        **({} if _is_book_member(recipe, member) else {"member": member}),
         "train_seconds": round(train_seconds, 1),
         "normalization": norm,
         "test": test,
@@ -600,20 +616,27 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
     return {k: v for k, v in meta.items() if k != "history"}
 
 
-def artifact_name(base: str, prompts=None) -> str:
-    """Cache key of a reward model: recipe, version, the keys of its preference data (prompts included) and base LM."""
+def artifact_name(base: str, prompts=None, member: dict | None = None) -> str:
+    """Cache key of a reward model: recipe, version, the keys of its preference data (prompts included) and base LM.
+
+    An ensemble ``member`` that differs from the book's reward model (see :func:`load_reward_ensemble`)
+    adds its settings to the recipe, so each member has its own key; one equal to it has the book's key.
+    """
+    recipe = RM_RECIPES[base]
+    member = _member(recipe, member)
+    extra = {} if _is_book_member(recipe, member) else {"member": member}
     return artifact_key(
-        "rm", base, {"recipe": asdict(RM_RECIPES[base]), "rm_version": RM_VERSION, "format": SAVE_FORMAT},
+        "rm", base, {"recipe": asdict(recipe), "rm_version": RM_VERSION, "format": SAVE_FORMAT, **extra},
         upstream=[preference_data_key(base, prompts), base_artifact_name(base, PRESETS[base])],
     )
 
 
-def reward_model_path(base: str = "cpu", prompts=None) -> Path:
+def reward_model_path(base: str = "cpu", prompts=None, member: dict | None = None) -> Path:
     """Where the cached reward model for base preset ``base`` (and ``prompts``) lives (it may not be built yet)."""
-    return cache_dir() / artifact_name(base, prompts)
+    return cache_dir() / artifact_name(base, prompts, member)
 
 
-def _cached_reward_model(base: str, device, progress: bool, prompts) -> Path:
+def _cached_reward_model(base: str, device, progress: bool, prompts, member: dict | None = None) -> Path:
     """The cached reward model's directory for preset ``base`` and ``prompts``, built first if needed."""
     if base not in RM_RECIPES:
         raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
@@ -621,9 +644,144 @@ def _cached_reward_model(base: str, device, progress: bool, prompts) -> Path:
         split_prompts(prompts, PREFERENCE_RECIPES[base].prompt_fractions)  # bad prompts fail before anything slow
 
     def build(workdir: Path) -> dict:
-        return build_reward_model(base, workdir, device, progress, prompts)
+        return build_reward_model(base, workdir, device, progress, prompts, member)
 
-    return cached_artifact(artifact_name(base, prompts), build)
+    return cached_artifact(artifact_name(base, prompts, member), build)
+
+
+# ------------------------------------------------------------------- ensembles
+def _member(recipe: RewardRecipe, member: dict | None) -> dict:
+    """An ensemble member's settings ``{"seed", "data_fraction", "head_init_std"}``, checked; None: the recipe's."""
+    out = {"seed": recipe.seed, "data_fraction": 1.0, "head_init_std": 0.0}
+    if member is None:
+        return out
+    unknown = set(member) - set(out)
+    if unknown:
+        raise ValueError(f"member: unknown keys {sorted(unknown)}; it takes {sorted(out)}")
+    out.update(member)
+    _check_member(out["seed"], out["data_fraction"], out["head_init_std"])
+    return {"seed": int(out["seed"]), "data_fraction": float(out["data_fraction"]),
+            "head_init_std": float(out["head_init_std"])}
+
+
+def _check_member(seed, data_fraction, head_init_std) -> None:
+    """ValueError naming the setting unless seed is an int, data_fraction in (0, 1], head_init_std finite >= 0."""
+    if not (_is_number(seed) and isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not (_is_number(data_fraction) and 0 < data_fraction <= 1):
+        raise ValueError(f"data_fraction must be a number in (0, 1], got {data_fraction!r}")
+    if not (_is_number(head_init_std) and math.isfinite(head_init_std) and head_init_std >= 0):
+        raise ValueError(f"head_init_std must be a finite number >= 0, got {head_init_std!r}")
+
+
+def _is_book_member(recipe: RewardRecipe, member: dict) -> bool:
+    return member == {"seed": recipe.seed, "data_fraction": 1.0, "head_init_std": 0.0}
+
+
+def ensemble_member_records(records: Sequence[dict], seed: int, data_fraction: float = 1.0) -> list[dict]:
+    """The pairs member ``seed`` trains on: all, or a random round(data_fraction * N) of them without replacement."""
+    _check_member(seed, data_fraction, 0.0)
+    records = list(records)
+    if data_fraction == 1:
+        return records
+    m = max(1, round(data_fraction * len(records)))
+    keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:m].sort().values
+    return [records[i] for i in keep.tolist()]
+
+
+def init_score_head(model, std: float = 0.0, seed: int = 0):
+    """Score head weights ~ N(0, std^2), generator seeded with ``seed`` (std 0: zero, the library's start); -> model."""
+    _check_member(seed, 1.0, std)
+    with torch.no_grad():
+        w = model.score.weight
+        if std == 0:
+            w.zero_()
+        else:
+            g = torch.Generator().manual_seed(seed)
+            w.copy_(torch.randn(w.shape, generator=g) * std)
+        if getattr(model.score, "bias", None) is not None:
+            model.score.bias.zero_()
+    return model
+
+
+def train_reward_ensemble(
+    lm,
+    tokenizer,
+    train: Sequence[dict],
+    validation: Sequence[dict] | None = None,
+    k: int = 4,
+    *,
+    seeds: Sequence[int] | None = None,
+    data_fraction: float = 1.0,
+    head_init_std: float = 0.0,
+    reference: tuple | None = None,
+    **train_kwargs,
+) -> tuple[list, list[list[dict]]]:
+    """k reward models on ``lm``'s trunk, member i with seed ``seeds[i]`` (default i); -> (models, histories).
+
+    A member's seed sets its batch order (:func:`train_reward_model`'s ``seed``), its score-head
+    start (:func:`init_score_head`; zero unless ``head_init_std`` > 0) and, with
+    ``data_fraction`` < 1, its random subset of ``train`` (:func:`ensemble_member_records`).
+    ``reference``: ``(prompts, responses, terminated)`` of reference-policy replies; when given,
+    every member is normalised on them (:func:`normalize_reward_model`), which puts the members
+    on one scale for :func:`rlhf_book.overoptimization.ensemble_reward_fn`. ``train_kwargs`` go to
+    :func:`train_reward_model` (epochs, batch_size, lr, ...; not ``seed``).
+    """
+    seeds = list(range(k)) if seeds is None else list(seeds)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or len(seeds) != k:
+        raise ValueError(f"k must be an integer >= 1 and seeds (if given) k integers; got k={k!r}, seeds={seeds!r}")
+    if len(set(seeds)) != k:
+        raise ValueError(f"seeds must differ, got {seeds}: members with one seed and one subset are the same model")
+    if "seed" in train_kwargs:
+        raise ValueError("pass the members' seeds as seeds=[...], not seed=")
+    for s in seeds:
+        _check_member(s, data_fraction, head_init_std)
+    models, histories = [], []
+    for s in seeds:
+        set_seed(s)
+        rm = init_score_head(reward_model_from_lm(lm), head_init_std, s)
+        rows = ensemble_member_records(train, s, data_fraction)
+        histories.append(train_reward_model(rm, tokenizer, rows, validation, seed=s, **train_kwargs))
+        if reference is not None:
+            normalize_reward_model(rm, tokenizer, *reference)
+        models.append(rm)
+    return models, histories
+
+
+def load_reward_ensemble(
+    base: str = "cpu",
+    k: int = 4,
+    *,
+    data_fraction: float = 1.0,
+    head_init_std: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    prompts=None,
+) -> tuple[list, object]:
+    """``([rm_0, ..., rm_{k-1}], tokenizer)``: the book's pipeline k times, member i with seed recipe.seed + i.
+
+    Each member is built by :func:`build_reward_model` with ``member={"seed": recipe.seed + i,
+    "data_fraction": ..., "head_init_std": ...}`` and cached under its own :func:`artifact_name`;
+    all share the cached base LM and preference data and are normalised (mean 0, std 1) on the
+    same reference replies. With the defaults (all pairs, zero head start) member 0 *is* the book's
+    reward model (same key, no rebuild) and the members differ only in batch order; a
+    ``data_fraction`` < 1 or a ``head_init_std`` > 0 makes them differ more.
+    """
+    if base not in RM_RECIPES:
+        raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    device = torch.device(device) if device is not None else get_device()
+    seed0 = RM_RECIPES[base].seed
+    members = [{"seed": seed0 + i, "data_fraction": data_fraction, "head_init_std": head_init_std} for i in range(k)]
+    for m in members:
+        _member(RM_RECIPES[base], m)  # bad settings fail before anything slow
+    models, tokenizer = [], None
+    for m in members:
+        path = _cached_reward_model(base, device, progress, prompts, m)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        models.append(AutoModelForSequenceClassification.from_pretrained(path).to(device).eval())
+    return models, tokenizer
 
 
 def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True, prompts=None):

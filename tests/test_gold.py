@@ -77,8 +77,28 @@ def test_annotators_sample_from_any_reward_function():
     assert same[0] == same[1]
 
 
+def test_annotator_label_noise_flips_at_its_rate():
+    a, b = "The soup was lovely.", "The soup was awful."  # a clear winner: at T -> 0 the BT draw always picks a
+    n = 4000
+    for flip in (0.0, 0.25, 1.0):
+        ann = Annotator(gold_reward_fn, temperature=1e-6, seed=0, flip=flip)
+        wins = sum(ann.prefers_first(P, a, b) for _ in range(n)) / n
+        assert abs(wins - (1 - flip)) < 4 * math.sqrt(0.25 * 0.75 / n)
+    # on a near coin flip: P(a > b) = (1 - flip) p + flip (1 - p)
+    c = "The soup was fine."
+    p = preference_probability(gold_reward(P, a), gold_reward(P, c), 2.0)
+    ann = Annotator(gold_reward_fn, temperature=2.0, seed=1, flip=0.3)
+    q = 0.7 * p + 0.3 * (1 - p)
+    assert abs(sum(ann.prefers_first(P, a, c) for _ in range(n)) / n - q) < 4 * math.sqrt(q * (1 - q) / n)
+    # flip=0 draws nothing extra: the same labels as an annotator without the option
+    plain, zero = Annotator(gold_reward_fn, 2.0, seed=5), Annotator(gold_reward_fn, 2.0, seed=5, flip=0.0)
+    assert [plain.prefers_first(P, a, c) for _ in range(50)] == [zero.prefers_first(P, a, c) for _ in range(50)]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"reward_fn": 0.25}, r"Annotator: reward_fn must be a function .*got 0\.25"),
+    ({"reward_fn": gold_reward_fn, "flip": 1.5}, r"Annotator: flip .* must be in \[0, 1\], got 1\.5"),
+    ({"reward_fn": gold_reward_fn, "flip": float("nan")}, r"Annotator: flip .* must be in \[0, 1\], got nan"),
     ({"reward_fn": gold_reward_fn, "temperature": 0}, r"Annotator: temperature must be a number > 0, got 0"),
     ({"reward_fn": lambda p, r, t: [1.0]}, r"Annotator\.reward_fn returned 1 scores for 2 replies"),
     ({"reward_fn": lambda p, r, t: [1.0, float("nan")]}, r"Annotator\.reward_fn returned nan for reply 1"),
