@@ -55,6 +55,7 @@ import copy
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -108,6 +109,7 @@ __all__ = [
     "reward_model_info",
     "artifact_name",
     "ensemble_member_records",
+    "flip_labels",
     "init_score_head",
     "train_reward_ensemble",
     "load_reward_ensemble",
@@ -558,7 +560,8 @@ def build_reward_model(base: str, workdir: str | Path, device=None, progress: bo
     lm, tokenizer = load_base_model(base, device=device, progress=progress)
     set_seed(member["seed"])
     rm = init_score_head(reward_model_from_lm(lm), member["head_init_std"], member["seed"])
-    train = ensemble_member_records(data["train"], member["seed"], member["data_fraction"])
+    train = ensemble_member_records(data["train"], member["seed"], member["data_fraction"],
+                                    member.get("label_noise", 0.0))
     t0 = time.time()
     history = train_reward_model(
         rm,
@@ -651,37 +654,60 @@ def _cached_reward_model(base: str, device, progress: bool, prompts, member: dic
 
 # ------------------------------------------------------------------- ensembles
 def _member(recipe: RewardRecipe, member: dict | None) -> dict:
-    """An ensemble member's settings ``{"seed", "data_fraction", "head_init_std"}``, checked; None: the recipe's."""
-    out = {"seed": recipe.seed, "data_fraction": 1.0, "head_init_std": 0.0}
-    if member is None:
-        return out
+    """An ensemble member's settings ``{"seed", "data_fraction", "head_init_std", "label_noise"}``, checked; None: the recipe's."""
+    out = {"seed": recipe.seed, "data_fraction": 1.0, "head_init_std": 0.0, "label_noise": 0.0}
+    member = member or {}
     unknown = set(member) - set(out)
     if unknown:
         raise ValueError(f"member: unknown keys {sorted(unknown)}; it takes {sorted(out)}")
     out.update(member)
-    _check_member(out["seed"], out["data_fraction"], out["head_init_std"])
-    return {"seed": int(out["seed"]), "data_fraction": float(out["data_fraction"]),
-            "head_init_std": float(out["head_init_std"])}
+    _check_member(out["seed"], out["data_fraction"], out["head_init_std"], out["label_noise"])
+    member = {"seed": int(out["seed"]), "data_fraction": float(out["data_fraction"]),
+              "head_init_std": float(out["head_init_std"])}
+    if out["label_noise"]:  # absent when 0: the keys (and caches) of noise-free members stay as they were
+        member["label_noise"] = float(out["label_noise"])
+    return member
 
 
-def _check_member(seed, data_fraction, head_init_std) -> None:
-    """ValueError naming the setting unless seed is an int, data_fraction in (0, 1], head_init_std finite >= 0."""
+def _check_member(seed, data_fraction, head_init_std, label_noise=0.0) -> None:
+    """ValueError naming the setting unless seed is an int, data_fraction in (0, 1], head_init_std finite >= 0,
+    label_noise in [0, 1)."""
     if not (_is_number(seed) and isinstance(seed, int)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not (_is_number(data_fraction) and 0 < data_fraction <= 1):
         raise ValueError(f"data_fraction must be a number in (0, 1], got {data_fraction!r}")
     if not (_is_number(head_init_std) and math.isfinite(head_init_std) and head_init_std >= 0):
         raise ValueError(f"head_init_std must be a finite number >= 0, got {head_init_std!r}")
+    if not (_is_number(label_noise) and 0 <= label_noise < 1):
+        raise ValueError(f"label_noise (the share of flipped labels) must be a number in [0, 1), got {label_noise!r}")
 
 
 def _is_book_member(recipe: RewardRecipe, member: dict) -> bool:
     return member == {"seed": recipe.seed, "data_fraction": 1.0, "head_init_std": 0.0}
 
 
-def ensemble_member_records(records: Sequence[dict], seed: int, data_fraction: float = 1.0) -> list[dict]:
-    """The pairs member ``seed`` trains on: all, or a random round(data_fraction * N) of them without replacement."""
-    _check_member(seed, data_fraction, 0.0)
-    records = list(records)
+LABEL_NOISE_SEED = 7_654_321  # one noisy labelling for every member: the raters are noisy, not each model's data
+
+
+def flip_labels(records: Sequence[dict], share: float, seed: int = LABEL_NOISE_SEED) -> list[dict]:
+    """Each pair's label flipped with probability ``share`` (chosen_* and rejected_* fields swapped): label noise."""
+    _check_member(0, 1.0, 0.0, share)
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        if rng.random() < share:
+            r = {**r, **{f"chosen{k[8:]}": v for k, v in r.items() if k.startswith("rejected")},
+                 **{f"rejected{k[6:]}": v for k, v in r.items() if k.startswith("chosen")}}
+        out.append(r)
+    return out
+
+
+def ensemble_member_records(records: Sequence[dict], seed: int, data_fraction: float = 1.0,
+                            label_noise: float = 0.0) -> list[dict]:
+    """The pairs member ``seed`` trains on: all, or a random round(data_fraction * N) of them without replacement,
+    after :func:`flip_labels` with ``label_noise`` (the same flips for every member)."""
+    _check_member(seed, data_fraction, 0.0, label_noise)
+    records = flip_labels(records, label_noise) if label_noise else list(records)
     if data_fraction == 1:
         return records
     m = max(1, round(data_fraction * len(records)))
@@ -714,6 +740,7 @@ def train_reward_ensemble(
     seeds: Sequence[int] | None = None,
     data_fraction: float = 1.0,
     head_init_std: float = 0.0,
+    label_noise: float = 0.0,
     reference: tuple | None = None,
     **train_kwargs,
 ) -> tuple[list, list[list[dict]]]:
@@ -721,7 +748,8 @@ def train_reward_ensemble(
 
     A member's seed sets its batch order (:func:`train_reward_model`'s ``seed``), its score-head
     start (:func:`init_score_head`; zero unless ``head_init_std`` > 0) and, with
-    ``data_fraction`` < 1, its random subset of ``train`` (:func:`ensemble_member_records`).
+    ``data_fraction`` < 1, its random subset of ``train`` (:func:`ensemble_member_records`);
+    ``label_noise``: that share of the labels flipped, the same pairs for every member (:func:`flip_labels`).
     ``reference``: ``(prompts, responses, terminated)`` of reference-policy replies; when given,
     every member is normalised on them (:func:`normalize_reward_model`), which puts the members
     on one scale for :func:`rlhf_book.overoptimization.ensemble_reward_fn`. ``train_kwargs`` go to
@@ -735,12 +763,12 @@ def train_reward_ensemble(
     if "seed" in train_kwargs:
         raise ValueError("pass the members' seeds as seeds=[...], not seed=")
     for s in seeds:
-        _check_member(s, data_fraction, head_init_std)
+        _check_member(s, data_fraction, head_init_std, label_noise)
     models, histories = [], []
     for s in seeds:
         set_seed(s)
         rm = init_score_head(reward_model_from_lm(lm), head_init_std, s)
-        rows = ensemble_member_records(train, s, data_fraction)
+        rows = ensemble_member_records(train, s, data_fraction, label_noise)
         histories.append(train_reward_model(rm, tokenizer, rows, validation, seed=s, **train_kwargs))
         if reference is not None:
             normalize_reward_model(rm, tokenizer, *reference)
@@ -754,6 +782,7 @@ def load_reward_ensemble(
     *,
     data_fraction: float = 1.0,
     head_init_std: float = 0.0,
+    label_noise: float = 0.0,
     device: torch.device | str | None = None,
     progress: bool = True,
     prompts=None,
@@ -765,7 +794,9 @@ def load_reward_ensemble(
     all share the cached base LM and preference data and are normalised (mean 0, std 1) on the
     same reference replies. With the defaults (all pairs, zero head start) member 0 *is* the book's
     reward model (same key, no rebuild) and the members differ only in batch order; a
-    ``data_fraction`` < 1 or a ``head_init_std`` > 0 makes them differ more.
+    ``data_fraction`` < 1 or a ``head_init_std`` > 0 makes them differ more. ``label_noise``: every
+    member trains on the same pairs with that share of their labels flipped (:func:`flip_labels`:
+    noisy raters), validated on the clean labels.
     """
     if base not in RM_RECIPES:
         raise ValueError(f"unknown reward model preset {base!r}; choose one of {', '.join(RM_RECIPES)}")
@@ -773,7 +804,8 @@ def load_reward_ensemble(
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     device = torch.device(device) if device is not None else get_device()
     seed0 = RM_RECIPES[base].seed
-    members = [{"seed": seed0 + i, "data_fraction": data_fraction, "head_init_std": head_init_std} for i in range(k)]
+    members = [{"seed": seed0 + i, "data_fraction": data_fraction, "head_init_std": head_init_std,
+                "label_noise": label_noise} for i in range(k)]
     for m in members:
         _member(RM_RECIPES[base], m)  # bad settings fail before anything slow
     models, tokenizer = [], None

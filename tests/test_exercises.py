@@ -115,3 +115,52 @@ def test_ch07_checks_catch_typical_bugs():
                          (ch07.check_sharpen_or_widen, {"run_a": "sharpens", "run_b": "sharpens", "run_c": "neither"})):
         ok, out = _run(check, wrong)
         assert ok is False and "hint:" in out, out
+
+
+def test_ch08_checks_catch_typical_bugs():
+    import math
+
+    import torch
+
+    from rlhf_book.exercises import ch08
+    from rlhf_book.overoptimization import best_of_n_distribution
+
+    def in_given_order(p, r, n):  # the CDF accumulated in the order the atoms come, not in reward order
+        F = p.cumsum(0)
+        return F**n - (F - p) ** n
+
+    def no_difference(p, r, n):  # F^n is P(best <= r(y)), not P(best = y)
+        order = r.argsort()
+        pi = torch.empty_like(p)
+        pi[order] = p[order].cumsum(0) ** n
+        return pi
+
+    def continuous_density(p, r, n):  # n F^(n-1) p: the density of a continuous reward, not a categorical one
+        order = r.argsort()
+        pi = torch.empty_like(p)
+        pi[order] = n * p[order].cumsum(0) ** (n - 1) * p[order]
+        return pi
+
+    def sorted_result(p, r, n):  # right values, left in reward order
+        order = r.argsort()
+        F = p[order].cumsum(0)
+        return F**n - (F - p[order]) ** n
+
+    for bug in (in_given_order, no_difference, continuous_density, sorted_result):
+        ok, out = _run(ch08.check_best_of_n_probs_fn, bug)
+        assert ok is False and "hint:" in out, (bug.__name__, out)
+    ok, _ = _run(ch08.check_best_of_n_probs_fn, lambda p, r, n: best_of_n_distribution(p, r, n))  # numpy passes
+    assert ok is True
+    for check, wrong in ((ch08.check_kl_bound, [math.log(4), math.log(16)]),  # no - (n - 1)/n
+                         (ch08.check_kl_bound, [math.log2(4) - 3 / 4, math.log2(16) - 15 / 16]),  # bits
+                         (ch08.check_kl_bound, "0.64, 1.84"),  # a string: a FAIL, not an exception
+                         (ch08.check_kl_coin, math.log(2) - 1 / 2),  # the bound, not the exact KL
+                         (ch08.check_kl_coin, 0.5 * math.log(2) + 0.5 * math.log(2 / 3)),  # KL(p || pi_2)
+                         (ch08.check_gao_peak, {"d_peak": 1.8, "kl_peak": 3.24, "gain": 0.81, "n": 70}),  # e^(KL+1)
+                         (ch08.check_gao_peak, {"d_peak": 3.6, "kl_peak": 12.96, "gain": 0.0, "n": 1000}),
+                         (ch08.check_gao_peak, [1.8, 3.24, 0.81, 69]),
+                         (ch08.check_ensemble_choice, "A"),
+                         (ch08.check_overoptimization_diagnosis, "A"),
+                         (ch08.check_forms_matching, {"bon_fit": "d", "rl_fit": "c", "kl_bound": "a", "kl_exact": "b"})):
+        ok, out = _run(check, wrong)
+        assert ok is False and "hint:" in out, out

@@ -279,6 +279,22 @@ def test_ensemble_member_records_are_seeded_subsets():
         rm_mod.ensemble_member_records(recs, seed=0, data_fraction=0)
 
 
+def test_label_noise_flips_the_same_pairs_for_every_member():
+    recs = [{**r, "chosen_gold": 1.0, "rejected_gold": 0.0} for r in _pairs(400)]
+    noisy = rm_mod.flip_labels(recs, 0.25)
+    flipped = [a["chosen"] != b["chosen"] for a, b in zip(recs, noisy)]
+    assert 0.18 < sum(flipped) / len(recs) < 0.32
+    for a, b, f in zip(recs, noisy, flipped):  # every chosen_* / rejected_* field swapped together
+        assert (b["chosen"], b["rejected"], b["chosen_gold"]) == ((a["rejected"], a["chosen"], 0.0) if f else
+                                                                  (a["chosen"], a["rejected"], 1.0))
+    assert rm_mod.ensemble_member_records(recs, seed=1, label_noise=0.25) == noisy  # the raters' noise, not the seed's
+    assert rm_mod.ensemble_member_records(recs, seed=2, label_noise=0.25) == noisy
+    assert rm_mod.artifact_name("tiny", member={"seed": 0, "label_noise": 0.0}) == rm_mod.artifact_name("tiny")
+    assert rm_mod.artifact_name("tiny", member={"seed": 0, "label_noise": 0.25}) != rm_mod.artifact_name("tiny")
+    with pytest.raises(ValueError, match=r"label_noise \(the share of flipped labels\) must be a number in \[0, 1\)"):
+        rm_mod.flip_labels(recs, 1.0)
+
+
 def test_train_reward_ensemble_on_the_tiny_world(tiny_world):
     lm, tok = tiny_world
     ref = rlhf_book.generate(lm, tok, PROMPTS * 4, max_new_tokens=10, generator=torch.Generator().manual_seed(0))

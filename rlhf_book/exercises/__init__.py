@@ -94,3 +94,17 @@ def check_value(name: str, answer: Any, expected: Any, hint: str = "", atol: flo
     else:
         ok = _close(answer, expected, atol, 0.0)
     return report(name, ok, "" if ok else f"{answer!r} is not right", hint)
+
+
+def check_numbers(name: str, answer: Any, expected: torch.Tensor, what: str, hint: str = "", atol: float = 1e-3) -> bool:
+    """Check an answer that is a list of numbers against ``expected`` (1-D); ``what`` says which numbers, in order."""
+    if answer is None or answer is ...:  # no hint before a first attempt
+        return report(name, False, "not answered yet")
+    try:
+        got = torch.as_tensor(answer, dtype=torch.float64).flatten()
+    except Exception:  # noqa: BLE001 (a string, a dict, ragged lists: a check never raises)
+        return report(name, False, f"expected {expected.numel()} numbers, got {answer!r}", hint)
+    if got.numel() != expected.numel():
+        return report(name, False, f"expected {expected.numel()} numbers ({what}), got {got.numel()}", hint)
+    ok = torch.allclose(got, expected.to(torch.float64).flatten(), atol=atol, rtol=0.0)
+    return report(name, ok, "" if ok else f"{answer!r} is not right", hint)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_function, check_value, report
+from . import check_function, check_numbers, check_value, report
 
 __all__ = ["EXERCISES", "check_group_advantage_fn", "check_grpo_by_hand", "check_loss_aggregation_choice",
            "check_pass_at_k_by_hand", "check_rloo_by_hand", "check_sharpen_or_widen"]
@@ -18,19 +18,9 @@ def check_rloo_by_hand(answer) -> bool:
     from ..critic_free import rloo_advantages
 
     # baseline of reply i: the mean of the other three, (4 - r_i) / 3 -> [1, 4/3, 4/3, 1/3]; A = [0, -4/3, -4/3, 8/3]
-    name = "rloo_by_hand"
-    if answer is None or answer is ...:
-        return report(name, False, "not answered yet")
     hint = ("each reply's baseline is the mean of the *other* K - 1 rewards of its group, not of all K, so that it "
             "does not depend on the reply it judges; one advantage per reply, in the order of the rewards.")
-    try:
-        got = torch.as_tensor(answer, dtype=torch.float32).flatten()
-    except Exception:  # noqa: BLE001 (a string, a dict, ragged lists: a check never raises)
-        return report(name, False, f"expected 4 numbers, got {answer!r}", hint)
-    if got.numel() != 4:
-        return report(name, False, f"expected 4 numbers (one per reply), got {got.numel()}", hint)
-    ok = torch.allclose(got, rloo_advantages(torch.tensor([_GROUP]))[0], atol=1e-3, rtol=0.0)
-    return report(name, ok, "" if ok else f"{answer!r} is not right", hint)
+    return check_numbers("rloo_by_hand", answer, rloo_advantages(torch.tensor([_GROUP]))[0], "one per reply", hint)
 
 
 def check_grpo_by_hand(answer) -> bool:
