@@ -87,6 +87,32 @@ def test_checks_catch_typical_bugs():
     assert ok is False and "ZeroDivisionError" in out
 
 
+def _returns_ignoring_the_mask(r, m, g):
+    """G_t = r_t + gamma G_{t+1} over every column, padding included: right when padding holds 0, not NaN."""
+    import torch
+
+    out, running = torch.zeros_like(r), torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.size(1))):
+        running = r[:, t] + g * running
+        out[:, t] = running
+    return out * m
+
+
+def test_fixed_checks_of_chapters_1_and_3():
+    """Exercise 1.2 fails an implementation that ignores the mask; exercise 3.3 accepts both valid orders."""
+    from rlhf_book.exercises import ch01, ch03
+
+    ok, out = _run(ch01.check_returns_to_go, _returns_ignoring_the_mask)
+    assert ok is False and "hint" in out
+    for order in ("DBEAC", "DEBAC", "d, e, b, a, c"):
+        assert _run(ch03.check_step_order, order)[0] is True, order
+    for order in ("DEBCA", "BDEAC"):
+        ok, out = _run(ch03.check_step_order, order)
+        assert ok is False and "hint" in out, order
+    ok, out = _run(ch03.check_step_order, None)
+    assert ok is False and "not answered yet" in out and "hint" not in out
+
+
 def test_ch07_checks_catch_typical_bugs():
     import torch
 

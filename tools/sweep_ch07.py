@@ -1,6 +1,6 @@
 """Chapter 7's full experiment: PPO, RLOO, GRPO and Dr. GRPO at one sample budget, 3 seeds, two rewards.
 
-    python tools/sweep_ch07.py                    # everything, ~45 min on 2 CPU cores (cached models)
+    python tools/sweep_ch07.py                    # everything, ~30 min on 2 CPU cores (cached models)
     python tools/sweep_ch07.py --only rm --seeds 0  # a part
 
 Writes one JSON line per finished run to ``data/results/ch07_critic_free.jsonl`` (the chapter plots

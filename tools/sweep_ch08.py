@@ -1,6 +1,6 @@
 """Chapter 8's full experiment: best-of-n and PPO against reward models of several sizes, noise and ensembles.
 
-    python tools/sweep_ch08.py                 # everything, ~40 min on 2 CPU cores (cached base model)
+    python tools/sweep_ch08.py                 # everything, ~35 min on 2 CPU cores (cached base model)
     python tools/sweep_ch08.py --only bon      # a part
 
 Writes one JSON line per finished run to ``data/results/ch08_overoptimization.jsonl`` (the chapter plots

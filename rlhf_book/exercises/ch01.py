@@ -35,7 +35,8 @@ def _rewards_mask_gamma(g: torch.Generator) -> tuple:
     B, T = 3, 6
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
-    rewards = torch.where(mask.bool(), torch.randn(B, T, generator=g), torch.zeros(B, T))
+    # padding holds garbage (NaN), as it can in real code: an implementation that ignores the mask fails
+    rewards = torch.where(mask.bool(), torch.randn(B, T, generator=g), torch.full((B, T), float("nan")))
     gamma = float(torch.rand((), generator=g)) * 0.5 + 0.5
     return rewards, mask, gamma
 
@@ -46,7 +47,8 @@ def check_returns_to_go(fn) -> bool:
 
     return check_function(
         "returns_to_go", fn, discounted_returns, _rewards_mask_gamma,
-        hint="walk backwards: G_t = r_t + gamma * G_{t+1}, with G = 0 after the last real token and 0 on padding.",
+        hint="walk backwards: G_t = r_t + gamma * G_{t+1}, with G = 0 after the last real token and 0 on padding "
+        "(padded rewards hold NaN here: select the real ones with torch.where(mask.bool(), rewards, 0.0)).",
     )
 
 
