@@ -73,9 +73,12 @@ class A2CTrainer(OnPolicyTrainer):
         loss = pg + entropy_bonus(entropy, mask, cfg.entropy_coef) + self.kl_penalty_loss(logprobs, exp)
         if cfg.value_updates > 0:
             loss = loss + cfg.vf_coef * vl
-        actor_norm, _ = self.gradient_step(loss, [self.actor_params, self.critic_params])
+        share = self.loss_share(mask.sum())  # token means -> shares of the global batch's (1 with one process)
+        actor_norm, _ = self.gradient_step(loss * share if self.world > 1 else loss, [self.actor_params, self.critic_params])
         for _ in range(cfg.value_updates - 1):  # extra critic-only steps on the same targets
-            self.gradient_step(cfg.vf_coef * value_loss(self.values(exp.rollout), exp.returns, mask), [self.critic_params])
+            extra = cfg.vf_coef * value_loss(self.values(exp.rollout), exp.returns, mask)
+            self.gradient_step(extra * share if self.world > 1 else extra, [self.critic_params])
         self.train_mode(False)
-        return {"policy_loss": pg.item(), "value_loss": vl.item(), "entropy": masked_mean(entropy.detach(), mask).item(),
-                "grad_norm": actor_norm.item()}
+        stats = self.token_weighted({"policy_loss": pg.detach(), "value_loss": vl.detach(),
+                                     "entropy": masked_mean(entropy.detach(), mask)}, mask.sum())
+        return {**{k: v.item() for k, v in stats.items()}, "grad_norm": actor_norm.item()}

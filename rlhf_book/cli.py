@@ -6,6 +6,11 @@
     rlhf-book options ppo                                       # every field: type, default, valid values, help
     rlhf-book base --preset cpu                                 # only build/cache the base LM
     rlhf-book reward --preset cpu                               # only build/cache the reward model
+    accelerate launch --multi_gpu --num_processes 8 -m rlhf_book.cli pipeline --config configs/ppo_gpu.toml
+    torchrun --nproc_per_node 8 -m rlhf_book.cli pipeline --config configs/ppo_gpu.toml   # N processes, DDP
+
+Under a launcher each process trains on its share of every global batch (README, "Scaling out");
+only the main process prints and writes the outputs.
 
 A config is TOML (or JSON) with two tables: ``[pipeline]`` (see :class:`PipelineConfig`)
 and one named after ``[pipeline] algorithm`` (``[ppo]``: any :class:`rlhf_book.ppo.PPOConfig`
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -237,7 +243,7 @@ def _check_resume(out: Path, record: dict, checkpoint_name: str) -> None:
         raise ValueError(f"{saved_path}: unreadable ({e}); it records the run's config, so the run cannot be "
                          f"checked and continued: start a new run in another out_dir (--out)") from None
     changed = []
-    for table in sorted((set(saved) | set(record)) - {"threads_used"}):
+    for table in sorted((set(saved) | set(record)) - {"threads_used", "processes"}):
         allowed = RESUMABLE_PIPELINE_KEYS if table == "pipeline" else RESUMABLE_FIELDS
         changed += [f"[{table}] {c}" for c in config_changes(saved.get(table, {}), record.get(table, {}), allowed)]
     if changed:
@@ -260,6 +266,7 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
     """Base LM -> reward model -> RL as ``config`` (from :func:`load_config`) says; returns a summary dict."""
     from .base_model import load_base_model
     from .critic import build_critic
+    from .distributed import make_accelerator
     from .gold import gold_reward_fn
     from .rollout import prompt_texts
     from .runtime import configure_threads, get_device, set_seed
@@ -282,34 +289,58 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
     record = {"pipeline": pipe, algo: {k: v for k, v in asdict(cfg).items() if k != "progress"}}
     _check_resume(out, record, trainer_cls.checkpoint_name)
     device = get_device(pipe["device"])  # an unavailable device fails here, before anything is written
+    # one process (python), or N under `accelerate launch` / `torchrun`: then each has its own device
+    accelerator = make_accelerator(device)
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+    main = accelerator.is_main_process
+    say = print if main else (lambda *a, **k: None)
     train, eval_set = _prompts(pipe)
-    out.mkdir(parents=True, exist_ok=True)
     threads = configure_threads(pipe["threads"])
-    (out / RUN_CONFIG_NAME).write_text(json.dumps({**record, "threads_used": threads}, indent=1))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_CONFIG_NAME).write_text(json.dumps({**record, "threads_used": threads,
+                                                       "processes": accelerator.num_processes}, indent=1))
     set_seed(cfg.seed)
 
-    print(f"[1/3] base LM ({pipe['preset']})", flush=True)
-    policy, tok = load_base_model(pipe["preset"], device=device, progress=progress)
+    say(f"[1/3] base LM ({pipe['preset']})", flush=True)
+    policy, tok = load_base_model(pipe["preset"], device=device, progress=progress and main)
     ref, _ = load_base_model(pipe["preset"], device=device, progress=False)
     rm = None
     if pipe["reward"] == "model":
         from .reward_model import load_reward_model, reward_fn_from_model
 
-        print(f"[2/3] reward model ({pipe['preset']})", flush=True)
+        say(f"[2/3] reward model ({pipe['preset']})", flush=True)
         own = prompt_texts(train) if pipe["prompts"] is not None else None
-        rm, rm_tok = load_reward_model(pipe["preset"], device=device, progress=progress, prompts=own)
+        rm, rm_tok = load_reward_model(pipe["preset"], device=device, progress=progress and main, prompts=own)
         reward_fn = reward_fn_from_model(rm, rm_tok)
     else:
-        print("[2/3] reward: the gold reward (no reward model)", flush=True)
+        say("[2/3] reward: the gold reward (no reward model)", flush=True)
         reward_fn = gold_reward_fn
     critic = build_critic("reward_model", reward_model=rm) if pipe["critic"] == "reward_model" else None
 
     resumed = (out / trainer_cls.checkpoint_name).exists()
-    print(f"[3/3] {trainer_cls.name}, {pipe['iterations']} iterations -> {out}" + (" (resuming)" if resumed else ""),
-          flush=True)
+    say(f"[3/3] {trainer_cls.name}, {pipe['iterations']} iterations -> {out}" + (" (resuming)" if resumed else "")
+        + (f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""), flush=True)
     trainer = trainer_cls(policy, ref, tok, reward_fn, cfg, critic=critic,
-                          gold_fn=gold_reward_fn if pipe["gold"] else None)
+                          gold_fn=gold_reward_fn if pipe["gold"] else None, accelerator=accelerator)
     history = trainer.train(train, pipe["iterations"], checkpoint_dir=out, eval_prompts=eval_set)
+    trainer.export(out / "policy")  # every process takes part; the main one writes
+    final = trainer.evaluate(eval_set, n_samples=pipe["n_samples"])
+    first = next((h for h in history if "eval_proxy_reward" in h), {})
+    summary = {
+        "iterations": trainer.iteration,
+        "processes": accelerator.num_processes,
+        "eval_gold_reward_start": first.get("eval_gold_reward"),
+        "eval_gold_reward_end": final.get("eval_gold_reward"),
+        "eval_proxy_reward_start": first.get("eval_proxy_reward"),
+        "eval_proxy_reward_end": final.get("eval_proxy_reward"),
+        "eval_kl_end": final.get("eval_kl"),
+        "out_dir": str(out),
+        "policy": str(out / "policy"),
+    }
+    if not main:
+        return summary
     save_history(history, out / "history.json")
 
     import matplotlib.pyplot as plt
@@ -320,22 +351,9 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
                    xlabel=f"{trainer_cls.name} iteration")
     fig.savefig(out / "diagnostics.png", dpi=100)
     plt.close(fig)
-    trainer.export(out / "policy")
-    final = trainer.evaluate(eval_set, n_samples=pipe["n_samples"])
     with (out / "samples.jsonl").open("w") as f:
         for s in final.pop("eval_samples"):
             f.write(json.dumps(s) + "\n")
-    first = next((h for h in history if "eval_proxy_reward" in h), {})
-    summary = {
-        "iterations": trainer.iteration,
-        "eval_gold_reward_start": first.get("eval_gold_reward"),
-        "eval_gold_reward_end": final.get("eval_gold_reward"),
-        "eval_proxy_reward_start": first.get("eval_proxy_reward"),
-        "eval_proxy_reward_end": final.get("eval_proxy_reward"),
-        "eval_kl_end": final.get("eval_kl"),
-        "out_dir": str(out),
-        "policy": str(out / "policy"),
-    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -403,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is not None:
                 config["pipeline"]["out_dir"] = args.out
             summary = run_pipeline(config, iterations=args.iterations, progress=not args.no_progress)
-            print(json.dumps(summary, indent=1))
+            if int(os.environ.get("RANK", "0")) == 0:  # one summary, from the main process
+                print(json.dumps(summary, indent=1))
         elif args.command == "options":
             _print_options(args.table)
         elif args.command == "base":

@@ -26,7 +26,8 @@ from torch import nn
 
 from .advantage import masked_var
 from .losses import entropy_from_logits
-from .rollout import Rollout, cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs
+from .rollout import (Rollout, cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs,
+                      unwrap)
 
 __all__ = [
     "ValueHead",
@@ -197,12 +198,20 @@ def build_critic(kind: str, policy: nn.Module | None = None, reward_model: nn.Mo
 def response_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
     """V(s_t) for the state before each response token (column P - 1 + t), (B, R); 0 where response_mask is 0.
 
-    ``critic``: a :class:`ValueModel` or a :class:`PolicyWithValueHead` (anything with ``value(ids, mask)``).
+    ``critic``: a :class:`ValueModel` or a :class:`PolicyWithValueHead` (anything with ``value(ids, mask)``),
+    or a DDP wrapper of one (called through its forward, so that gradients are synchronised).
     """
-    if not hasattr(critic, "value"):
-        raise ValueError(f"critic must be a PolicyWithValueHead or a ValueModel, got {type(critic).__name__}")
+    inner = unwrap(critic)
+    if not hasattr(inner, "value"):
+        raise ValueError(f"critic must be a PolicyWithValueHead or a ValueModel, got {type(inner).__name__}")
     P = rollout.prompt_ids.size(1)
-    v = critic.value(rollout.input_ids, rollout.attention_mask)[:, P - 1 : -1]
+    if inner is critic:
+        v = critic.value(rollout.input_ids, rollout.attention_mask)
+    elif isinstance(inner, PolicyWithValueHead):
+        v = critic(rollout.input_ids, rollout.attention_mask, logits_to_keep=1).values
+    else:
+        v = critic(rollout.input_ids, rollout.attention_mask)
+    v = v[:, P - 1 : -1]
     return torch.where(rollout.response_mask.bool(), v, torch.zeros((), dtype=v.dtype, device=v.device))
 
 

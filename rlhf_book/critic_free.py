@@ -71,6 +71,7 @@ import torch
 
 from .advantage import masked_mean, masked_sum
 from .config import option, redefault
+from .distributed import gather_rows, local_rows, local_size
 from .experience import Experience
 from .kl import kl_k3, sequence_kl
 from .rollout import Rollout, prompt_texts, sample_groups
@@ -393,8 +394,9 @@ class CriticFreeTrainer(OnPolicyTrainer):
     NAMES = {"grpo": "GRPO", "rloo": "RLOO", "reinforce": "REINFORCE"}
 
     def __init__(self, policy, ref_model, tokenizer, reward_fn: Callable, config: CriticFreeConfig | None = None,
-                 gold_fn: Callable | None = None):
-        super().__init__(policy, ref_model, tokenizer, reward_fn, config, critic=None, gold_fn=gold_fn)
+                 gold_fn: Callable | None = None, accelerator=None):
+        super().__init__(policy, ref_model, tokenizer, reward_fn, config, critic=None, gold_fn=gold_fn,
+                         accelerator=accelerator)
         cfg = self.config
         self.name = self.NAMES[cfg.advantage]
         if cfg.advantage == "grpo" and cfg.scale_rewards == "none":
@@ -422,11 +424,18 @@ class CriticFreeTrainer(OnPolicyTrainer):
                        returns=torch.where(m, rewards[:, None], zero))
 
     def sequence_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """The configured estimator on sequence rewards (N,) = (B * K,), grouped (B, K); -> (N,)."""
+        """The configured estimator on sequence rewards (N,) = (B * K,), grouped (B, K); -> (N,).
+
+        With several processes it runs on the gathered rewards of the global batch (a group
+        never straddles two processes; a batch std, whitening and the running baseline need
+        them all), and each process keeps its own rows.
+        """
         cfg = self.config
         K = cfg.num_generations
         if rewards.numel() % K:
             raise ValueError(f"{rewards.numel()} responses are not groups of num_generations={K}")
+        n_local = rewards.numel()
+        rewards = gather_rows(self.accelerator, rewards)
         groups = rewards.float().view(-1, K)
         if cfg.advantage == "grpo":
             adv = grpo_advantages(groups, cfg.scale_rewards)
@@ -437,7 +446,7 @@ class CriticFreeTrainer(OnPolicyTrainer):
         adv = adv.reshape(-1)
         if cfg.whiten_advantages and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + STD_EPS)
-        return adv
+        return local_rows(self.accelerator, adv, n_local)
 
     def update(self, exp: Experience) -> dict:
         """``num_iterations`` passes of clipped-surrogate steps over (minibatches of) the batch; returns their stats.
@@ -447,10 +456,12 @@ class CriticFreeTrainer(OnPolicyTrainer):
         log pi_old is the policy's own), and the number of optimizer steps (``updates``).
         """
         cfg = self.config
-        N = len(exp)
-        mb = min(cfg.minibatch_size or N, N)
+        N = len(exp)  # this process's replies; minibatch_size counts the global batch's
+        mb = min(local_size(cfg.minibatch_size, self.world, "minibatch_size") if cfg.minibatch_size else N, N)
         n_steps = math.ceil(N / mb)
-        num_items = exp.mask.sum() / n_steps  # TRL's dapo normaliser: the batch's tokens per optimizer step
+        # TRL's dapo normaliser: the (global) generation batch's tokens per optimizer step
+        tokens = exp.mask.sum() if self.world == 1 else self.accelerator.reduce(exp.mask.sum().clone(), "sum")
+        num_items = tokens / n_steps
         self.train_mode(not cfg.disable_dropout)
         steps: list[dict] = []  # statistics as 0-d tensors, read once at the end
         for _ in range(cfg.num_iterations):
@@ -483,6 +494,12 @@ class CriticFreeTrainer(OnPolicyTrainer):
         ent = masked_mean(entropy, mask)
         loss = loss - cfg.entropy_coef * ent
         stats.update(entropy=ent.detach(), loss=loss.detach())
+        if self.world > 1:  # a share of the global batch's loss: what the normaliser of loss_type counts
+            factor = (self.world if cfg.loss_type == "dapo"  # num_items is global already
+                      else self.loss_share(mask.sum() if cfg.loss_type == "bnpo" else float(len(batch))))
+            losses = {k: stats.pop(k) * factor for k in ("policy_loss", "loss")}
+            stats = {**self.token_weighted(stats, mask.sum()), **losses}  # averaged over processes: global means
+            loss = loss * factor
         return loss, stats
 
     @torch.no_grad()

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import option, redefault
+from .distributed import gather_rows
 from .preferences import validate_preferences
 from .rollout import Rollout, encode_prompts, response_logprobs, sequence_logprob
 from .runtime import adam
@@ -200,13 +201,14 @@ class DPOTrainer(PolicyTrainer):
     config_class = DPOConfig
 
     def __init__(self, policy: nn.Module, ref_model: nn.Module, tokenizer, config: DPOConfig | None = None,
-                 reward_fn: Callable | None = None, gold_fn: Callable | None = None):
-        super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn)
+                 reward_fn: Callable | None = None, gold_fn: Callable | None = None, accelerator=None):
+        super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn, accelerator)
         cfg = self.config
         if cfg.disable_dropout:
             disable_dropout(self.lm)
         self.params = [p for p in self.lm.parameters() if p.requires_grad]
         self.optimizer = adam([{"params": self.params, "lr": cfg.lr}], lr=cfg.lr, eps=cfg.adam_eps)
+        self.prepare_trainables(self.lm)
         self._ref_cache: dict[str, torch.Tensor] = {}
         self.pairs: list[dict] = []
         self.ref_logps: torch.Tensor | None = None
@@ -234,7 +236,7 @@ class DPOTrainer(PolicyTrainer):
         cfg = self.config
         batch = encode_pairs(self.tokenizer, pairs, self.device)
         with self.autocast():
-            chosen, rejected = pair_logprobs(self.compiled(self.lm), batch)
+            chosen, rejected = pair_logprobs(self.compiled(self.trainable(self.lm)), batch)
         lengths = batch.response_lengths.float().chunk(2)
         losses, r_chosen, r_rejected = dpo_loss(
             chosen.float(), rejected.float(), ref_logps[:, 0], ref_logps[:, 1], cfg.beta, cfg.loss_type,
@@ -253,9 +255,17 @@ class DPOTrainer(PolicyTrainer):
 
     # ------------------------------------------------------------------ one step
     def step(self, rows: Sequence[int]) -> dict:
-        """One optimizer step on the pairs ``rows`` of the prepared data set (minibatches accumulated); its stats."""
+        """One optimizer step on the pairs ``rows`` of the prepared data set (minibatches accumulated); its stats.
+
+        With N processes ``rows`` is the global batch: each process takes a contiguous part of
+        it (sizes differ by at most one), and the statistics are of all of them.
+        """
         cfg, t0 = self.config, time.perf_counter()
         rows = list(rows)
+        if self.world > 1:
+            bounds = [len(rows) * r // self.world for r in range(self.world + 1)]
+            rows = rows[bounds[self.rank]: bounds[self.rank + 1]]
+        share = self.loss_share(float(len(rows)))  # the local mean -> a share of the global batch's (1: one process)
         size = cfg.minibatch_size or len(rows)
         chunks = [rows[i: i + size] for i in range(0, len(rows), size)]
         pieces: list[dict] = []
@@ -265,10 +275,10 @@ class DPOTrainer(PolicyTrainer):
             for chunk in chunks:
                 loss, p = self.loss([self.pairs[i] for i in chunk], self.ref_logps[chunk])
                 pieces.append(p)
-                yield loss * (len(chunk) / len(rows))
+                yield loss * (len(chunk) / len(rows)) * share if self.world > 1 else loss * (len(chunk) / len(rows))
 
         (grad_norm,) = self.gradient_step(losses(), [self.params])
-        merged = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        merged = {k: gather_rows(self.accelerator, torch.cat([p[k] for p in pieces])) for k in pieces[0]}
         self.iteration += 1
         return {"step": self.iteration, **self.pair_stats(merged), "grad_norm": float(grad_norm),
                 "step_seconds": time.perf_counter() - t0}
@@ -324,6 +334,11 @@ class DPOTrainer(PolicyTrainer):
         n = len(self.pairs)
         spe = self.steps_per_epoch(n)
         steps = math.ceil(epochs * spe - 1e-9)
+        last = n - (spe - 1) * self.config.batch_size
+        if min(last, self.config.batch_size) < self.world:
+            raise ValueError(f"a step of {min(last, self.config.batch_size)} pairs (batch_size="
+                             f"{self.config.batch_size}, {n} pairs) would leave one of the {self.world} processes "
+                             f"without any: use a batch_size whose last batch has at least {self.world} pairs")
         checks = []
         if eval_prompts is not None:
             checks.append(lambda: self.evaluate(eval_prompts))

@@ -106,6 +106,7 @@ def make_experience(
     policy: torch.nn.Module | None = None,
     gold_fn: Callable | None = None,
     timings: dict | None = None,
+    whiten: Callable = masked_whiten,
 ) -> Experience:
     """Score a rollout, take reference log-probs and values, shape per-token rewards and run GAE -> Experience.
 
@@ -117,7 +118,8 @@ def make_experience(
     ``rollout.temperature``) unless ``policy`` is given, which recomputes it by a
     teacher-forced forward (needed when sampling and teacher forcing round differently,
     e.g. under bf16). ``kl_penalty="loss"`` keeps beta out of the rewards (the update
-    adds it). ``timings``, if given, receives the seconds spent in ``reward_fn``
+    adds it). ``whiten(x, mask, shift_mean)`` whitens rewards and advantages (a trainer
+    with several processes passes one with the global batch's statistics). ``timings``, if given, receives the seconds spent in ``reward_fn``
     (key ``reward``) and in the forwards (``forwards``). Models are used as they are:
     callers put them in eval mode and under autocast.
     """
@@ -141,10 +143,10 @@ def make_experience(
     beta_in_reward = kl_coef if kl_penalty == "reward" else 0.0
     rewards, kl = per_token_rewards(scores, mask, old_logprobs, ref_logprobs, kl_coef=beta_in_reward)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, gamma, lam)
     if whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = whiten(advantages, mask)
     return Experience(
         rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         values=values, kl=kl, rewards=rewards, advantages=advantages, returns=returns, kl_coef=float(kl_coef),

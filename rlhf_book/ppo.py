@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .advantage import masked_mean
+from .distributed import local_size
 from .config import option
 from .experience import Experience
 from .kl import kl_k3
@@ -116,8 +117,8 @@ class PPOTrainer(OnPolicyTrainer):
         the number of epochs and updates, and whether ``target_kl`` stopped it early.
         """
         cfg = self.config
-        B = len(exp)
-        mb = min(cfg.minibatch_size, B)
+        B = len(exp)  # this process's rows; minibatch_size counts the global batch's, like batch_size
+        mb = min(local_size(min(cfg.minibatch_size, cfg.batch_size), self.world, "minibatch_size"), B)
         self.train_mode(not cfg.disable_dropout)
         steps: list[dict] = []  # per minibatch: statistics as 0-d tensors (read once at the end)
         early_stop, epochs = False, 0
@@ -127,7 +128,7 @@ class PPOTrainer(OnPolicyTrainer):
                 loss, stats = self.loss(exp.select(perm[start : start + mb]))
                 (stats["grad_norm"],) = self.gradient_step(loss, [self.actor_params + self.critic_params])
                 steps.append(stats)
-                if cfg.target_kl is not None and stats["approx_kl"].item() > cfg.target_kl:
+                if cfg.target_kl is not None and self.mean_across(stats["approx_kl"]).item() > cfg.target_kl:  # all agree
                     early_stop = True
                     break
             epochs += 1
@@ -150,4 +151,6 @@ class PPOTrainer(OnPolicyTrainer):
         ent = masked_mean(entropy, mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * ent + self.kl_penalty_loss(logprobs, batch)
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=ent.detach(), loss=loss.detach())
-        return loss, stats
+        if self.world > 1:  # every term is a mean over the minibatch's tokens: make it a share of the global one
+            loss = loss * self.loss_share(mask.sum())
+        return loss, self.token_weighted(stats, mask.sum())

@@ -52,9 +52,16 @@ def logits_to_keep_kwargs(model, n: int) -> dict:
 
     The LM head then runs on the last ``n`` columns only: the prompt's columns predict
     prompt tokens, which no RL loss needs (with a 50k vocabulary the full logits of
-    64 x 512 tokens are 6.6 GB in fp32).
+    64 x 512 tokens are 6.6 GB in fp32). A DDP wrapper passes it on to its module.
     """
-    return {"logits_to_keep": n} if n > 0 and _takes_logits_to_keep(type(model)) else {}
+    return {"logits_to_keep": n} if n > 0 and _takes_logits_to_keep(type(unwrap(model))) else {}
+
+
+def unwrap(model):
+    """The module inside a DDP wrapper (``.module``), else ``model`` itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @functools.lru_cache(maxsize=None)

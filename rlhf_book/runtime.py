@@ -56,12 +56,14 @@ def set_seed(seed: int) -> torch.Generator:
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Use ``n`` intra-op threads (default: all cores, at most 8) and return the number set.
+    """Use ``n`` intra-op threads (default: all cores, at most 8; with N processes on one machine, its share) and
+    return the number set.
 
     ``OMP_WAIT_POLICY=PASSIVE`` (set by ``import rlhf_book`` before torch loads) keeps
     idle threads from spinning; this only chooses how many there are.
     """
-    n = n or int(os.environ.get("RLHF_BOOK_THREADS", 0)) or min(8, os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # processes on this machine (torchrun, accelerate)
+    n = n or int(os.environ.get("RLHF_BOOK_THREADS", 0)) or max(1, min(8, (os.cpu_count() or 1) // local))
     torch.set_num_threads(n)
     return n
 

@@ -1,6 +1,6 @@
 """The trainers of a policy: the shared base (:class:`PolicyTrainer`) and the on-policy RL trainer (A2C, PPO, ...).
 
-One on-policy iteration (:meth:`OnPolicyTrainer.step`) is four lines::
+One on-policy iteration (:meth:`OnPolicyTrainer.step`, then :meth:`OnPolicyTrainer.learn`) is four lines::
 
     rollout    = self.sample(prompts)             # pi_theta answers each prompt (KV cache)
     experience = self.make_experience(rollout)    # scores, log pi_old / log pi_ref, V, rewards, advantages
@@ -39,10 +39,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .advantage import masked_mean
+from .advantage import masked_mean, masked_whiten
 from .checkpoint import fsync_replace, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_changes, option
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
+from .distributed import (check_data_parallel, gather_experience, gather_rows, global_share, local_rows, make_accelerator, mean_across,
+                          rank_seed, shard)
 from .experience import KL_PENALTIES, Experience, make_experience
 from .export import save_model
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
@@ -58,8 +60,8 @@ class TrainerConfig(Config):
     """The fields every trainer of a policy has (on-policy RL, DPO): sampling, optimizer, speed, bookkeeping."""
 
     # --- sampling (RL rollouts and the held-out evaluation)
-    batch_size: int = option(32, "prompts per iteration (RL: one response each) or preference pairs per step (DPO)",
-                             ">= 1")
+    batch_size: int = option(32, "prompts per iteration (RL: one response each) or preference pairs per step (DPO); "
+                                 "with N processes the global batch, split evenly", ">= 1")
     max_new_tokens: int = option(40, "responses without EOS by then are cut off (terminated = False)", ">= 1")
     temperature: float = option(1.0, "sampling temperature T; policy and reference log-probs both use softmax(logits / T) "
                                      "(N+ detail: else the KL compares a sharpened policy with an unsharpened reference)", "> 0")
@@ -145,6 +147,12 @@ class PolicyTrainer:
     One device rule: everything runs on the policy's device; the reference and a reward
     function with a ``to`` method (a model-based reward) are moved there. A subclass
     implements ``step(batch) -> stats`` and calls :meth:`run` from its ``train``.
+
+    ``accelerator``: the ``accelerate.Accelerator`` to run under (default: one made by
+    :func:`rlhf_book.distributed.make_accelerator`). With one process it changes nothing; under
+    ``accelerate launch`` or ``torchrun`` each process trains on its shard of every global batch
+    and the processes compute what one process would (the rules: :mod:`rlhf_book.distributed`).
+    Only the main process writes metrics, checkpoints and exports.
     """
 
     name = "policy"  # shown on the progress bar and in exported model cards
@@ -152,7 +160,7 @@ class PolicyTrainer:
     config_class = TrainerConfig
 
     def __init__(self, policy: nn.Module, ref_model: nn.Module, tokenizer, config: TrainerConfig | None = None,
-                 reward_fn: Callable | None = None, gold_fn: Callable | None = None):
+                 reward_fn: Callable | None = None, gold_fn: Callable | None = None, accelerator=None):
         cfg = self.config = config if config is not None else self.config_class()
         if not isinstance(cfg, self.config_class):
             raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
@@ -166,8 +174,12 @@ class PolicyTrainer:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("tokenizer needs a PAD token distinct from EOS (else EOS is masked out and never learned)")
         self.lm, self.model, self.tokenizer = lm, lm, tokenizer
-        # one device: the policy's
-        self.device = next(lm.parameters()).device
+        # one device: the policy's (with several processes, this process's own)
+        acc = self.accelerator = accelerator if accelerator is not None else make_accelerator(next(lm.parameters()).device)
+        check_data_parallel(acc)
+        self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.device = acc.device if self.world > 1 else next(lm.parameters()).device
+        lm.to(self.device)
         self.ref = ref_model.to(self.device).eval().requires_grad_(False)
         if callable(getattr(reward_fn, "to", None)):
             reward_fn.to(self.device)
@@ -178,13 +190,57 @@ class PolicyTrainer:
         if cfg.tf32:
             enable_tf32(self.device)
         self._compiled: dict[int, nn.Module] = {}
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self._prepared: dict[int, nn.Module] = {}  # id(module) -> its DDP/FSDP wrapper (several processes)
+        # sampling and minibatch order: per process (rank 0 = the one-process seed); the order of the data: shared
+        self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(cfg.seed, self.rank))
+        self.data_generator = (self.generator if self.world == 1
+                               else torch.Generator(device=self.device).manual_seed(cfg.seed))
         self.iteration = 0
         self.history: list[dict] = []
 
     def step(self, batch) -> dict:
         """One step of the algorithm on ``batch``; returns its statistics (floats). Subclasses implement it."""
         raise NotImplementedError
+
+    def prepare_trainables(self, *modules: nn.Module | None) -> None:
+        """Hand the trainable ``modules`` and ``self.optimizer`` to the Accelerator (DDP/FSDP wrappers with N processes).
+
+        The trainer keeps the modules themselves (sampling, the experience step, checkpoints and
+        export use them); the forwards of an update go through :meth:`trainable`.
+        """
+        acc = self.accelerator
+        for m in modules:
+            if m is not None:
+                wrapped = acc.prepare_model(m, device_placement=False)
+                if wrapped is not m:
+                    self._prepared[id(m)] = wrapped
+        self.optimizer = acc.prepare_optimizer(self.optimizer, device_placement=False)
+
+    def trainable(self, module: nn.Module) -> nn.Module:
+        """What a forward that will be backpropagated calls: ``module``'s DDP wrapper (N processes), else ``module``."""
+        return self._prepared.get(id(module), module)
+
+    def loss_share(self, n_local: torch.Tensor | float) -> torch.Tensor | float:
+        """The factor that makes a loss averaged over this process's ``n_local`` items (tokens, replies, pairs) a share
+        of the mean over the global batch (:func:`rlhf_book.distributed.global_share`; 1.0 with one process)."""
+        return global_share(self.accelerator, n_local)
+
+    def token_weighted(self, stats: dict, n_local: torch.Tensor | float) -> dict:
+        """Local means over ``n_local`` items times their :meth:`loss_share`: averaged over processes (as :meth:`step`
+        does with an update's statistics) they give the mean over the global batch. One process: ``stats``."""
+        if self.world == 1:
+            return stats
+        share = self.loss_share(n_local)
+        return {k: v * share for k, v in stats.items()}
+
+    def mean_across(self, x: torch.Tensor) -> torch.Tensor:
+        """A 0-d tensor averaged over the processes (itself with one), e.g. to take a decision all of them share."""
+        return x if self.world == 1 else self.accelerator.reduce(x.detach().clone(), "mean")
+
+    def shard(self, batch: Sequence, what: str = "batch_size") -> list:
+        """This process's contiguous share of a global batch (the whole batch with one process)."""
+        batch = list(batch)
+        return batch if self.world == 1 else batch[shard(len(batch), self.rank, self.world, what)]
 
     def sample(self, texts: Sequence[str], generator: torch.Generator | None = None,
                samples_per_prompt: int = 1) -> Rollout:
@@ -205,7 +261,7 @@ class PolicyTrainer:
         limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         self.optimizer.zero_grad(set_to_none=True)
         for part in ([loss] if isinstance(loss, torch.Tensor) else loss):
-            part.backward()
+            self.accelerator.backward(part)
         norms = [torch.nn.utils.clip_grad_norm_(list(g), limit) for g in clip_groups]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -279,6 +335,8 @@ class PolicyTrainer:
         The wrapper is built once per module and only used for teacher-forced forwards;
         sampling and checkpoints use the module itself.
         """
+        if module is None:
+            return None
         if not self.config.compile:
             return module
         if id(module) not in self._compiled:
@@ -291,26 +349,58 @@ class PolicyTrainer:
         return {"optimizer": self.optimizer}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the run bit for bit (at the same CPU thread count, see :meth:`load`)."""
-        return {
+        """Everything needed to continue the run bit for bit (at the same CPU thread count, see :meth:`load`).
+
+        With N processes every process must call it (it gathers each one's random state):
+        ``generator`` / ``rng`` are rank 0's, ``ranks`` holds every rank's, ``data_generator``
+        the shared order of the data.
+        """
+        state = {
             "model": self.model.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
             "iteration": self.iteration, "history": self.history, "config": asdict(self.config),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "world_size": self.world,
             **{k: v.state_dict() for k, v in self.stateful().items()},
         }
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            state["data_generator"] = self.data_generator.get_state()
+            state["ranks"] = gather_object([{"generator": state["generator"], "rng": state["rng"]}])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned, written by this number of processes or another.
+
+        With the same number, every process gets its own random state back (the run goes on
+        bit for bit). With another, weights, optimizer, step, history and the rest are
+        restored, and each process's generators are seeded anew from (seed, rank, step): the
+        run continues, on other random samples than an uninterrupted one would draw.
+        """
         self.model.load_state_dict(state["model"])
         for k, v in self.stateful().items():
             v.load_state_dict(state[k])
-        self.generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
         self.iteration, self.history = int(state["iteration"]), list(state["history"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world == self.world:
+            mine = state["ranks"][self.rank] if self.world > 1 else state
+            self.generator.set_state(mine["generator"])
+            set_rng_state(mine["rng"])
+            if self.world > 1:
+                self.data_generator.set_state(state["data_generator"])
+        else:
+            seed = self.config.seed + 7919 * self.iteration
+            self.generator.manual_seed(rank_seed(seed, self.rank))
+            if self.data_generator is not self.generator:
+                self.data_generator.manual_seed(seed)
+            torch.manual_seed(rank_seed(seed, self.rank))
 
     def save(self, path: str | Path) -> Path:
-        """Atomically write :meth:`state_dict` to ``path``."""
-        return save_checkpoint(path, **self.state_dict())
+        """Atomically write :meth:`state_dict` to ``path`` (N processes: all call it, the main one writes)."""
+        state = self.state_dict()
+        if self.is_main:
+            save_checkpoint(path, **state)
+        self.accelerator.wait_for_everyone()
+        return Path(path)
 
     def load(self, path: str | Path) -> None:
         """Restore a run saved with :meth:`save`; refuses a checkpoint written with another config.
@@ -328,7 +418,7 @@ class PolicyTrainer:
                 f"directory (only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume)."
             )
         threads = state.get("threads")
-        if threads is not None and threads != torch.get_num_threads():
+        if threads is not None and threads != torch.get_num_threads() and self.is_main:
             warnings.warn(
                 f"{path} was written with {threads} CPU threads and this process uses {torch.get_num_threads()}: "
                 "the run continues, but not bit for bit as an uninterrupted one would", RuntimeWarning, stacklevel=2,
@@ -348,6 +438,9 @@ class PolicyTrainer:
         always either the previous export or the new one, never half of one.
         """
         directory = Path(directory)
+        if not self.is_main:  # one writer; the others wait until the export is in place
+            self.accelerator.wait_for_everyone()
+            return directory
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(
@@ -360,6 +453,7 @@ class PolicyTrainer:
             os.rename(directory, old)
         os.rename(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return directory
 
     # ------------------------------------------------------------------ the loop
@@ -388,7 +482,7 @@ class PolicyTrainer:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"the number of steps (iterations) must be an integer >= 0, got {steps!r}")
         ckpt = Path(checkpoint_dir) / self.checkpoint_name if checkpoint_dir is not None else None
-        metrics = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir is not None else None
+        metrics = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir is not None and self.is_main else None
         if ckpt is not None and ckpt.exists():
             self.load(ckpt)
         if metrics is not None:  # rows after the last checkpoint were lost with the run: the file restarts from it
@@ -400,7 +494,7 @@ class PolicyTrainer:
             if metrics is not None:
                 append_metrics(self.history[-1], metrics)
         show = cfg.progress if progress is None else progress
-        bar = tqdm(total=steps, initial=min(self.iteration, steps), desc=self.name, disable=not show)
+        bar = tqdm(total=steps, initial=min(self.iteration, steps), desc=self.name, disable=not (show and self.is_main))
         while self.iteration < steps:
             stats = self.step(next_batch())
             stats.update(extra())
@@ -452,10 +546,11 @@ class OnPolicyTrainer(PolicyTrainer):
         config: OnPolicyConfig | None = None,
         critic: nn.Module | None = None,
         gold_fn: Callable | None = None,
+        accelerator=None,
     ):
         if reward_fn is None:  # on-policy RL needs one; the base checks that it is a function
             raise ValueError("reward_fn must be a function (prompts, responses, terminated) -> (B,) scores, got None")
-        super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn)
+        super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn, accelerator)
         cfg, lm = self.config, self.lm
         # the critic: none, a module given, the policy's value head, a new value head, or a separate copy of the trunk
         self.has_critic = cfg.critic != "none"
@@ -492,6 +587,7 @@ class OnPolicyTrainer(PolicyTrainer):
             self.critic_params = [p for p in critic_module.parameters() if p.requires_grad]
             groups.append({"params": self.critic_params, "lr": cfg.critic_lr if cfg.critic_lr is not None else cfg.lr})
         self.optimizer = adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
+        self.prepare_trainables(self.model, self.critic)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.experience: Experience | None = None
         self.timings: dict[str, float] = {}
@@ -502,12 +598,22 @@ class OnPolicyTrainer(PolicyTrainer):
         t0, timings = time.perf_counter(), {}
         with timed(timings, "generate", self.device):
             rollout = self.sample(prompt_texts(prompts), samples_per_prompt=self.samples_per_prompt)
+        return self.learn(rollout, timings, t0)
+
+    def learn(self, rollout: Rollout, timings: dict | None = None, t0: float | None = None) -> dict:
+        """The rest of an iteration, on a sampled ``rollout`` (this process's share): experience, update, stats.
+
+        The statistics are those of the global batch (gathered from every process) and the
+        KL controller moves on them, so every process logs and uses the same numbers.
+        """
+        t0, timings = time.perf_counter() if t0 is None else t0, {} if timings is None else timings
         with timed(timings, "experience", self.device):
             exp = self.make_experience(rollout, timings)
         with timed(timings, "update", self.device):
             update_stats = self.update(exp)
-        stats = {"step": self.iteration + 1, **self.experience_stats(exp), **update_stats}
-        self.kl_ctl.update(stats["kl"], len(exp))
+        stats = {"step": self.iteration + 1, **self.experience_stats(gather_experience(self.accelerator, exp)),
+                 **mean_across(self.accelerator, update_stats)}
+        self.kl_ctl.update(stats["kl"], len(exp) * self.world)
         stats["next_beta"] = self.kl_ctl.value
         self.experience, self.timings = exp, timings
         stats.update({f"{k}_seconds": v for k, v in timings.items()}, step_seconds=time.perf_counter() - t0)
@@ -526,7 +632,15 @@ class OnPolicyTrainer(PolicyTrainer):
                 kl_penalty=cfg.kl_penalty, gamma=cfg.gamma, lam=cfg.lam, missing_eos_score=cfg.missing_eos_score,
                 whiten_rewards=cfg.whiten_rewards, whiten_advantages=cfg.whiten_advantages,
                 policy=self.compiled(self.lm) if recompute else None, gold_fn=self.gold_fn, timings=timings,
+                whiten=self.whiten,
             )
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """:func:`~rlhf_book.advantage.masked_whiten` with the statistics of the global batch (N processes: gathered)."""
+        if self.world == 1:
+            return masked_whiten(x, mask, shift_mean=shift_mean)
+        full = masked_whiten(gather_rows(self.accelerator, x), gather_rows(self.accelerator, mask), shift_mean=shift_mean)
+        return local_rows(self.accelerator, full, x.size(0), x.size(1))
 
     def update(self, experience: Experience) -> dict:
         """The algorithm: learn from one experience batch; returns its statistics (floats). Subclasses implement it."""
@@ -542,9 +656,9 @@ class OnPolicyTrainer(PolicyTrainer):
         cfg = self.config
         with self.autocast():
             logprobs, values, entropy = forward_logprobs_and_values(
-                self.compiled(self.model), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+                self.compiled(self.trainable(self.model)), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
             if self.critic is not None:
-                values = response_values(self.compiled(self.critic), rollout)
+                values = response_values(self.compiled(self.trainable(self.critic)), rollout)
         return logprobs, (torch.zeros_like(logprobs) if values is None else values.float()), entropy
 
     def values(self, rollout: Rollout) -> torch.Tensor:
@@ -552,7 +666,8 @@ class OnPolicyTrainer(PolicyTrainer):
         if not self.has_critic:
             raise ValueError(f"this trainer has no critic ({type(self.config).__name__}.critic is 'none')")
         with self.autocast():
-            return response_values(self.compiled(self.critic if self.critic is not None else self.model), rollout).float()
+            critic = self.critic if self.critic is not None else self.model
+            return response_values(self.compiled(self.trainable(critic)), rollout).float()
 
     def kl_penalty_loss(self, logprobs: torch.Tensor, experience: Experience) -> torch.Tensor | float:
         """beta * mean k3 KL(pi_theta || pi_ref) when the KL goes in the loss (``kl_penalty="loss"``), else 0."""
@@ -629,7 +744,8 @@ class OnPolicyTrainer(PolicyTrainer):
     ) -> list[dict]:
         """Run until ``iterations`` iterations are done; returns the history (one dict per iteration, key ``step``).
 
-        Each iteration draws ``batch_size`` distinct prompts from ``prompt_list``. With
+        Each iteration draws ``batch_size`` distinct prompts from ``prompt_list`` (with N
+        processes, the same ones on each, which then samples its ``batch_size / N``). With
         ``eval_prompts``, iteration 0 (before training), every ``eval_every``-th iteration and
         the last one also carry :meth:`evaluate`'s ``eval_*`` statistics. With
         ``checkpoint_dir`` the run is resumable and streams its metrics (see :meth:`run`).
@@ -643,9 +759,11 @@ class OnPolicyTrainer(PolicyTrainer):
             raise ValueError(f"prompt_list has {len(texts)} prompts, fewer than batch_size={cfg.batch_size}")
         eval_texts = prompt_texts(eval_prompts) if eval_prompts is not None else None
 
-        def next_batch() -> list[str]:
-            order = torch.randperm(len(texts), generator=self.generator, device=self.device)[: cfg.batch_size]
-            return [texts[i] for i in order.tolist()]
+        shard(cfg.batch_size, 0, self.world)  # a batch that does not split evenly over the processes fails here
+
+        def next_batch() -> list[str]:  # the same global batch on every process, then this process's share
+            order = torch.randperm(len(texts), generator=self.data_generator, device=self.device)[: cfg.batch_size]
+            return self.shard([texts[i] for i in order.tolist()])
 
         evaluate = (lambda: self.evaluate(eval_texts)) if eval_texts is not None else None
         return self.run(iterations, next_batch, checkpoint_dir, evaluate, progress)
