@@ -196,7 +196,7 @@ def build_critic(kind: str, policy: nn.Module | None = None, reward_model: nn.Mo
 
 
 def response_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """V(s_t) for the state before each response token (column P - 1 + t), (B, R); 0 where response_mask is 0.
+    """V(s_t) for the state before each response token (0-based token t: column P - 1 + t), (B, R); 0 where response_mask is 0.
 
     ``critic``: a :class:`ValueModel` or a :class:`PolicyWithValueHead` (anything with ``value(ids, mask)``),
     or a DDP wrapper of one (called through its forward, so that gradients are synchronised).

@@ -10,7 +10,7 @@ An :class:`Annotator` labels pairs by Bradley-Terry sampling on a reward functio
 (any function with the library's reward-function signature; the book's annotators use
 the gold reward)::
 
-    P(a > b) = sigmoid((r(a) - r(b)) / T)
+    P(a > b) = sigmoid((r(a) - r(b)) / tau)
 
 so a pair of near-equal replies is a coin flip and a clear winner almost always
 wins, the way noisy human raters behave.
@@ -155,7 +155,7 @@ def gold_rewards(prompts: Sequence[str], responses: Sequence[str], terminated=No
 
 
 def preference_probability(r_a: float, r_b: float, temperature: float = 0.25) -> float:
-    """Bradley-Terry: P(a > b) = sigmoid((r_a - r_b) / T)."""
+    """Bradley-Terry: P(a > b) = sigmoid((r_a - r_b) / tau), tau the annotator temperature."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     z = (r_a - r_b) / temperature
@@ -177,7 +177,7 @@ def _scores(reward_fn: Callable, prompts: Sequence[str], responses: Sequence[str
 
 
 class Annotator:
-    """A simulated human: prefers a over b with probability sigmoid((r(a) - r(b)) / T), r = ``reward_fn``.
+    """A simulated human: prefers a over b with probability sigmoid((r(a) - r(b)) / tau), r = ``reward_fn``.
 
     ``reward_fn(prompts, responses, terminated) -> (B,)`` is any reward function (list of
     str, list of str, bools -> tensor or sequence of floats); the book's annotators use the

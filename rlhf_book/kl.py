@@ -6,12 +6,13 @@ The RLHF objective (chapter 5) is
 
 with pi_ref the frozen base model. The sequence KL is a sum over response tokens of
 per-token KLs, and each per-token KL is estimated from the one token that was sampled.
-With a_t ~ pi_theta and the log-ratio ``log r = log pi_ref(a_t) - log pi_theta(a_t)``,
-Schulman's estimators of KL(pi_theta || pi_ref) are
+With a_t ~ pi_theta and the log-ratio ``log omega = log pi_ref(a_t) - log pi_theta(a_t)``
+(omega, not rho: rho is PPO's pi_theta / pi_old; see the book's notation page), Schulman's
+estimators of the reverse KL, KL(pi_theta || pi_ref), are
 
-    k1 = -log r                  unbiased, high variance, negative on many tokens
-    k2 = 0.5 (log r)^2           biased (low when the policies are close), low variance
-    k3 = (r - 1) - log r         unbiased, low variance, always >= 0
+    k1 = -log omega                  unbiased, high variance, negative on many tokens
+    k2 = 0.5 (log omega)^2           biased (low when the policies are close), low variance
+    k3 = (omega - 1) - log omega     unbiased, low variance, always >= 0
 
 Two ways to put the penalty into training:
 
@@ -24,7 +25,7 @@ Two ways to put the penalty into training:
   differentiate it. Beware that the gradient of a *sampled estimate* of the KL is not the
   gradient of the KL, because the sampling distribution depends on theta too and autograd
   does not see that. For a_t ~ pi_theta: E[grad k1] = E[grad log pi_theta(a_t)] = 0, so a k1
-  loss does nothing on average; E[grad k3] = grad KL(pi_ref || pi_theta), the *reverse* KL
+  loss does nothing on average; E[grad k3] = grad KL(pi_ref || pi_theta), the *forward* KL
   (a fine regulariser, but a different one). ``tests/test_kl.py`` checks both identities.
 """
 
@@ -51,9 +52,9 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = (r - 1) - log r, r = pi_ref(a) / pi_theta(a) (unbiased, >= 0); (B, T) -> (B, T).
+    """k3 = (omega - 1) - log omega, omega = pi_ref(a) / pi_theta(a) (unbiased, >= 0); (B, T) -> (B, T).
 
-    With x = log r, k3 = e^x - 1 - x ~ x^2 / 2 is tiny next to x when the policies are
+    With x = log omega, k3 = e^x - 1 - x ~ x^2 / 2 is tiny next to x when the policies are
     close, so ``exp(x) - 1 - x`` cancels catastrophically (float32: garbage, even negative,
     for |x| < 1e-3). We use ``expm1(x) - x`` for |x| >= 1e-2 and the Taylor series
     x^2/2 (1 + x/3 (1 + x/4 (1 + x/5))) below (truncation error < 1e-10 relative): accurate to

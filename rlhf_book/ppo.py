@@ -69,7 +69,7 @@ def ppo_policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            # samples come from pi_old: KL(pi_old || pi_theta) with log r = log pi_theta - log pi_old
+            # samples come from pi_old: KL(pi_old || pi_theta), with log rho = log pi_theta - log pi_old
             "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), logprobs), mask),
             "approx_kl_k1": masked_mean(-log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),

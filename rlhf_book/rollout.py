@@ -395,7 +395,7 @@ def sequence_logprob(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T) at ``tokens``: logits (B, R, V), tokens (B, R) -> (B, R)."""
+    """log softmax(logits / tau) (tau: ``temperature``) at ``tokens``: logits (B, R, V), tokens (B, R) -> (B, R)."""
     return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 

@@ -63,7 +63,7 @@ class TrainerConfig(Config):
     batch_size: int = option(32, "prompts per iteration (RL: one response each) or preference pairs per step (DPO); "
                                  "with N processes the global batch, split evenly", ">= 1")
     max_new_tokens: int = option(40, "responses without EOS by then are cut off (terminated = False)", ">= 1")
-    temperature: float = option(1.0, "sampling temperature T; policy and reference log-probs both use softmax(logits / T) "
+    temperature: float = option(1.0, "sampling temperature tau; policy and reference log-probs both use softmax(logits / tau) "
                                      "(N+ detail: else the KL compares a sharpened policy with an unsharpened reference)", "> 0")
     # --- the optimizer
     lr: float = option(1e-4, "Adam learning rate of the policy", "> 0")

@@ -86,7 +86,7 @@ def test_response_values_reads_column_before_each_token(critic):
     m = response_mask.bool()
     torch.testing.assert_close(v[m], full[:, P - 1 : -1][m])
     assert (v[~m] == 0).all()
-    # V(s_0) is the value of the prompt alone: it must not depend on any response token
+    # V(s_1) (the state before the first response token) is the value of the prompt alone: it must not depend on any response token
     v_other = response_values(
         critic, Rollout(prompt_ids, prompt_mask, torch.randint(2, VOCAB, response_ids.shape), response_mask)
     )

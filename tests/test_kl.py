@@ -86,14 +86,14 @@ def _expected_grad(estimator):
 def test_gradient_of_sampled_kl_is_not_gradient_of_kl():
     theta = LOGITS_PI.clone().requires_grad_(True)
     exact_kl(theta, LOGITS_REF).backward()
-    grad_kl = theta.grad.clone()
+    grad_reverse_kl = theta.grad.clone()  # KL(pi_theta || pi_ref): the RLHF objective's
     theta.grad = None
     exact_kl(LOGITS_REF, theta).backward()
-    grad_reverse_kl = theta.grad.clone()
+    grad_forward_kl = theta.grad.clone()  # KL(pi_ref || pi_theta)
     g1, g3 = _expected_grad(kl_k1), _expected_grad(kl_k3)
     torch.testing.assert_close(g1, torch.zeros_like(g1), atol=1e-6, rtol=0)  # k1 as a loss: zero on average
-    torch.testing.assert_close(g3, grad_reverse_kl, atol=1e-6, rtol=1e-5)  # k3 as a loss: reverse KL
-    assert (g3 - grad_kl).abs().max() > 1e-2  # ... which is not the forward KL's gradient
+    torch.testing.assert_close(g3, grad_forward_kl, atol=1e-6, rtol=1e-5)  # k3 as a loss: the forward KL's gradient
+    assert (g3 - grad_reverse_kl).abs().max() > 1e-2  # ... which is not the reverse KL's
 
 
 def test_sequence_kl_and_kl_loss_ignore_padding():
