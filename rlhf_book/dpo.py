@@ -20,7 +20,10 @@ computed once per data set (:func:`reference_logprobs`) and reused at every step
 * ``sigmoid_norm``: DPO on per-token averaged log-ratios (TRL's length-normalised DPO);
 * ``simpo``: -log sigmoid(beta (log pi(y_w)/|y_w| - log pi(y_l)/|y_l|) - gamma), SimPO (Meng et al. 2024):
   no reference at all, a length-normalised likelihood and a target margin gamma (TRL: ``CPOTrainer``
-  with ``loss_type="simpo"``).
+  with ``loss_type="simpo"``);
+* ``sft``: -log pi(y_w|x) / |y_w|, supervised fine-tuning on the chosen replies alone (the rejected ones and
+  the reference are not used): the baseline every preference method should beat. TRL's DPO ``loss_type="sft"``
+  takes the token mean over the batch; here each reply's per-token NLL is averaged over pairs, like the others.
 
 :class:`DPOTrainer` trains a policy on such pairs on the book's trainer conventions (config with help
 text, minibatches, checkpoint/resume bit for bit, the history schema, and the same held-out evaluation
@@ -52,9 +55,9 @@ __all__ = ["LOSS_TYPES", "REFERENCE_FREE", "implicit_rewards", "dpo_loss", "enco
            "reference_logprobs", "DPOConfig", "DPOTrainer", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "dpo_state.pt"
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "simpo")
-REFERENCE_FREE = frozenset({"simpo"})  # loss types that never read the reference's log-probs
-_LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo"})
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "simpo", "sft")
+REFERENCE_FREE = frozenset({"simpo", "sft"})  # loss types that never read the reference's log-probs
+_LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "sft"})
 
 
 def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -78,7 +81,8 @@ def dpo_loss(
     Inputs are summed reply log-probs, (B,) each; ``*_lengths`` (reply tokens, EOS
     included) are needed by the length-normalised types (``ipo``, ``sigmoid_norm``,
     ``simpo``). The rewards are the implicit rewards beta * log-ratio (``simpo``: beta *
-    the per-token average log-prob, its own reward); they are detached, for metrics.
+    the per-token average log-prob, its own reward; ``sft``: the same, though its loss sees only the chosen
+    reply); they are detached, for metrics.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -88,10 +92,10 @@ def dpo_loss(
         raise ValueError(f"loss_type {loss_type!r} averages over reply tokens: pass chosen_lengths and rejected_lengths")
     if loss_type not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss_type {loss_type!r} needs the reference's log-probs (ref_chosen_logps, ref_rejected_logps)")
-    if loss_type == "simpo":
+    if loss_type in ("simpo", "sft"):
         chosen = chosen_logps / chosen_lengths.clamp(min=1)
         rejected = rejected_logps / rejected_lengths.clamp(min=1)
-        losses = -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma)
+        losses = -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma) if loss_type == "simpo" else -chosen
         return losses, (beta * chosen).detach(), (beta * rejected).detach()
     chosen = chosen_logps - ref_chosen_logps  # log-ratios log pi / pi_ref
     rejected = rejected_logps - ref_rejected_logps
@@ -171,7 +175,8 @@ class DPOConfig(TrainerConfig):
     beta: float = option(0.1, "beta: the KL coefficient the implicit reward assumes (small: the policy may move "
                               "far from pi_ref; for 'ipo' it is IPO's tau)", "> 0")
     loss_type: str = option("sigmoid", "'sigmoid' (DPO), 'hinge' (SLiC), 'ipo' (IPO), 'sigmoid_norm' (DPO on "
-                                       "per-token log-ratios) or 'simpo' (SimPO, no reference): TRL's names",
+                                       "per-token log-ratios), 'simpo' (SimPO, no reference) or 'sft' (supervised "
+                                       "fine-tuning on the chosen replies): TRL's names",
                             choices=LOSS_TYPES)
     simpo_gamma: float = option(0.5, "SimPO's target reward margin gamma (only loss_type='simpo')", ">= 0")
     minibatch_size: int | None = option(None, "pairs per forward pass; batch_size / minibatch_size passes are "

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "seed_curves", "plot_seeds", "best_within", "PANELS"]
+__all__ = ["series", "plot_run", "plot_runs", "plot_frontier", "seed_curves", "plot_seeds", "best_within", "plot_pipeline",
+           "PANELS"]
 
 # (title, [(history key, legend label), ...], y label)
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
@@ -238,3 +239,93 @@ def plot_seeds(
     if title:
         ax.set_title(title)
     return ax
+
+
+# ---------------------------------------------------------------------------- the RLHF pipeline (the book's map)
+# box name -> (x, y, text); x, y: the centre in axes coordinates (0..1)
+_PIPELINE_BOXES = {
+    "pretrain": (0.12, 0.86, "1  Pretraining\nnext-token loss on text\n-> the base LM"),
+    "sft": (0.37, 0.86, r"2  Supervised fine-tuning" "\nimitate demonstrations\n" r"max $\log \pi_\theta(y_{\mathrm{demo}} \mid x)$"),
+    "rm": (0.62, 0.86, r"3  Reward model $r_\phi$" "\nBradley-Terry on\npreference pairs"),
+    "rl": (0.87, 0.86, r"4  RL fine-tuning" "\n" r"max $\mathbb{E}[r_\phi] - \beta\,\mathrm{KL}(\pi_\theta \Vert \pi_{\mathrm{ref}})$"),
+    "prompts": (0.07, 0.32, r"prompts $x$"),
+    "policy": (0.24, 0.32, r"policy $\pi_\theta$ (actor)" "\nsamples $y$"),
+    "reward": (0.49, 0.49, r"reward model" "\n" r"$r_\phi(x, y)$"),
+    "reference": (0.49, 0.32, r"reference $\pi_{\mathrm{ref}}$" "\nlog-probs -> KL"),
+    "critic": (0.49, 0.15, r"critic $V_\psi(s_t)$" "\n(none in ch. 7)"),
+    "advantages": (0.71, 0.32, r"per-token rewards" "\nand advantages $A_t$"),
+    "update": (0.90, 0.32, r"update $\theta$" "\n" r"(and $\psi$)"),
+}
+_PIPELINE_CHAPTERS = {  # chapter -> the boxes it builds or studies
+    1: ("pretrain", "sft", "policy"), 2: ("rm", "reward"), 3: ("rl", "policy", "critic", "advantages", "update"),
+    4: ("critic", "advantages"), 5: ("rl", "reference", "update"), 6: ("sft", "rm", "dpo"),
+    7: ("rl", "advantages", "update"), 8: ("rm", "rl", "reward"),
+}
+_PIPELINE_LABELS = {"pretrain": "ch. 1", "sft": "ch. 1", "rm": "ch. 2, 8", "rl": "ch. 3-5, 7, 8", "reward": "ch. 2",
+                    "reference": "ch. 5", "critic": "ch. 3, 4", "advantages": "ch. 3, 4, 7", "update": "ch. 3, 5, 7"}
+
+
+def plot_pipeline(chapter: int | None = None):
+    """The RLHF pipeline: its four stages, one RL iteration's data flow, which chapter builds each box.
+
+    ``chapter`` (1-8) highlights the boxes that chapter builds or studies. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    if chapter is not None and chapter not in _PIPELINE_CHAPTERS:
+        raise ValueError(f"chapter must be one of {sorted(_PIPELINE_CHAPTERS)} or None, got {chapter!r}")
+    lit = set(_PIPELINE_CHAPTERS.get(chapter, ()))
+    fig, ax = plt.subplots(figsize=(11, 5.6))
+    ax.set(xlim=(0, 1), ylim=(-0.03, 1.09))
+    ax.axis("off")
+    sizes = {}
+    for name, (x, y, text) in _PIPELINE_BOXES.items():
+        w, h = (0.21, 0.2) if y > 0.7 else (0.15, 0.11) if name not in ("prompts",) else (0.09, 0.07)
+        sizes[name] = (w, h)
+        face = "#fde68a" if name in lit else ("#e0ecf8" if y > 0.7 else "#f3f4f6")
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01", fc=face, ec="#374151",
+                                    lw=1.6 if name in lit else 0.8))
+        ax.text(x, y + 0.012, text, ha="center", va="center", fontsize=8.5)
+        if name in _PIPELINE_LABELS:
+            ax.text(x + w / 2 - 0.006, y - h / 2 + 0.008, _PIPELINE_LABELS[name], ha="right", va="bottom",
+                    fontsize=7, color="#6b7280", style="italic")
+
+    def arrow(a, b, rad=0.0, **kw):
+        (xa, ya, _), (xb, yb, _) = _PIPELINE_BOXES[a], _PIPELINE_BOXES[b]
+        (wa, ha), (wb, hb) = sizes[a], sizes[b]
+        if abs(ya - yb) < 1e-9:
+            start, end = (xa + wa / 2, ya), (xb - wb / 2, yb)
+        else:
+            start, end = (xa + (wa / 2 if xb > xa else -wa / 2), ya), (xb + (-wb / 2 if xb > xa else wb / 2), yb)
+        ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color=kw.get("color", "#374151"),
+                                                                lw=1.0, ls=kw.get("ls", "-"),
+                                                                connectionstyle=f"arc3,rad={rad}"))
+
+    for a, b in (("pretrain", "sft"), ("sft", "rm"), ("rm", "rl"), ("prompts", "policy"), ("policy", "reward"),
+                 ("policy", "reference"), ("policy", "critic"), ("reward", "advantages"), ("reference", "advantages"),
+                 ("critic", "advantages"), ("advantages", "update")):
+        arrow(a, b)
+    # the update changes the policy that samples the next batch
+    low = 0.03
+    ax.plot([0.90, 0.90, 0.24], [0.32 - 0.055, low, low], color="#374151", lw=1.0)
+    ax.annotate("", xy=(0.24, 0.32 - 0.055), xytext=(0.24, low), arrowprops=dict(arrowstyle="-|>", color="#374151", lw=1.0))
+    ax.text(0.71, low + 0.012, "next iteration: the updated policy samples again", ha="center", va="bottom",
+            fontsize=8, color="#374151")
+    # DPO: from the preference data straight to the policy, no reward model, no RL
+    dpo_lit = "dpo" in lit
+    ax.annotate("", xy=(0.87, 0.86 + 0.10), xytext=(0.37, 0.86 + 0.10), arrowprops=dict(
+        arrowstyle="-|>", color="#b45309" if dpo_lit else "#9ca3af", lw=1.6 if dpo_lit else 1.0, ls="--",
+        connectionstyle="arc3,rad=-0.08"))
+    ax.text(0.62, 1.045, "DPO (ch. 6): from preference pairs to the policy directly, no reward model, no sampling",
+            ha="center", va="bottom", fontsize=8, color="#b45309" if dpo_lit else "#6b7280")
+    # stage 4 is the loop below
+    ax.plot([0.87, 0.87], [0.86 - 0.10, 0.63], color="#9ca3af", lw=0.8, ls=":")
+    ax.add_patch(FancyBboxPatch((0.015, -0.01), 0.97, 0.64, boxstyle="round,pad=0.005", fc="none", ec="#9ca3af",
+                                lw=0.8, ls=":"))
+    ax.text(0.025, 0.615, "one iteration of stage 4: the four models of the RL stage (policy, reference, reward "
+            "model, critic)", fontsize=8.5, va="top", color="#374151")
+    title = "The RLHF pipeline" + (f" (highlighted: what chapter {chapter} builds or studies)" if chapter else "")
+    ax.set_title(title, fontsize=11, pad=4)
+    fig.tight_layout()
+    return fig

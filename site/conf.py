@@ -29,3 +29,13 @@ html_theme_options = {
 }
 html_last_updated_fmt = None
 html_show_sourcelink = False
+
+
+def _appendix_links(app, docname, source):
+    """Chapters link to the appendix as ../site/X.md (right in Jupyter and on GitHub); on the site X.md is at ../X.md."""
+    if docname.startswith("chapters/"):
+        source[0] = source[0].replace("](../site/", "](../")
+
+
+def setup(app):
+    app.connect("source-read", _appendix_links)

@@ -21,6 +21,14 @@ def returns_to_go(rewards, mask, gamma):
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
+# 1.3  log of a product is the sum of the logs
 answer_logprob = math.log(0.5) + math.log(0.25) + math.log(0.8)
+
+# 1.4  s_3 = (x, y_1, y_2): the prompt and the tokens before the third
 answer_state = "B"
-answer_credit = "C"
+
+# 1.5  one score for 500 decisions: weak, noisy per-token credit
+answer_credit = "D"
+
+# 1.6  G_t: one sampled sum of rewards; V: E[G_t | s_t]; Q: E[G_t | s_t, a_t]; A = Q - V (c is left over)
+answer_matching = {"G": "b", "V": "e", "Q": "a", "A": "d"}

@@ -26,4 +26,8 @@ def last_token_scores(scores, attention_mask):
     return scores[torch.arange(scores.size(0)), last]
 
 
-length_diagnosis = "C"
+# 2.5  length is a stand-in for quality: right when the better reply is longer, worse than chance otherwise
+length_diagnosis = "A"
+
+# 2.6  a number that depends only on the prompt is added to both replies of a pair and cancels in r_c - r_r
+answer_invariance = "C"

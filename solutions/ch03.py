@@ -19,4 +19,7 @@ def a2c_actor_loss(logprobs, advantages, mask):
 answer_order = "DBEAC"
 
 # 3.4  the probability of that token in that state goes up
-answer_high_advantage = "B"
+answer_high_advantage = "D"
+
+# 3.5  proxy up, gold down, KL in the tens of nats, rising entropy: reward hacking; put the KL penalty back
+answer_run_diagnosis = "A"

@@ -25,7 +25,11 @@ def gae_advantages(rewards, values, mask, gamma, lam):
 
 # 4.3  the critic has not learned anything (explained variance ~ 0, value loss flat), so the TD
 #      advantages are mostly noise; the actor moves (KL grows) but not in a useful direction
-answer_stalled_run = "C"
+answer_stalled_run = "B"
 
 # 4.4  lam = 1: A_t = G_t - V(s_t), the critic only enters as a baseline
 answer_lambda = "D"
+
+# 4.5  with lam = 1 the frozen critic (V = 0) no longer matters: A_t = G_t, whitened (a batch-mean baseline),
+#      and the proxy rises; with lam = 0 only the last token saw the score
+answer_frozen_critic = "C"

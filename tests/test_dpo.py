@@ -49,6 +49,12 @@ def test_variants_match_their_formulas():
     simpo, rc, _ = dpo_loss(LC, LR, None, None, beta, "simpo", NC, NR, simpo_gamma=0.5)
     torch.testing.assert_close(simpo, -F.logsigmoid(beta * (LC / NC - LR / NR) - 0.5))
     torch.testing.assert_close(rc, beta * LC / NC)
+    sft, _, _ = dpo_loss(LC, LR, None, None, beta, "sft", NC, NR)  # the chosen reply's per-token NLL, nothing else
+    torch.testing.assert_close(sft, -LC / NC)
+    LC_grad, LR_grad = LC.clone().requires_grad_(True), LR.clone().requires_grad_(True)
+    dpo_loss(LC_grad, LR_grad, None, None, beta, "sft", NC, NR)[0].sum().backward()
+    torch.testing.assert_close(LC_grad.grad, -1 / NC)  # d/d log pi(y_w) of -log pi(y_w) / |y_w|
+    assert LR_grad.grad is None  # the rejected reply plays no part
 
 
 def test_bad_arguments_name_what_is_missing():
@@ -66,7 +72,7 @@ def test_bad_arguments_name_what_is_missing():
         DPOConfig(batch_size=4, minibatch_size=8)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "sft"])  # sft: no rejected term (above)
 def test_the_gradient_raises_the_chosen_margin(loss_type):
     chosen, rejected = LC.clone().requires_grad_(True), LR.clone().requires_grad_(True)
     losses, _, _ = dpo_loss(chosen, rejected, RC, RR, 0.1, loss_type, NC, NR)

@@ -14,8 +14,19 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from rlhf_book.exercises import reset_attempts
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in (ROOT / "rlhf_book" / "exercises").glob("ch[0-9][0-9].py"))
+GRADED = ("ch01", "ch02", "ch03", "ch04", "ch05")  # chapters whose every exercise has a first and a stronger hint
+
+
+@pytest.fixture(autouse=True)
+def _fresh_attempts():
+    """Each test starts with no wrong attempts recorded, so the hint shown does not depend on test order."""
+    reset_attempts()
+    yield
+    reset_attempts()
 
 
 def _notebook(chapter: str) -> Path:
@@ -74,6 +85,83 @@ def test_notebook_stub_fails(chapter, name):
     assert name in stubs, f"{_notebook(chapter).name} has no stub defining {name!r}"
     ok, out = _run(check, stubs[name])
     assert ok is False and "FAIL" in out, out
+    assert "not answered yet" in out and "hint" not in out, f"an untouched stub gets no hint: {out}"
+
+
+@pytest.mark.parametrize("chapter,name", list(_cases()))
+def test_no_answer_gets_no_hint(chapter, name):
+    """None and ... are 'not answered yet', with no hint, and do not count as a wrong attempt."""
+    check = importlib.import_module(f"rlhf_book.exercises.{chapter}").EXERCISES[name]
+    for unanswered in (None, ...):
+        ok, out = _run(check, unanswered)
+        assert ok is False and out.strip().endswith("not answered yet") and "hint" not in out, out
+        assert out.count("\n") == 1, out  # one line only
+
+
+def _wrong(answer):
+    """A wrong answer of the same kind as the reference ``answer``."""
+    import torch
+
+    if callable(answer):
+        return lambda *args: torch.full((1,), 12345.0)
+    if isinstance(answer, str):
+        return "Z" * max(1, len(answer))
+    if isinstance(answer, dict):
+        return {k: "zz" for k in answer}
+    if isinstance(answer, (list, tuple)):
+        return [12345.0 for _ in answer]
+    return float(answer) + 7.0
+
+
+def _graded_cases():
+    for chapter in GRADED:
+        for name in importlib.import_module(f"rlhf_book.exercises.{chapter}").EXERCISES:
+            yield pytest.param(chapter, name, id=f"{chapter}-{name}")
+
+
+@pytest.mark.parametrize("chapter,name", list(_graded_cases()))
+def test_two_level_hints(chapter, name):
+    """No answer: no hint; first wrong answer: the first hint; second wrong answer: a different, stronger hint."""
+    check = importlib.import_module(f"rlhf_book.exercises.{chapter}").EXERCISES[name]
+    wrong = _wrong(getattr(_solutions(chapter), name))
+    _, out0 = _run(check, None)
+    assert "not answered yet" in out0 and "hint" not in out0, out0
+    ok1, out1 = _run(check, wrong)
+    ok2, out2 = _run(check, wrong)
+    assert ok1 is False and ok2 is False, (out1, out2)
+    assert "\n       hint: " in out1 and "stronger hint" not in out1, out1
+    assert "\n       stronger hint: " in out2, out2
+    first, second = out1.split("hint: ", 1)[1].strip(), out2.split("stronger hint: ", 1)[1].strip()
+    assert first != second, (first, second)
+    ok, out = _run(check, getattr(_solutions(chapter), name))
+    assert ok is True and "PASS" in out and "hint" not in out, out
+
+
+def test_hint_mechanics():
+    from rlhf_book.exercises import attempts, check_function, check_value
+
+    ok, out = _run(lambda a: check_value("demo", a, 2.0, hint=("gentle", "strong")), None)
+    assert (ok, out) == (False, "[FAIL] demo: not answered yet\n") and attempts("demo") == 0
+    outs = [_run(lambda a: check_value("demo", a, 2.0, hint=("gentle", "strong")), 3.0)[1] for _ in range(3)]
+    assert "hint: gentle" in outs[0] and "strong" not in outs[0].replace("gentle", "")
+    assert all("stronger hint: strong" in o and "gentle" not in o for o in outs[1:]), outs
+    assert attempts("demo") == 3 and attempts("other") == 0
+    ok, out = _run(lambda a: check_value("demo", a, 2.0, hint=("gentle", "strong")), 2.0)
+    assert ok is True and out.startswith("[PASS] demo")
+    # a single string: the same hint every time, never labelled stronger
+    outs = [_run(lambda a: check_value("single", a, "B", hint="only one"), "c")[1] for _ in range(2)]
+    assert all("hint: only one" in o and "stronger" not in o for o in outs), outs
+    # a part of an exercise, "name (part)", counts for the exercise
+    def stub(x):
+        raise NotImplementedError
+
+    assert "not answered yet" in _run(lambda f: check_function("fn (part)", f, abs, lambda g: (1.0,)), stub)[1]
+    assert attempts("fn") == 0
+    _run(lambda f: check_function("fn (part)", f, abs, lambda g: (1.0,), hint=("h1", "h2")), lambda x: 5.0)
+    out = _run(lambda f: check_function("fn", f, abs, lambda g: (1.0,), hint=("h1", "h2")), lambda x: 5.0)[1]
+    assert "stronger hint: h2" in out, out
+    reset_attempts("fn")
+    assert attempts("fn") == 0 and attempts("demo") == 3
 
 
 def test_checks_catch_typical_bugs():

@@ -44,3 +44,23 @@ def test_best_within_a_budget_by_hand():
     assert best_within(RUNS, 5.0, y_key="gold") == 4.0
     assert math.isnan(best_within(RUNS, -1.0, y_key="gold"))
     assert best_within([[{"eval_kl": 0.0, "g": float("nan")}, {"eval_kl": 0.0, "g": 1.0}]], 1.0, y_key="g") == 1.0
+
+
+def test_the_pipeline_figure_highlights_each_chapters_boxes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    from rlhf_book.plotting import plot_pipeline
+
+    def lit(fig):
+        return sum(1 for p in fig.axes[0].patches if isinstance(p, FancyBboxPatch) and p.get_linewidth() > 1.0)
+
+    assert lit(plot_pipeline()) == 0
+    for chapter, boxes in ((1, 3), (2, 2), (5, 3)):
+        assert lit(plot_pipeline(chapter)) == boxes
+    plt.close("all")
+    with pytest.raises(ValueError, match="chapter must be one of"):
+        plot_pipeline(9)

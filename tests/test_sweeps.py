@@ -61,3 +61,24 @@ def test_a_killed_sweep_resumes_to_the_same_results(tiny_world, tmp_path):
     assert _records(killed) == _records(whole)
     assert json.dumps(_records(killed)) == json.dumps(_records(whole))
     assert not killed.with_suffix(".runs").exists()  # no scratch left behind to block the next sweep
+
+
+def test_the_ch03_05_sweep_plans_valid_configs_under_distinct_names():
+    import sweep_ch03_05 as s
+
+    from rlhf_book.a2c import A2CConfig
+    from rlhf_book.ppo import PPOConfig
+
+    runs = s.plan(["ch3", "ch4", "ch5", "adaptive"], list(s.SEEDS))
+    assert len({r[0] for r in runs}) == len(runs) == 3 * (2 + 3 + 3 + 1)
+    for _, part, algo, knobs, iterations, seed in runs:  # every config the sweep will build is a valid one
+        cfg = A2CConfig(**{**s.DENSE, **knobs, "seed": seed}) if algo == "a2c" else \
+            PPOConfig(**{**s.PPO_BASE, **s.DENSE, **knobs, "seed": seed})
+        assert cfg.eval_every == 5 and iterations > 0
+        assert (cfg.kl_target is not None) == (part == "adaptive")
+    rows = s.compact([{"step": 0, "eval_kl": 1.234567, "eval_samples": []}, {"step": 1, "kl": 2 / 3, "other": 1.0,
+                                                                             "eval_samples": [{"prompt": "p"}]}], s.ROW_KEYS)
+    assert rows == [{"step": 0, "eval_kl": 1.235}, {"step": 1, "kl": 0.6667, "eval_samples": [{"prompt": "p"}]}]
+    # only the rows with a key, unrounded (chapter 6's sweep keeps its evaluations as they are)
+    assert s.compact([{"step": 0, "eval_kl": 1 / 3}, {"step": 1, "kl": 0.5}], ("step", "eval_kl"), digits=None,
+                     only="eval_kl") == [{"step": 0, "eval_kl": 1 / 3}]

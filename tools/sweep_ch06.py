@@ -34,9 +34,8 @@ from rlhf_book import Annotator, generate_preferences, gold_reward_fn, gold_rewa
 from rlhf_book.dpo import DPOConfig, DPOTrainer
 from rlhf_book.ppo import PPOConfig, PPOTrainer
 from rlhf_book.preferences import load_preference_data
-from rlhf_book.reward_model import load_reward_model, reward_fn_from_model
 from rlhf_book.runtime import configure_threads
-from sweep_common import Results
+from sweep_common import Results, compact
 
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "ch06_dpo.jsonl"
 SEEDS = (0, 1, 2)
@@ -54,14 +53,6 @@ EVAL_KEYS = ("step", "epoch", "eval_proxy_reward", "eval_gold_reward", "eval_kl"
              "logp_chosen", "logp_rejected", "proxy_reward", "gold_reward", "kl")
 
 
-def compact(history: list[dict]) -> list[dict]:
-    """The rows worth keeping: every evaluation (with the keys above), samples only at the last."""
-    rows = [{k: h[k] for k in EVAL_KEYS if k in h} for h in history if "eval_kl" in h]
-    if history and "eval_samples" in history[-1]:
-        rows[-1]["eval_samples"] = history[-1]["eval_samples"]
-    return rows
-
-
 def pairs_from(model, tok, prompts, n: int, temperature: float, seed: int) -> list[dict]:
     """n pairs sampled from ``model`` at ``temperature``, labelled by the book's simulated annotators."""
     raters = Annotator(gold_rewards, temperature=0.25, seed=seed + 7919)
@@ -70,16 +61,6 @@ def pairs_from(model, tok, prompts, n: int, temperature: float, seed: int) -> li
 
 
 class Sweep(Results):
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self.rm = None
-
-    def reward_fn(self):
-        if self.rm is None:
-            model, tok = load_reward_model("cpu", progress=False)
-            self.rm = reward_fn_from_model(model, tok)
-        return self.rm
-
     def dpo(self, run: str, pairs, beta: float, seed: int, epochs: float, policy=None, record: bool = True, **extra):
         """One DPO run (from pi_ref unless ``policy`` is given); returns the trained policy.
 
@@ -91,13 +72,13 @@ class Sweep(Results):
         if policy is None:
             policy, _ = load_base_model("cpu", progress=False)
         cfg = DPOConfig(beta=beta, seed=seed, **DPO)
-        trainer = DPOTrainer(policy, ref, tok, cfg, reward_fn=self.reward_fn(), gold_fn=gold_reward_fn)
+        trainer = DPOTrainer(policy, ref, tok, cfg, reward_fn=self.book_reward_fn(), gold_fn=gold_reward_fn)
         history = trainer.train(pairs, epochs, checkpoint_dir=self.scratch(run) if record else None,
                                 eval_prompts=eval_prompts * EVAL_REPEATS,
                                 eval_pairs=load_preference_data("cpu", progress=False)["validation"])
         if record:
             self.record(run, t0, method="dpo", beta=beta, seed=seed, epochs=epochs, pairs=len(pairs), config=DPO,
-                        history=compact(history), **extra)
+                        history=compact(history, EVAL_KEYS, digits=None, only="eval_kl"), **extra)
         return policy
 
     def ppo(self, run: str, beta: float, seed: int):
@@ -105,12 +86,12 @@ class Sweep(Results):
         train_prompts, eval_prompts = prompt_split(0)
         policy, tok = load_base_model("cpu", progress=False)
         ref, _ = load_base_model("cpu", progress=False)
-        trainer = PPOTrainer(policy, ref, tok, self.reward_fn(), PPOConfig(kl_coef=beta, seed=seed, **PPO),
+        trainer = PPOTrainer(policy, ref, tok, self.book_reward_fn(), PPOConfig(kl_coef=beta, seed=seed, **PPO),
                              gold_fn=gold_reward_fn)
         history = trainer.train(train_prompts, PPO_ITERATIONS, checkpoint_dir=self.scratch(run),
                                 eval_prompts=eval_prompts * EVAL_REPEATS)
         self.record(run, t0, method="ppo", beta=beta, seed=seed, iterations=PPO_ITERATIONS, config=PPO,
-                    history=compact(history))
+                    history=compact(history, EVAL_KEYS, digits=None, only="eval_kl"))
 
 
 def data_arms(sweep: Sweep, seed: int) -> None:

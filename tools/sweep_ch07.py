@@ -34,9 +34,8 @@ import rlhf_book  # noqa: F401  (first: OMP_WAIT_POLICY before torch)
 from rlhf_book import gold_reward_fn, load_base_model, prompt_split
 from rlhf_book.critic_free import CriticFreeConfig, CriticFreeTrainer, evaluate_pass_at_k
 from rlhf_book.ppo import PPOConfig, PPOTrainer
-from rlhf_book.reward_model import load_reward_model, reward_fn_from_model
 from rlhf_book.runtime import configure_threads
-from sweep_common import Results
+from sweep_common import Results, compact
 
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "ch07_critic_free.jsonl"
 SEEDS = (0, 1, 2)
@@ -60,15 +59,6 @@ ROW_KEYS = ("step", "proxy_reward", "gold_reward", "kl", "response_length", "ter
             "eval_response_length", "eval_terminated")
 
 
-def compact(history: list[dict]) -> list[dict]:
-    """Every iteration's row with the keys above (5 significant digits), samples only at the last."""
-    rows = [{k: (float(f"{h[k]:.5g}") if isinstance(h[k], float) else h[k]) for k in ROW_KEYS if k in h}
-            for h in history]
-    if history and "eval_samples" in history[-1]:
-        rows[-1]["eval_samples"] = history[-1]["eval_samples"]
-    return rows
-
-
 def pass_at_k(model, tok, seed: int) -> dict:
     """pass@k on the held-out prompts, gold >= TAU, PASS_N replies each (their own sampling seed)."""
     _, eval_prompts = prompt_split(0)
@@ -79,17 +69,8 @@ def pass_at_k(model, tok, seed: int) -> dict:
 
 
 class Sweep(Results):
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self.rm = None
-
     def reward_fn(self, reward: str):
-        if reward == "gold":
-            return gold_reward_fn
-        if self.rm is None:
-            model, tok = load_reward_model("cpu", progress=False)
-            self.rm = reward_fn_from_model(model, tok)
-        return self.rm
+        return gold_reward_fn if reward == "gold" else self.book_reward_fn()
 
     def run(self, run: str, method: str, reward: str, beta: float, seed: int) -> None:
         t0 = time.time()
@@ -106,7 +87,7 @@ class Sweep(Results):
         history = trainer.train(train_prompts, ITERATIONS, checkpoint_dir=self.scratch(run),
                                 eval_prompts=eval_prompts * EVAL_REPEATS)
         self.record(run, t0, method=method, reward=reward, beta=beta, seed=seed, iterations=ITERATIONS,
-                    config=cfg, pass_at_k=pass_at_k(trainer.lm, tok, seed), history=compact(history))
+                    config=cfg, pass_at_k=pass_at_k(trainer.lm, tok, seed), history=compact(history, ROW_KEYS, digits=5))
 
     def reference(self, run: str, seed: int) -> None:
         t0 = time.time()

@@ -15,12 +15,32 @@ import torch
 from rlhf_book.trainer import append_metrics, read_metrics
 
 
+def compact(history: list[dict], keys, digits: int | None = 4, only: str | None = None, samples: bool = True) -> list[dict]:
+    """The rows of ``history`` (those with key ``only``, or all) with ``keys`` (floats to ``digits`` significant digits;
+    None: as they are), and (``samples``) the eval samples at the last row."""
+    fmt = (lambda v: v) if digits is None else (lambda v: float(f"{v:.{digits}g}") if isinstance(v, float) else v)
+    rows = [{k: fmt(h[k]) for k in keys if k in h} for h in history if only is None or only in h]
+    if samples and rows and history and "eval_samples" in history[-1]:
+        rows[-1]["eval_samples"] = history[-1]["eval_samples"]
+    return rows
+
+
 class Results:
-    """The runs recorded in ``path`` (``done``), a scratch folder per run, and :meth:`record`."""
+    """The runs recorded in ``path`` (``done``), a scratch folder per run, :meth:`record`, and the book's reward model."""
 
     def __init__(self, path: Path):
         self.path = path
         self.done = {r["run"] for r in read_metrics(path)} if path.exists() else set()
+        self._rm = None
+
+    def book_reward_fn(self):
+        """Chapter 2's learned reward model as a reward function (loaded once, on first use)."""
+        if self._rm is None:
+            from rlhf_book.reward_model import load_reward_model, reward_fn_from_model
+
+            model, tok = load_reward_model("cpu", progress=False)
+            self._rm = reward_fn_from_model(model, tok)
+        return self._rm
 
     def scratch(self, run: str) -> Path:
         return self.path.with_suffix(".runs") / run

@@ -1,4 +1,4 @@
-"""Chapter 2 (reward modeling) exercises and their automatic checks."""
+"""Chapter 2 (reward modeling) exercises: two code, two numeric, a diagnosis from measurements, one multiple-choice."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ __all__ = [
     "check_gap_for_90",
     "check_last_token_scores",
     "check_length_diagnosis",
+    "check_invariance",
     "EXERCISES",
 ]
 
@@ -34,8 +35,10 @@ def check_bt_loss(bt_loss) -> bool:
         bt_loss,
         lambda rc, rr: bradley_terry_loss(rc, rr),
         _score_pairs,
-        hint="mean over pairs of -log sigmoid(r_chosen - r_rejected); use torch.nn.functional.logsigmoid, "
-        "because log(sigmoid(-150)) is log(0) = -inf in float32",
+        hint=("the loss is the mean over pairs of -log sigmoid(r_chosen - r_rejected). One pair is wrong by a gap "
+              "of 150: in float32 sigmoid(-150) is 0, and log(0) = -inf.",
+              "use torch.nn.functional.logsigmoid(r_chosen - r_rejected), which is computed stably for any gap, "
+              "then take minus its mean."),
         atol=1e-4,
         rtol=1e-5,
     )
@@ -47,7 +50,8 @@ def check_p_a_over_b(p_a_over_b) -> bool:
         "p_a_over_b",
         p_a_over_b,
         1 / (1 + math.exp(-(1.2 - 0.5))),
-        hint="P(A > B) = sigmoid(r_A - r_B); only the difference of the rewards matters",
+        hint=("under Bradley-Terry only the difference of the two rewards matters, passed through a sigmoid.",
+              "P(A > B) = sigmoid(r_A - r_B) = 1 / (1 + exp(-(1.2 - 0.5)))."),
         atol=2e-3,
     )
 
@@ -55,7 +59,10 @@ def check_p_a_over_b(p_a_over_b) -> bool:
 def check_gap_for_90(gap_for_90) -> bool:
     """The reward gap r(A) - r(B) at which the model predicts A wins 90% of the time."""
     return check_value(
-        "gap_for_90", gap_for_90, math.log(9.0), hint="solve sigmoid(d) = 0.9 for d: d = log(0.9 / 0.1)", atol=2e-3
+        "gap_for_90", gap_for_90, math.log(9.0),
+        hint=("you need the gap d with sigmoid(d) = 0.9: invert the sigmoid.",
+              "sigmoid(d) = p  <=>  d = log(p / (1 - p)); here p = 0.9 (natural log)."),
+        atol=2e-3,
     )
 
 
@@ -82,8 +89,10 @@ def check_last_token_scores(last_token_scores) -> bool:
         last_token_scores,
         reference,
         _scores_and_mask,
-        hint="rows are padded on the left *or* on the right: mask.sum(-1) - 1 is only right for right padding; "
-        "find the column of the last 1 in each row of the mask",
+        hint=("rows are padded on the left *or* on the right, so mask.sum(-1) - 1 is the index of the last real "
+              "token only for right padding.",
+              "find the column of the last 1 in each row: torch.where(mask.bool(), column index, -1).max(-1) gives "
+              "it for either padding; then index scores[torch.arange(B), last]."),
     )
 
 
@@ -92,8 +101,22 @@ def check_length_diagnosis(length_diagnosis) -> bool:
     return check_value(
         "length_diagnosis",
         length_diagnosis,
-        "C",
-        hint="compare how the RM's score and the gold score move with length, and where the RM is wrong",
+        "A",
+        hint=("compare how the RM's score and the gold score move with length, and on which pairs the RM is wrong.",
+              "gold barely depends on length (+0.04) while the RM's score does (+0.71); and 0.38 on the pairs "
+              "whose better reply is the shorter one is worse than a coin flip. More epochs on the same data "
+              "would only fit the same shortcut better."),
+    )
+
+
+def check_invariance(answer) -> bool:
+    """Which change of the scores leaves every Bradley-Terry probability P(y_c > y_r) unchanged?"""
+    return check_value(
+        "answer_invariance", answer, "C",
+        hint=("P(y_c > y_r) = sigmoid(r_c - r_r): look for the change that leaves the difference r_c - r_r of "
+              "every pair as it was.",
+              "both replies of a pair answer the same prompt, so a number added for the prompt is added to both "
+              "scores and cancels in r_c - r_r. Scaling, a length bonus and exp all change that difference."),
     )
 
 
@@ -103,4 +126,5 @@ EXERCISES = {
     "gap_for_90": check_gap_for_90,
     "last_token_scores": check_last_token_scores,
     "length_diagnosis": check_length_diagnosis,
+    "answer_invariance": check_invariance,
 }

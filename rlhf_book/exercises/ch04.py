@@ -1,4 +1,5 @@
-"""Chapter 4 (the value loss) exercises and their automatic checks."""
+"""Chapter 4 (the value loss) exercises: numeric, code, a stalled run to diagnose, multiple-choice, and a short
+experiment with a frozen critic."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from . import check_function, check_value
 from ..advantage import gae
 
-__all__ = ["check_value_target", "check_gae_advantages", "check_stalled_run", "check_lambda_choice", "EXERCISES"]
+__all__ = ["check_value_target", "check_gae_advantages", "check_stalled_run", "check_lambda_choice",
+           "check_frozen_critic", "EXERCISES"]
 
 
 def check_value_target(answer) -> bool:
@@ -16,7 +18,10 @@ def check_value_target(answer) -> bool:
         "answer_value_target",
         answer,
         -0.2 + 1.0 * 1.0,
-        hint="the target is r_t + gamma * V(s_{t+1}); V(s_t) itself is what is being corrected",
+        hint=("the critic is regressed onto what one step of experience says the state is worth, not onto its own "
+              "current guess.",
+              "the TD target is r_t + gamma * V(s_{t+1}) = -0.2 + 1.0 * 1.0; V(s_t) = 0.4 is the prediction being "
+              "corrected, not part of the target."),
     )
 
 
@@ -41,8 +46,11 @@ def check_gae_advantages(fn) -> bool:
         fn,
         lambda r, v, m, g, lam: gae(r, v, m, g, lam)[0],
         _gae_inputs,
-        hint="delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last real token; then walk backwards "
-        "A_t = delta_t + gamma * lam * A_{t+1}. Padding holds NaN rewards and bogus values: select, don't multiply.",
+        hint=("first the TD errors delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last real token; then "
+              "accumulate them backwards with the factor gamma * lam. Padding holds NaN rewards and bogus values.",
+              "zero the padding of both rewards and values with torch.where(mask.bool(), x, 0.0) (multiplying "
+              "keeps NaN); next_v[:, :-1] = v[:, 1:]; then A_t = delta_t + gamma * lam * A_{t+1} for t from T - 1 "
+              "down to 0, and 0 on padding."),
     )
 
 
@@ -51,9 +59,12 @@ def check_stalled_run(answer) -> bool:
     return check_value(
         "answer_stalled_run",
         answer,
-        "C",
-        hint="the KL shows the actor is moving, so it is not frozen; look at what the critic's "
-        "explained variance and value loss say about the advantages it produces",
+        "B",
+        hint=("the KL column shows whether the actor moves; the value-loss and explained-variance columns show "
+              "what the critic knows.",
+              "the KL grows to 19 nats, so the actor moves and no penalty holds it back; the proxy stays flat, so "
+              "nothing is being hacked; explained variance 0 and a flat value loss mean the critic's values carry "
+              "no information, so with lam = 0 the advantages are little more than the reward at the last token."),
     )
 
 
@@ -63,7 +74,26 @@ def check_lambda_choice(answer) -> bool:
         "answer_lambda",
         answer,
         "D",
-        hint="with lam = 1 the V(s_{t+1}) terms telescope away and only V(s_t) is left as a baseline",
+        hint=("write A_t as the sum of the TD errors delta_t, delta_{t+1}, ... and watch the V(s_{t+k}) terms when "
+              "each delta is weighted by (gamma lam)^k.",
+              "with gamma lam = 1 the later values telescope away: A_t = G_t - V(s_t), so only the baseline V(s_t) "
+              "is left. That needs lam = 1 (with gamma = 1)."),
+    )
+
+
+def check_frozen_critic(answer) -> bool:
+    """The experiment of exercise 4.5: a critic that is never updated (V = 0), with lam = 1 instead of 0."""
+    # measured with seeds 0, 1, 2 (20 iterations): the held-out proxy goes from about -0.2 to +1.3 with lam = 1 in
+    # every seed (gold to about 0.7), while the lam = 0 runs stay flat (their gold falls)
+    return check_value(
+        "answer_frozen_critic",
+        answer,
+        "C",
+        hint=("compare the held-out proxy reward of the two printed rows at iteration 20 with their values at "
+              "iteration 0. Then ask what the advantage is when V = 0 everywhere and lam = 1.",
+              "with lam = 1 and gamma = 1, A_t = G_t - V(s_t) = G_t here: the final score reaches every token "
+              "directly, and whitening subtracts the batch mean, a constant baseline (REINFORCE with a baseline, "
+              "§3.5). With lam = 0 only the last token sees the score. The critic never learns in either run."),
     )
 
 
@@ -72,4 +102,5 @@ EXERCISES = {
     "gae_advantages": check_gae_advantages,
     "answer_stalled_run": check_stalled_run,
     "answer_lambda": check_lambda_choice,
+    "answer_frozen_critic": check_frozen_critic,
 }
