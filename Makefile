@@ -26,7 +26,7 @@ test: setup
 test-floor:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -c .ci/lower-bounds.txt -e ".[test]"
-	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest tests -m "not slow" -q -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest tests -m "not slow" -q -p no:cacheprovider -n 2 $(PYTEST_ARGS)
 
 # quicker loops while writing
 test-lib:

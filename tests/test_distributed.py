@@ -3,7 +3,8 @@
 The processes are real: ``torchrun --nproc_per_node 2`` and ``accelerate launch --multi_gpu
 --num_processes 2`` (on a machine without CUDA the library picks the CPU and gloo) start
 ``tests/distributed_worker.py``, as a reader's script would be started. Each launch takes a
-few seconds.
+few seconds; the runs that train (resume across 1 <-> 2, the CLI) are marked ``slow``, so the lower-bounds leg runs
+only the update comparison.
 """
 
 import json
@@ -87,6 +88,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # seconds per launch: the full CI leg runs it, the lower-bounds leg does not
 def test_train_with_two_processes_then_resume_with_one(base, tmp_path):
     run = tmp_path / "run"
     launch(2, "train", base, str(run), "2", launcher="accelerate")
@@ -104,6 +106,7 @@ def test_train_with_two_processes_then_resume_with_one(base, tmp_path):
     assert not [p for p in run.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
+@pytest.mark.slow  # seconds per launch: the full CI leg runs it, the lower-bounds leg does not
 def test_train_with_one_process_then_resume_with_two(base, tmp_path):
     run = tmp_path / "run"
     launch(1, "train", base, str(run), "2")
@@ -113,6 +116,7 @@ def test_train_with_one_process_then_resume_with_two(base, tmp_path):
     assert history[:3] == json.loads((run / "history.1.json").read_text())
 
 
+@pytest.mark.slow  # seconds per launch: the full CI leg runs it, the lower-bounds leg does not
 def test_two_processes_resume_exactly(base, tmp_path):
     """Killed after step 2 and resumed with the same 2 processes = never interrupted."""
     launch(2, "train", base, str(tmp_path / "whole"), "4")
@@ -122,6 +126,7 @@ def test_two_processes_resume_exactly(base, tmp_path):
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
 
 
+@pytest.mark.slow  # seconds per launch: the full CI leg runs it, the lower-bounds leg does not
 def test_the_pipeline_command_under_torchrun(tiny_cache_dir, tiny_artifacts, tmp_path, monkeypatch):
     """`torchrun --nproc_per_node 2 -m rlhf_book.cli pipeline ...`: one summary, outputs written once."""
     monkeypatch.setenv("RLHF_BOOK_CACHE", str(tiny_cache_dir))

@@ -10,7 +10,7 @@ runs to the end.
 What a check prints depends on how far the learner has got:
 
 * **no answer yet** (``None``, ``...``, a blank string, or the untouched stub that
-  raises ``NotImplementedError``): ``[FAIL] name: not answered yet`` and nothing else.
+  raises ``NotImplementedError``): ``name: not answered yet`` and nothing else.
   No hint is given before a first attempt, and this does not count as one.
 * **a wrong answer**: ``[FAIL] name: what was wrong`` and a hint. The checks count the
   wrong attempts of each exercise (by its name; a suffix in parentheses such as
@@ -82,8 +82,11 @@ def _hints(hint: Hint) -> tuple[str, str]:
 
 
 def not_answered(name: str) -> bool:
-    """Print ``[FAIL] name: not answered yet`` (no hint, not counted as an attempt) and return False."""
-    print(f"[{FAIL}] {name}: {NOT_ANSWERED}")
+    """Print ``name: not answered yet`` (no FAIL, no hint, not counted as an attempt) and return False.
+
+    A chapter executed without answers (the built book) then shows one quiet line per exercise.
+    """
+    print(f"{name}: {NOT_ANSWERED}")
     return False
 
 
