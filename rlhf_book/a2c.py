@@ -74,10 +74,10 @@ class A2CTrainer(OnPolicyTrainer):
         if cfg.value_updates > 0:
             loss = loss + cfg.vf_coef * vl
         share = self.loss_share(mask.sum())  # token means -> shares of the global batch's (1 with one process)
-        actor_norm, _ = self.gradient_step(loss * share if self.world > 1 else loss, [self.actor_params, self.critic_params])
+        actor_norm, _ = self.gradient_step(loss * share, [self.actor_params, self.critic_params])
         for _ in range(cfg.value_updates - 1):  # extra critic-only steps on the same targets
             extra = cfg.vf_coef * value_loss(self.values(exp.rollout), exp.returns, mask)
-            self.gradient_step(extra * share if self.world > 1 else extra, [self.critic_params])
+            self.gradient_step(extra * share, [self.critic_params])
         self.train_mode(False)
         stats = self.token_weighted({"policy_loss": pg.detach(), "value_loss": vl.detach(),
                                      "entropy": masked_mean(entropy.detach(), mask)}, mask.sum())

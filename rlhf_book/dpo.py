@@ -270,7 +270,7 @@ class DPOTrainer(PolicyTrainer):
         if self.world > 1:
             bounds = [len(rows) * r // self.world for r in range(self.world + 1)]
             rows = rows[bounds[self.rank]: bounds[self.rank + 1]]
-        share = self.loss_share(float(len(rows)))  # the local mean -> a share of the global batch's (1: one process)
+        share = self.loss_share(float(len(rows)))  # the local mean -> a share of the global batch's (1.0: one process)
         size = cfg.minibatch_size or len(rows)
         chunks = [rows[i: i + size] for i in range(0, len(rows), size)]
         pieces: list[dict] = []
@@ -280,7 +280,7 @@ class DPOTrainer(PolicyTrainer):
             for chunk in chunks:
                 loss, p = self.loss([self.pairs[i] for i in chunk], self.ref_logps[chunk])
                 pieces.append(p)
-                yield loss * (len(chunk) / len(rows)) * share if self.world > 1 else loss * (len(chunk) / len(rows))
+                yield loss * (len(chunk) / len(rows)) * share
 
         (grad_norm,) = self.gradient_step(losses(), [self.params])
         merged = {k: gather_rows(self.accelerator, torch.cat([p[k] for p in pieces])) for k in pieces[0]}

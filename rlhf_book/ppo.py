@@ -128,7 +128,7 @@ class PPOTrainer(OnPolicyTrainer):
                 loss, stats = self.loss(exp.select(perm[start : start + mb]))
                 (stats["grad_norm"],) = self.gradient_step(loss, [self.actor_params + self.critic_params])
                 steps.append(stats)
-                if cfg.target_kl is not None and self.mean_across(stats["approx_kl"]).item() > cfg.target_kl:  # all agree
+                if cfg.target_kl is not None and self.process_mean(stats["approx_kl"]).item() > cfg.target_kl:  # all agree
                     early_stop = True
                     break
             epochs += 1
@@ -151,6 +151,5 @@ class PPOTrainer(OnPolicyTrainer):
         ent = masked_mean(entropy, mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * ent + self.kl_penalty_loss(logprobs, batch)
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=ent.detach(), loss=loss.detach())
-        if self.world > 1:  # every term is a mean over the minibatch's tokens: make it a share of the global one
-            loss = loss * self.loss_share(mask.sum())
-        return loss, self.token_weighted(stats, mask.sum())
+        # every term is a mean over the minibatch's tokens: a share of the global one (x 1.0 with one process)
+        return loss * self.loss_share(mask.sum()), self.token_weighted(stats, mask.sum())

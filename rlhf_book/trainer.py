@@ -233,7 +233,7 @@ class PolicyTrainer:
         share = self.loss_share(n_local)
         return {k: v * share for k, v in stats.items()}
 
-    def mean_across(self, x: torch.Tensor) -> torch.Tensor:
+    def process_mean(self, x: torch.Tensor) -> torch.Tensor:
         """A 0-d tensor averaged over the processes (itself with one), e.g. to take a decision all of them share."""
         return x if self.world == 1 else self.accelerator.reduce(x.detach().clone(), "mean")
 
