@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 setup:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[test,book]"
+	$(PYTHON) -m pip install -q -e ".[test,book,peft]"
 
 book: setup
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) tools/build_book.py

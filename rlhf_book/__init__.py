@@ -47,6 +47,7 @@ from .plotting import plot_run
 
 # chapter 6: direct preference optimisation
 from .dpo import DPOConfig, DPOTrainer, dpo_loss
+from .sft import SFTConfig, SFTTrainer
 
 # chapter 7: RL without a critic (REINFORCE, RLOO, GRPO and its variants), pass@k
 from .critic_free import (CriticFreeConfig, CriticFreeTrainer, RunningMeanBaseline, aggregate_loss,
@@ -58,7 +59,7 @@ from .overoptimization import (BestOfN, EnsembleReward, GaoFit, best_of_n, best_
                                expected_best_of_n, fit_gao)
 from .reward_model import load_reward_ensemble, train_reward_ensemble
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "configure_threads", "get_device", "set_seed",
@@ -75,7 +76,7 @@ __all__ = [
     "Experience", "make_experience", "OnPolicyConfig", "OnPolicyTrainer", "A2CConfig", "A2CTrainer",
     "AdaptiveKLController", "FixedKLController", "kl_k1", "kl_k2", "kl_k3",
     "PPOConfig", "PPOTrainer", "ppo_policy_loss", "plot_run",
-    "PolicyTrainer", "TrainerConfig", "DPOConfig", "DPOTrainer", "dpo_loss",
+    "PolicyTrainer", "TrainerConfig", "DPOConfig", "DPOTrainer", "dpo_loss", "SFTConfig", "SFTTrainer",
     "CriticFreeConfig", "CriticFreeTrainer", "RunningMeanBaseline", "aggregate_loss", "critic_free_policy_loss",
     "evaluate_pass_at_k", "grpo_advantages", "pass_at_k", "rloo_advantages",
     "BestOfN", "EnsembleReward", "GaoFit", "best_of_n", "best_of_n_distribution", "best_of_n_kl_bound",

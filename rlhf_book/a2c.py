@@ -41,14 +41,17 @@ CHECKPOINT_NAME = "a2c_state.pt"
 
 @dataclass
 class A2CConfig(OnPolicyConfig):
-    """:class:`~rlhf_book.trainer.OnPolicyConfig` with chapter 3's CPU recipe as defaults, plus ``value_updates``."""
+    """:class:`~rlhf_book.trainer.OnPolicyConfig` with chapter 3's CPU recipe as defaults, plus ``value_updates``.
+
+    ``missing_eos_score`` is every on-policy trainer's default, -1.0 (until 0.2.0 A2C's was None;
+    chapters 3 and 4 pass ``missing_eos_score=None`` to keep their published runs).
+    """
 
     lr: float = redefault(OnPolicyConfig, "lr", 3e-4)
     critic: str = redefault(OnPolicyConfig, "critic", "separate")
     critic_lr: float | None = redefault(OnPolicyConfig, "critic_lr", 1e-3)
     adam_eps: float = redefault(OnPolicyConfig, "adam_eps", 1e-8)
     vf_coef: float = redefault(OnPolicyConfig, "vf_coef", 1.0)
-    missing_eos_score: float | None = redefault(OnPolicyConfig, "missing_eos_score", None)
     value_updates: int = option(1, "critic gradient steps per iteration (0: a frozen critic, for experiments)", ">= 0")
 
 
@@ -66,7 +69,7 @@ class A2CTrainer(OnPolicyTrainer):
     def update(self, exp: Experience) -> dict:
         """One gradient step of actor and critic on the experience, then ``value_updates - 1`` critic-only steps."""
         cfg, mask = self.config, exp.mask
-        self.train_mode(not cfg.disable_dropout)
+        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
         logprobs, values, entropy = self.policy_forward(exp.rollout)
         pg = policy_gradient_loss(logprobs, exp.advantages, mask)
         vl = value_loss(values, exp.returns, mask)

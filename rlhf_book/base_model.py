@@ -36,7 +36,7 @@ from .checkpoint import resume_or_restart, rng_state, save_checkpoint, set_rng_s
 from .corpus import Example, generate_examples
 from .export import save_model
 from .rollout import _context_size
-from .runtime import adam, autocast, enable_tf32, get_device, set_seed
+from .runtime import adam, autocast, dtype_kwargs, enable_tf32, get_device, resolve_dtype, set_seed
 from .tokenizer import (
     EOS, PAD, encode_prompt_response, format_prompt, prompt_format_tag, save_tokenizer, train_tokenizer,
 )
@@ -397,14 +397,19 @@ def artifact_name(preset_name: str, preset: Preset) -> str:
     return artifact_key("base", preset_name, recipe)
 
 
-def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None = None, progress: bool = True):
+def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None = None, progress: bool = True,
+                    dtype="auto"):
     """Return ``(model, tokenizer)`` in eval mode on ``device``.
 
     ``name_or_path``: a preset (``"tiny"``, ``"cpu"``, ``"gpu"``; built and cached on first
     use), a local directory saved with ``save_pretrained``, or a hub model name. The
-    tokenizer pads on the left and has a PAD token distinct from EOS.
+    tokenizer pads on the left and has a PAD token distinct from EOS. ``dtype`` of the
+    weights: "auto" (the checkpoint's own dtype; the presets are fp32), "float32"/"fp32",
+    "bfloat16"/"bf16", "float16" or a ``torch.dtype``; on transformers 4.x and 5.x alike. What the
+    trainers then do with it: :mod:`rlhf_book.runtime` (trainable weights held in fp32).
     """
     device = torch.device(device) if device is not None else get_device()
+    resolve_dtype(dtype)  # a bad dtype fails before anything slow
     path = resolve_model_name(name_or_path)
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
@@ -412,12 +417,17 @@ def load_base_model(name_or_path: str = "cpu", device: torch.device | str | None
                                lambda d: build_base_model(preset, d, device, progress, name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(dtype))
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError (a truncated or garbage file), ...
         if name_or_path in PRESETS:
             raise ValueError(
-                f"the cached base LM {name_or_path!r} at {path} does not load ({e}). Delete that folder to rebuild it."
+                f"the cached base LM {name_or_path!r} at {path} does not load ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). Delete that folder to rebuild it."
             ) from None
+        if os.path.isdir(str(path)):
+            raise ValueError(f"cannot load the model in {path}: a directory without a saved model, or one whose "
+                             f"files are missing, cut off or not model files ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); save it again with save_pretrained") from None
         where = "is not a local directory" if not os.path.isdir(str(path)) else "is a directory without a saved model"
         raise ValueError(
             f"cannot load model {str(name_or_path)!r}: it is not a preset ({', '.join(PRESETS)}), {where}, "

@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock
 
+from .checkpoint import fsync_dir
+
 __all__ = ["cache_dir", "cached_artifact", "is_complete", "file_lock", "artifact_key", "resolve_cache_env"]
 
 MARKER = "COMPLETE.json"
@@ -47,8 +49,24 @@ def cache_dir() -> Path:
     """The cache root: ``$RLHF_BOOK_CACHE`` or ``~/.cache/rlhf_book`` (created if missing), an absolute path."""
     resolve_cache_env()
     root = Path(os.environ.get(ENV) or Path.home() / ".cache" / "rlhf_book").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"the artifact cache {root} (${ENV}) is a file, not a directory: point ${ENV} at a "
+                         f"directory") from None
+    except OSError as e:
+        raise ValueError(f"the artifact cache {root} (${ENV}) cannot be created ({e.strerror}): point ${ENV} at "
+                         f"a writable directory") from None
     return root
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (and the directories) to disk, so a rename after it publishes whole files."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
 
 
 def artifact_key(kind: str, label: str, recipe: dict, upstream: Sequence[str] = ()) -> str:
@@ -90,11 +108,18 @@ def cached_artifact(name: str, build: Callable[[Path], dict | None], root: Path 
         if is_complete(final):  # another process finished it while we waited
             return final
         work = root / f".{name}.partial"
-        work.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        meta = build(work) or {}
-        meta = {"name": name, "build_seconds": round(time.time() - t0, 2), **meta}
-        (work / MARKER).write_text(json.dumps(meta, indent=2))
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            meta = build(work) or {}
+            meta = {"name": name, "build_seconds": round(time.time() - t0, 2), **meta}
+            _fsync_tree(work)  # the weights reach the disk before the marker that says they are complete
+            (work / MARKER).write_text(json.dumps(meta, indent=2))
+        except OSError as e:  # disk full, read-only cache: the .partial folder stays and the next build resumes it
+            from .checkpoint import describe_os_error
+
+            raise OSError(f"building {name} in {work} failed ({describe_os_error(e)}); free space (or make "
+                          f"${ENV} writable) and run again: the build resumes from its last checkpoint") from None
         if final.exists():  # a stale, incomplete directory someone copied in by hand
             shutil.rmtree(final)
         os.rename(work, final)

@@ -107,29 +107,92 @@ class PipelineConfig(Config):
 PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file (records with a ``prompt`` field) or a text file (one prompt per line)."""
-    from .corpus import read_jsonl
+MAX_PROMPT_CHARS = 100_000  # a longer line is refused before it is tokenised (a 10 MB line took minutes per batch)
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file (a BOM is dropped); ValueError naming the file and the line of a byte that is not UTF-8."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: the {what} is not valid UTF-8 (byte 0x{data[start]:02x}: {e.reason}); "
+                         f"save it as UTF-8") from None
+
+
+def prompt_file_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, prompt) of every prompt in a JSONL file (records with ``prompt``) or a text file (one a line).
+
+    ValueError naming the file and line of a malformed record, a prompt over
+    :data:`MAX_PROMPT_CHARS` characters or bytes that are not UTF-8. Blank lines are skipped.
+    """
+    from .preferences import read_jsonl
     from .rollout import prompt_texts
 
     path = Path(path)
-    if path.suffix == ".jsonl":
+    lines = [(i, line) for i, line in enumerate(read_text_file(path, "prompt file").splitlines(), 1) if line.strip()]
+    for i, line in lines:
+        if len(line) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{path} line {i}: {len(line):,} characters, longer than the {MAX_PROMPT_CHARS:,} a "
+                             f"prompt may have")
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for i, record in read_jsonl(path, "prompt"):
         try:
-            out = prompt_texts(read_jsonl(path))
+            (prompt,) = prompt_texts([record])
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    else:
-        out = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    if len(out) < 2:
-        raise ValueError(f"{path}: needs at least 2 prompts (training and held-out), found {len(out)}")
+            raise ValueError(f"{path} line {i}: {str(e).removeprefix('prompts[0]').lstrip(': ')}") from None
+        out.append((i, prompt))
     return out
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The distinct prompts of a JSONL file (records with a ``prompt`` field) or a text file (one prompt per line).
+
+    Duplicates are dropped (first one kept); fewer than 2 distinct prompts (one to train on,
+    one held out) is a ValueError naming the file. See :func:`prompt_file_lines` for the rest.
+    """
+    lines = prompt_file_lines(path)
+    out = list(_distinct(p for _, p in lines).values())
+    if len(out) < 2:
+        dup = f" ({len(lines)} lines, duplicates removed)" if len(lines) > len(out) else ""
+        raise ValueError(f"{path}: needs at least 2 distinct prompts (training and held-out), found {len(out)}{dup}")
+    return out
+
+
+def _distinct(prompts) -> dict:
+    """{key: prompt} of the distinct prompts in first-seen order (a list of chat messages keyed by its JSON)."""
+    out: dict = {}
+    for p in prompts:
+        out.setdefault(p if isinstance(p, str) else json.dumps(p, sort_keys=True), p)
+    return out
+
+
+def check_prompt_lengths(path: str | Path, tokenizer, max_new_tokens: int) -> None:
+    """ValueError naming the file and line of the first prompt that leaves no room for ``max_new_tokens`` replies."""
+    from .tokenizer import format_prompt
+
+    ctx = tokenizer.model_max_length
+    limit = ctx - max_new_tokens
+    for i, prompt in prompt_file_lines(path):
+        n = len(tokenizer(format_prompt(prompt, tokenizer))["input_ids"])
+        if n > limit:
+            raise ValueError(f"{path} line {i}: the prompt is {n} tokens; the model's context of {ctx} minus "
+                             f"max_new_tokens={max_new_tokens} allows at most {limit}")
 
 
 def _train_eval_split(prompts: list[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
     """(train, held-out) prompts: a seeded shuffle, the last ``n_eval`` held out (at most half of them)."""
     import random
 
-    order = sorted(set(prompts))
+    distinct = _distinct(prompts)
+    order = [distinct[k] for k in sorted(distinct)]
+    if len(order) < 2:
+        raise ValueError(f"needs at least 2 distinct prompts (training and held-out), found {len(order)}")
     random.Random(seed).shuffle(order)
     k = min(n_eval, len(order) // 2)
     return order[:-k], order[-k:]
@@ -137,9 +200,10 @@ def _train_eval_split(prompts: list[str], n_eval: int, seed: int) -> tuple[list[
 
 def _read_table_file(path: Path) -> dict:
     """Parse a TOML or JSON file; ValueError naming the file on a syntax error."""
+    text = read_text_file(path, "config file")
     if path.suffix == ".json":
         try:
-            return json.loads(path.read_text(encoding="utf-8-sig"))
+            return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     try:
@@ -150,7 +214,7 @@ def _read_table_file(path: Path) -> dict:
         except ModuleNotFoundError:
             raise ValueError(f"{path}: reading TOML needs Python >= 3.11 (or `pip install tomli`); use a .json config") from None
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
 
@@ -232,20 +296,52 @@ def _did_you_mean(bad: list[str], known) -> str:
     return f"; did you mean {', '.join(hints)}?" if hints else f"; known: {sorted(known)}"
 
 
-def _check_resume(out: Path, record: dict, checkpoint_name: str) -> None:
-    """Refuse to continue a run in ``out`` whose recorded config differs (beyond what may change on resume)."""
-    saved_path = out / RUN_CONFIG_NAME
-    if not (out / checkpoint_name).exists() or not saved_path.exists():
-        return
+def _table_defaults(table: str) -> dict:
+    """Each field's default of an algorithm's config table (empty for a table this version does not know)."""
     try:
-        saved = json.loads(saved_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{saved_path}: unreadable ({e}); it records the run's config, so the run cannot be "
-                         f"checked and continued: start a new run in another out_dir (--out)") from None
+        return {f.name: f.default for f in fields(_algorithm(table)[0])}
+    except ValueError:
+        return {}
+
+
+def _check_out_dir(out: Path) -> None:
+    """ValueError unless ``out`` is a directory or can become one (not a file, not under a file)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"out_dir {out}: {p} is a file, not a directory; choose another out_dir (--out)")
+            break
+
+
+def _check_resume(out: Path, record: dict, checkpoint_name: str) -> None:
+    """Refuse to continue a run in ``out`` whose recorded config differs (beyond what may change on resume).
+
+    Checked before anything is written. The record is ``run_config.json``; without it (a
+    checkpoint made by the Python API, or copied by hand), the record the checkpoint carries
+    (``run_record``, written by this command) or else its algorithm table alone.
+    """
+    saved_path = out / RUN_CONFIG_NAME
+    if not (out / checkpoint_name).exists():
+        return
+    if saved_path.exists():
+        try:
+            saved = json.loads(read_text_file(saved_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{saved_path}: unreadable ({e}); it records the run's config, so the run cannot be "
+                             f"checked and continued: start a new run in another out_dir (--out)") from None
+    else:
+        from .checkpoint import load_checkpoint
+
+        state = load_checkpoint(out / checkpoint_name)
+        algo = next(t for t in record if t != "pipeline")
+        saved = state.get("run_record") or {algo: state.get("config", {})}
+        record = {t: record[t] for t in saved if t in record}
     changed = []
     for table in sorted((set(saved) | set(record)) - {"threads_used", "processes"}):
         allowed = RESUMABLE_PIPELINE_KEYS if table == "pipeline" else RESUMABLE_FIELDS
-        changed += [f"[{table}] {c}" for c in config_changes(saved.get(table, {}), record.get(table, {}), allowed)]
+        defaults = PIPELINE_DEFAULTS if table == "pipeline" else _table_defaults(table)
+        changed += [f"[{table}] {c}" for c in config_changes(saved.get(table, {}), record.get(table, {}), allowed,
+                                                             defaults)]
     if changed:
         raise ValueError(
             f"{out} holds a run made with another config ({'; '.join(changed)}). Put those values back to continue "
@@ -287,7 +383,8 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
         table["critic"] = pipe["critic"]
     cfg = config_cls.from_dict({**table, "progress": progress})
     record = {"pipeline": pipe, algo: {k: v for k, v in asdict(cfg).items() if k != "progress"}}
-    _check_resume(out, record, trainer_cls.checkpoint_name)
+    _check_out_dir(out)
+    _check_resume(out, record, trainer_cls.checkpoint_name)  # before run_config.json is (re)written
     device = get_device(pipe["device"])  # an unavailable device fails here, before anything is written
     # one process (python), or N under `accelerate launch` / `torchrun`: then each has its own device
     accelerator = make_accelerator(device)
@@ -305,6 +402,8 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
 
     say(f"[1/3] base LM ({pipe['preset']})", flush=True)
     policy, tok = load_base_model(pipe["preset"], device=device, progress=progress and main)
+    if pipe["prompts"] is not None:  # before any prompt reaches the preference stage or a batch
+        check_prompt_lengths(pipe["prompts"], tok, cfg.max_new_tokens)
     ref, _ = load_base_model(pipe["preset"], device=device, progress=False)
     rm = None
     if pipe["reward"] == "model":
@@ -324,7 +423,12 @@ def run_pipeline(config: dict, iterations: int | None = None, progress: bool = T
         + (f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""), flush=True)
     trainer = trainer_cls(policy, ref, tok, reward_fn, cfg, critic=critic,
                           gold_fn=gold_reward_fn if pipe["gold"] else None, accelerator=accelerator)
+    trainer.run_record = record  # the checkpoint carries it, so a resume without run_config.json is checked too
     history = trainer.train(train, pipe["iterations"], checkpoint_dir=out, eval_prompts=eval_set)
+    if trainer.iteration > pipe["iterations"]:
+        say(f"note: {out} holds a finished run of {trainer.iteration} iterations, more than the {pipe['iterations']} "
+            f"asked for: nothing was trained and the results are those of the {trainer.iteration}-iteration run "
+            f"(a run cannot be shortened; use another out_dir for a shorter one)", flush=True)
     trainer.export(out / "policy")  # every process takes part; the main one writes
     final = trainer.evaluate(eval_set, n_samples=pipe["n_samples"])
     first = next((h for h in history if "eval_proxy_reward" in h), {})
@@ -431,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
             _build_reward(args)
     except ValueError as e:
         print(f"rlhf-book: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system that refuses: a path that is a file, read-only, full, ...
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"rlhf-book: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -155,9 +155,13 @@ def config_from_dict(cls, d: dict):
     return cls(**d)
 
 
-def config_changes(saved: dict, current: dict, allowed=frozenset()) -> list[str]:
-    """``"field: old -> new"`` for every field (outside ``allowed``) whose value differs between two config dicts."""
+def config_changes(saved: dict, current: dict, allowed=frozenset(), defaults: dict | None = None) -> list[str]:
+    """``"field: old -> new"`` for every field (outside ``allowed``) whose value differs between two config dicts.
+
+    ``defaults``: a field absent from ``saved`` (added by a later version) counts as its default there.
+    """
     keys = sorted((set(saved) | set(current)) - set(allowed))
     missing = object()
+    saved = {**{k: v for k, v in (defaults or {}).items() if k in current}, **saved}
     return [f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}".replace(repr(missing), "(absent)")
             for k in keys if saved.get(k, missing) != current.get(k, missing)]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import trunk as _trunk
 from .advantage import masked_var
 from .losses import entropy_from_logits
 from .rollout import (Rollout, cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs,
@@ -42,16 +43,48 @@ __all__ = [
 
 
 class ValueHead(nn.Module):
-    """Linear map hidden state -> scalar V(s_t); (B, T, H) -> (B, T). Starts at 0 (V = 0 everywhere)."""
+    """Linear map hidden state -> scalar V(s_t); (B, T, H) -> (B, T). Starts at 0 (V = 0 everywhere).
 
-    def __init__(self, hidden_size: int):
+    ``dtype``: of its weights (default fp32). The hidden states are cast to it, so a head
+    reads a bf16 trunk whatever its own dtype (the trainers hold it in fp32, see
+    :mod:`rlhf_book.runtime`).
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
+        self.linear = nn.Linear(hidden_size, 1, dtype=dtype)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1)
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a model's weights (its input embeddings', else its first floating parameter's)."""
+    emb = getattr(module, "get_input_embeddings", None)
+    weight = getattr(emb(), "weight", None) if callable(emb) else None
+    if isinstance(weight, torch.Tensor):
+        return weight.dtype
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _active_head(module):
+    """The trained copy inside peft's ``ModulesToSaveWrapper`` (a LoRA reward model's score head), else ``module``."""
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and len(copies):
+        active = getattr(module, "active_adapter", None)
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        return copies[active] if active in copies else next(iter(copies.values()))
+    return module
+
+
+def _critic_dtype(dtype, like: nn.Module) -> torch.dtype:
+    """``dtype`` of a critic's constructor: "auto" -> the dtype of ``like``'s weights, else :func:`resolve_dtype`'s."""
+    from .runtime import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    return _module_dtype(like) if dtype == "auto" else dtype
 
 
 def _hidden_size(config) -> int:
@@ -82,13 +115,15 @@ class PolicyWithValueHead(nn.Module):
 
     ``forward`` returns :class:`PolicyValueOutput`; it takes the same arguments as the
     LM, so :func:`rlhf_book.rollout.generate` and ``response_logprobs`` accept this
-    module in place of the bare LM.
+    module in place of the bare LM. ``lm`` may be a ``peft.PeftModel``. ``dtype`` of the
+    value head: "auto" (the LM's weights'), a name or a ``torch.dtype``
+    (:func:`rlhf_book.runtime.resolve_dtype`); a trainer then holds it as its dtype policy says.
     """
 
-    def __init__(self, lm: nn.Module, detach_value_head: bool = True):
+    def __init__(self, lm: nn.Module, detach_value_head: bool = True, dtype="auto"):
         super().__init__()
         self.lm = lm
-        self.value_head = ValueHead(_hidden_size(lm.config))
+        self.value_head = ValueHead(_hidden_size(lm.config), dtype=_critic_dtype(dtype, lm))
         self.detach_value_head = detach_value_head
         self._cache_name = cache_kwarg(lm)  # looked up once: forward may run under torch.compile
 
@@ -121,35 +156,49 @@ class PolicyWithValueHead(nn.Module):
 
 
 class ValueModel(nn.Module):
-    """A stand-alone critic: a transformer trunk (no LM head) and a scalar value head."""
+    """A stand-alone critic: a transformer trunk (no LM head) and a scalar value head.
 
-    def __init__(self, trunk: nn.Module, head: ValueHead | None = None):
+    ``dtype`` (also of the ``from_*`` constructors): "auto" keeps the trunk's dtype (a new head
+    takes it too); a name or ``torch.dtype`` casts trunk and head to it. The trainers then hold
+    the trainable parameters as :mod:`rlhf_book.runtime`'s dtype policy says.
+    """
+
+    def __init__(self, trunk: nn.Module, head: ValueHead | None = None, dtype="auto"):
         super().__init__()
-        self.trunk = trunk
-        self.value_head = head if head is not None else ValueHead(_hidden_size(trunk.config))
+        from .runtime import resolve_dtype
+
+        cast = resolve_dtype(dtype) != "auto"  # "auto": the trunk as it is (a LoRA trunk mixes dtypes)
+        dtype = _critic_dtype(dtype, trunk)
+        self.trunk = trunk.to(dtype) if cast else trunk
+        self.value_head = (head if head is not None else ValueHead(_hidden_size(trunk.config))).to(dtype)
 
     @property
     def config(self):
         return self.trunk.config
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module) -> "ValueModel":
-        """A copy of the LM's trunk (``lm.base_model``) with a fresh value head (V = 0 at the start)."""
-        return cls(copy.deepcopy(lm.base_model))
+    def from_causal_lm(cls, lm: nn.Module, dtype="auto") -> "ValueModel":
+        """A copy of the LM's trunk (``lm.base_model``) with a fresh value head (V = 0 at the start).
+
+        Of a ``peft.PeftModel``: a copy of its base model's trunk with the adapter layers in it,
+        so the critic trains its own copy of the adapters (and its head) on frozen base weights.
+        """
+        return cls(copy.deepcopy(_trunk(lm)), dtype=dtype)
 
     @classmethod
-    def from_reward_model(cls, rm: nn.Module) -> "ValueModel":
+    def from_reward_model(cls, rm: nn.Module, dtype="auto") -> "ValueModel":
         """A copy of a sequence-classification reward model's trunk; the head starts as its score head.
 
         So at the start V(s_t) is the reward model's score of the prefix so far, including the
         normalisation ``gain * raw + bias`` stored in its config (``reward_gain``, ``reward_bias``)
         by :func:`rlhf_book.reward_model.normalize_reward_model`.
         """
-        trunk = copy.deepcopy(rm.base_model)
+        trunk = copy.deepcopy(_trunk(rm))
         head = ValueHead(_hidden_size(trunk.config))
         score = getattr(rm, "score", None)
         if score is None:
             score = getattr(rm, "classifier", None)
+        score = _active_head(score)
         weight = getattr(score, "weight", None)
         if weight is None or weight.shape != head.linear.weight.shape:
             raise ValueError(
@@ -163,7 +212,7 @@ class ValueModel(nn.Module):
             head.linear.bias.fill_(offset)
             if bias is not None:
                 head.linear.bias.add_(gain * bias)
-        return cls(trunk, head)
+        return cls(trunk, head, dtype=dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
         """V of every column, (B, T) -> (B, T); position ids default to those derived from the mask."""

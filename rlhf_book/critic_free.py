@@ -462,7 +462,7 @@ class CriticFreeTrainer(OnPolicyTrainer):
         # TRL's dapo normaliser: the (global) generation batch's tokens per optimizer step
         tokens = exp.mask.sum() if self.world == 1 else self.accelerator.reduce(exp.mask.sum().clone(), "sum")
         num_items = tokens / n_steps
-        self.train_mode(not cfg.disable_dropout)
+        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
         steps: list[dict] = []  # statistics as 0-d tensors, read once at the end
         for _ in range(cfg.num_iterations):
             order = torch.randperm(N, generator=self.generator, device=self.device).tolist() if n_steps > 1 else None

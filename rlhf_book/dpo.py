@@ -24,6 +24,9 @@ computed once per data set (:func:`reference_logprobs`) and reused at every step
 * ``sft``: -log pi(y_w|x) / |y_w|, supervised fine-tuning on the chosen replies alone (the rejected ones and
   the reference are not used): the baseline every preference method should beat. TRL's DPO ``loss_type="sft"``
   takes the token mean over the batch; here each reply's per-token NLL is averaged over pairs, like the others.
+  It still forwards the rejected replies; for supervised fine-tuning proper (prompt/completion or
+  ``messages`` records, no rejected reply, the completion's token-mean NLL) use
+  :class:`rlhf_book.sft.SFTTrainer`.
 
 :class:`DPOTrainer` trains a policy on such pairs on the book's trainer conventions (config with help
 text, minibatches, checkpoint/resume bit for bit, the history schema, and the same held-out evaluation
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -46,10 +48,9 @@ from torch import nn
 
 from .config import option, redefault
 from .distributed import gather_rows
-from .preferences import validate_preferences
-from .rollout import Rollout, encode_prompts, response_logprobs, sequence_logprob
-from .runtime import adam
-from .trainer import PolicyTrainer, TrainerConfig, disable_dropout
+from .preferences import end_token_ids, validate_preferences
+from .rollout import Rollout, response_logprobs, sequence_logprob, teacher_forcing_batch
+from .trainer import OfflineConfig, PolicyTrainer, TrainerConfig
 
 __all__ = ["LOSS_TYPES", "REFERENCE_FREE", "implicit_rewards", "dpo_loss", "encode_pairs", "pair_logprobs",
            "reference_logprobs", "DPOConfig", "DPOTrainer", "CHECKPOINT_NAME"]
@@ -115,24 +116,17 @@ def dpo_loss(
 def encode_pairs(tokenizer, pairs: Sequence[dict], device=None) -> Rollout:
     """Chosen and rejected replies of ``pairs`` as one teacher-forcing batch: 2N rows, chosen first, then rejected.
 
-    Prompts go through :func:`rlhf_book.rollout.encode_prompts` (the prompt format, left
+    Prompts (strings or messages) go through :func:`rlhf_book.rollout.encode_prompts` (the prompt format, left
     padding) and replies are right-padded, EOS appended unless a record says
-    ``*_terminated: false``: exactly the tokens the policy would have produced when sampling.
+    ``*_terminated: false`` (the record's ``*_eos`` token when it names one, see
+    :mod:`rlhf_book.preferences`): exactly the tokens the policy would have produced when sampling
+    (:func:`rlhf_book.rollout.teacher_forcing_batch`).
     """
     prompts = [p["prompt"] for p in pairs] * 2
     replies = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     ended = [p.get("chosen_terminated", True) for p in pairs] + [p.get("rejected_terminated", True) for p in pairs]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
-    ids = [r + [tokenizer.eos_token_id] if t else r for r, t in zip(ids, ended)]
-    width = max(map(len, ids))
-    response_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, r in enumerate(ids):
-        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, : len(r)] = 1
-    return Rollout(prompt_ids, prompt_mask, response_ids.to(prompt_ids.device), response_mask.to(prompt_ids.device),
-                   terminated=torch.tensor(ended, device=prompt_ids.device), prompts=prompts, responses=replies)
+    eos_ids = end_token_ids(tokenizer, pairs, "chosen") + end_token_ids(tokenizer, pairs, "rejected")
+    return teacher_forcing_batch(tokenizer, prompts, replies, ended, device, eos_ids)
 
 
 def pair_logprobs(model: nn.Module, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,15 +156,15 @@ def _digest(pairs: Sequence[dict]) -> str | None:
     """
     try:
         rows = [(p["prompt"], p["chosen"], p["rejected"], p.get("chosen_terminated", True), p.get("rejected_terminated", True))
-                for p in pairs]
+                + tuple(p[k] for k in ("chosen_eos", "rejected_eos") if k in p) for p in pairs]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
     except (TypeError, KeyError, AttributeError, ValueError):
         return None
 
 
 @dataclass
-class DPOConfig(TrainerConfig):
-    """:class:`~rlhf_book.trainer.TrainerConfig` plus DPO's own fields; defaults are chapter 6's CPU recipe."""
+class DPOConfig(OfflineConfig):
+    """:class:`~rlhf_book.trainer.OfflineConfig` plus DPO's own fields; defaults are chapter 6's CPU recipe."""
 
     beta: float = option(0.1, "beta: the KL coefficient the implicit reward assumes (small: the policy may move "
                               "far from pi_ref; for 'ipo' it is IPO's tau)", "> 0")
@@ -179,23 +173,15 @@ class DPOConfig(TrainerConfig):
                                        "fine-tuning on the chosen replies): TRL's names",
                             choices=LOSS_TYPES)
     simpo_gamma: float = option(0.5, "SimPO's target reward margin gamma (only loss_type='simpo')", ">= 0")
-    minibatch_size: int | None = option(None, "pairs per forward pass; batch_size / minibatch_size passes are "
-                                              "accumulated into one optimizer step (None: the whole batch at once)",
-                                        ">= 1")
     ref_batch_size: int = option(128, "pairs per forward pass when the reference's log-probs are precomputed", ">= 1")
     lr: float = redefault(TrainerConfig, "lr", 1e-4)
-    eval_every: int = redefault(TrainerConfig, "eval_every", 25)
-    checkpoint_every: int = redefault(TrainerConfig, "checkpoint_every", 25)
-
-    def check(self) -> None:
-        if self.minibatch_size is not None and self.minibatch_size > self.batch_size:
-            raise ValueError(f"DPOConfig.minibatch_size ({self.minibatch_size}) must be <= batch_size ({self.batch_size})")
 
 
 class DPOTrainer(PolicyTrainer):
     """Train a causal LM on preference pairs with :func:`dpo_loss`: an optimizer step per batch of pairs.
 
-    ``policy`` (trained in place) and ``ref_model`` (a separate frozen copy) as for the RL
+    ``policy`` (trained in place) and ``ref_model`` (a separate frozen copy; None for a ``peft.PeftModel``
+    policy: the policy with its adapters disabled, no second copy) as for the RL
     trainers; ``reward_fn`` (optional) and ``gold_fn`` (optional) only score the held-out
     replies in :meth:`evaluate` (DPO never calls a reward model while training): with
     both, a DPO run is measured exactly as a PPO run is.
@@ -208,12 +194,7 @@ class DPOTrainer(PolicyTrainer):
     def __init__(self, policy: nn.Module, ref_model: nn.Module, tokenizer, config: DPOConfig | None = None,
                  reward_fn: Callable | None = None, gold_fn: Callable | None = None, accelerator=None):
         super().__init__(policy, ref_model, tokenizer, config, reward_fn, gold_fn, accelerator)
-        cfg = self.config
-        if cfg.disable_dropout:
-            disable_dropout(self.lm)
-        self.params = [p for p in self.lm.parameters() if p.requires_grad]
-        self.optimizer = adam([{"params": self.params, "lr": cfg.lr}], lr=cfg.lr, eps=cfg.adam_eps)
-        self.prepare_trainables(self.lm)
+        self.setup_policy_optimizer()
         self._ref_cache: dict[str, torch.Tensor] = {}
         self.pairs: list[dict] = []
         self.ref_logps: torch.Tensor | None = None
@@ -266,10 +247,7 @@ class DPOTrainer(PolicyTrainer):
         it (sizes differ by at most one), and the statistics are of all of them.
         """
         cfg, t0 = self.config, time.perf_counter()
-        rows = list(rows)
-        if self.world > 1:
-            bounds = [len(rows) * r // self.world for r in range(self.world + 1)]
-            rows = rows[bounds[self.rank]: bounds[self.rank + 1]]
+        rows = self.process_rows(rows)
         share = self.loss_share(float(len(rows)))  # the local mean -> a share of the global batch's (1.0: one process)
         size = cfg.minibatch_size or len(rows)
         chunks = [rows[i: i + size] for i in range(0, len(rows), size)]
@@ -301,19 +279,7 @@ class DPOTrainer(PolicyTrainer):
     def progress_postfix(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['accuracy']:.2f}", "margin": f"{stats['reward_margin']:.2f}"}
 
-    # ------------------------------------------------------------------ the loop
-    def steps_per_epoch(self, n_pairs: int) -> int:
-        """Optimizer steps in one pass over ``n_pairs`` pairs (the last batch may be smaller)."""
-        return math.ceil(n_pairs / self.config.batch_size)
-
-    def batch_rows(self, step: int, n_pairs: int) -> list[int]:
-        """Rows of step ``step`` (0-based): each epoch is its own permutation, seeded by (seed, epoch), so a resumed run sees the same batches."""
-        spe = self.steps_per_epoch(n_pairs)
-        epoch, k = divmod(step, spe)
-        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch))
-        b = self.config.batch_size
-        return order[k * b: (k + 1) * b].tolist()
-
+    # ------------------------------------------------------------------ the loop (epochs: PolicyTrainer.run_epochs)
     def train(
         self,
         pairs: Sequence[dict],
@@ -336,14 +302,6 @@ class DPOTrainer(PolicyTrainer):
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs >= 0:
             raise ValueError(f"epochs must be a number >= 0, got {epochs!r}")
         self.pairs, self.ref_logps = self.prepare(pairs)
-        n = len(self.pairs)
-        spe = self.steps_per_epoch(n)
-        steps = math.ceil(epochs * spe - 1e-9)
-        last = n - (spe - 1) * self.config.batch_size
-        if min(last, self.config.batch_size) < self.world:
-            raise ValueError(f"a step of {min(last, self.config.batch_size)} pairs (batch_size="
-                             f"{self.config.batch_size}, {n} pairs) would leave one of the {self.world} processes "
-                             f"without any: use a batch_size whose last batch has at least {self.world} pairs")
         checks = []
         if eval_prompts is not None:
             checks.append(lambda: self.evaluate(eval_prompts))
@@ -351,5 +309,4 @@ class DPOTrainer(PolicyTrainer):
             self.prepare(eval_pairs)  # the reference pass happens now, not inside the first evaluation
             checks.append(lambda: self.evaluate_pairs(eval_pairs))
         evaluate = (lambda: {k: v for f in checks for k, v in f().items()}) if checks else None
-        return self.run(steps, lambda: self.batch_rows(self.iteration, n), checkpoint_dir, evaluate, progress,
-                        extra=lambda: {"epoch": round(self.iteration / spe, 4)})
+        return self.run_epochs(len(self.pairs), epochs, checkpoint_dir, evaluate, progress)

@@ -128,8 +128,8 @@ def make_experience(
     mask, T = rollout.response_mask, rollout.temperature
     device = mask.device
     with timed(timings, "reward", device):
-        raw = score_rollout(reward_fn, rollout, device)
-        gold = score_rollout(gold_fn, rollout, device) if gold_fn is not None else None
+        raw = score_rollout(reward_fn, rollout, device, "reward_fn")
+        gold = score_rollout(gold_fn, rollout, device, "gold_fn") if gold_fn is not None else None
     scores = apply_missing_eos_score(raw, rollout.terminated, missing_eos_score)
     with timed(timings, "forwards", device):
         if policy is not None:

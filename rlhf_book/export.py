@@ -10,8 +10,10 @@ trained policy are all written this way.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+from .adapters import is_peft_model, merged_copy
 from .rollout import _context_size
 from .tokenizer import format_prompt, save_tokenizer
 
@@ -19,17 +21,34 @@ __all__ = ["save_model"]
 
 
 def save_model(model, tokenizer, directory: str | Path, title: str, description: str, padding_side: str = "left",
-               loader: str = "AutoModelForCausalLM") -> Path:
+               loader: str = "AutoModelForCausalLM", save_adapter: bool = False) -> Path:
     """``save_pretrained`` model + tokenizer into ``directory`` and write a model card; returns the directory.
 
     ``padding_side``: what ``AutoTokenizer`` will use. Causal LMs get "left" (generation
     continues the prompt at the right edge, and ``generate`` derives positions from the
     mask); a GPT-2 reward model gets "right", the side on which a plain HF forward, whose
     position ids ignore padding, scores exactly what the library scores.
+
+    A ``peft.PeftModel`` (LoRA) is saved merged: its adapters are merged into a copy of the
+    base weights (the live model is not changed), so plain ``from_pretrained`` loads it with
+    the same logits and without peft. ``save_adapter=True`` also writes the adapter alone into
+    ``directory/adapter`` (``PeftModel.from_pretrained(base, directory / "adapter")`` on the base
+    model as :func:`rlhf_book.load_base_model` returns it, PAD row included).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    peft = is_peft_model(model)
+    if save_adapter and not peft:
+        raise ValueError(f"save_adapter=True needs a peft.PeftModel, got {type(model).__name__}")
+    merged = merged_copy(model)
+    merged.save_pretrained(directory)
+    if save_adapter:
+        with warnings.catch_warnings():  # peft keeps the embeddings when the vocabulary grew (the PAD row): wanted
+            warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
+            model.save_pretrained(directory / "adapter")
+    if peft:
+        description = description.strip() + " Its LoRA adapters are merged into the weights (no peft needed)."
+    del merged
     ctx = _context_size(model)
     save_tokenizer(tokenizer, directory, ctx, padding_side)
     card = [

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .corpus import DOMAINS, generate_examples, lexicon
+from .rewards import check_scores
+from .tokenizer import prompt_as_text
 
 __all__ = [
     "words",
@@ -70,8 +72,9 @@ def _aspect_domain() -> dict[str, set]:
     return out
 
 
-def _prompt_domain(prompt: str) -> str | None:
-    p = prompt.lower()
+def _prompt_domain(prompt) -> str | None:
+    """The domain a prompt (a string, or messages: the last user turn) asks about, or None."""
+    p = prompt_as_text(prompt).lower()
     for d, spec in DOMAINS.items():
         if any(n.lower() in p for n in spec["names"]):
             return d
@@ -164,16 +167,7 @@ def preference_probability(r_a: float, r_b: float, temperature: float = 0.25) ->
 
 def _scores(reward_fn: Callable, prompts: Sequence[str], responses: Sequence[str], terminated, name: str) -> list:
     """``reward_fn(prompts, responses, terminated)`` as finite floats, one per reply; ValueError naming ``name``."""
-    out = reward_fn(prompts, responses, terminated)
-    out = out.tolist() if hasattr(out, "tolist") else list(out)
-    if len(out) != len(prompts):
-        raise ValueError(f"{name} returned {len(out)} scores for {len(prompts)} replies; it must return one per reply")
-    scores = []
-    for i, x in enumerate(out):
-        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-            raise ValueError(f"{name} returned {x!r} for reply {i}: scores must be finite numbers")
-        scores.append(float(x))
-    return scores
+    return check_scores(reward_fn(prompts, responses, terminated), len(prompts), name).tolist()
 
 
 class Annotator:

@@ -119,7 +119,7 @@ class PPOTrainer(OnPolicyTrainer):
         cfg = self.config
         B = len(exp)  # this process's rows; minibatch_size counts the global batch's, like batch_size
         mb = min(local_size(min(cfg.minibatch_size, cfg.batch_size), self.world, "minibatch_size"), B)
-        self.train_mode(not cfg.disable_dropout)
+        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
         steps: list[dict] = []  # per minibatch: statistics as 0-d tensors (read once at the end)
         early_stop, epochs = False, 0
         for _ in range(cfg.ppo_epochs):

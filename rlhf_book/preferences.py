@@ -4,13 +4,19 @@ A record uses TRL's column names (plain text)::
 
     {"prompt": "Review Luigi's.", "chosen": "The food was great.", "rejected": "The food was bad."}
 
+``prompt`` may also be a conversation, a list of ``{"role", "content"}`` messages (TRL's
+conversational format; it needs a tokenizer with a chat template, see
+:func:`rlhf_book.tokenizer.format_prompt`).
+
 Extra fields are allowed and kept. The ones this module writes are
 ``chosen_terminated`` / ``rejected_terminated`` (did the reply end with EOS? a reply
 without EOS gets the gold no-EOS penalty and is scored by the reward model without
 an EOS token), ``chosen_gold`` / ``rejected_gold`` (the gold score of each reply, only
 when a gold reward function is given; for evaluation only: a real data set has no gold
-score) and ``chosen_temperature`` / ``rejected_temperature`` (the sampling temperature of
-each reply).
+score), ``chosen_temperature`` / ``rejected_temperature`` (the sampling temperature of
+each reply) and, only for a reply that ended with a stop token other than the tokenizer's EOS
+(a model whose ``generation_config`` lists several, :func:`rlhf_book.rollout.stop_token_ids`),
+``chosen_eos`` / ``rejected_eos``: that token, which teacher-forced scoring then appends instead of EOS.
 
 :func:`generate_preferences` makes pairs for any model, prompts and annotator: the model
 writes two replies per prompt (:func:`rlhf_book.rollout.generate`), mostly at temperature
@@ -46,7 +52,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,7 +63,7 @@ from .cache import cached_artifact
 from .corpus import prompt_split
 from .gold import Annotator, _scores, gold_rewards
 from .rollout import _context_size, generate, prompt_texts
-from .tokenizer import encode_prompt_response, format_prompt
+from .tokenizer import check_prompt, encode_prompt_response, format_prompt, is_messages
 
 __all__ = [
     "FIELDS",
@@ -67,6 +73,8 @@ __all__ = [
     "PREFERENCE_VERSION",
     "validate_record",
     "validate_preferences",
+    "read_jsonl",
+    "end_token_ids",
     "load_preferences",
     "save_preferences",
     "generate_preferences",
@@ -119,13 +127,20 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
     for field in FIELDS:
         if field not in record:
             raise ValueError(f"{where}: missing field {field!r} (a record needs {', '.join(FIELDS)})")
-        if not isinstance(record[field], str):
-            raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        if not isinstance(record[field], str) and not (field == "prompt" and is_messages(record[field])):
+            raise ValueError(f"{where}: field {field!r} must be a string"
+                             f"{' or a list of messages' if field == 'prompt' else ''}, got {type(record[field]).__name__}")
+    if is_messages(record["prompt"]):
+        check_prompt(record["prompt"], f"{where}: field 'prompt'")
     for field, value in record.items():
-        if isinstance(value, str) and _has_lone_surrogate(value):
+        texts = [m.get("content") for m in value if isinstance(m, dict)] if field == "prompt" and is_messages(value) else [value]
+        if any(isinstance(v, str) and _has_lone_surrogate(v) for v in texts):
             raise ValueError(f"{where}: field {field!r} is not valid Unicode (lone surrogate)")
-    if not record["prompt"].strip():
+    if isinstance(record["prompt"], str) and not record["prompt"].strip():
         raise ValueError(f"{where}: field 'prompt' is empty")
+    for field in ("chosen_eos", "rejected_eos"):
+        if field in record and (not isinstance(record[field], str) or not record[field]):
+            raise ValueError(f"{where}: field {field!r} must be a token (a non-empty string), got {record[field]!r}")
     for field in ("chosen", "rejected"):
         if not record[field].strip():
             raise ValueError(f"{where}: field {field!r} is empty")
@@ -148,9 +163,13 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
             raise ValueError("max_length was given without a tokenizer to count tokens with")
         limit = max_length if max_length is not None else tokenizer.model_max_length
         if limit is not None and limit < 1e9:
-            prompt_only, chosen, rejected = encode_prompt_response(
-                tokenizer, [record["prompt"]] * 3, ["", record["chosen"], record["rejected"]], [False, True, True]
-            )
+            try:
+                eos = [None, *end_token_ids(tokenizer, [record], "chosen"), *end_token_ids(tokenizer, [record], "rejected")]
+                prompt_only, chosen, rejected = encode_prompt_response(
+                    tokenizer, [record["prompt"]] * 3, ["", record["chosen"], record["rejected"]], [False, True, True], eos
+                )
+            except ValueError as e:
+                raise ValueError(f"{where}: {str(e).replace('prompts[0]', 'field ' + repr('prompt'))}") from None
             n_prompt = len(prompt_only)
             if n_prompt + 2 > limit:
                 raise ValueError(
@@ -169,24 +188,47 @@ def validate_record(record, where: str, tokenizer=None, max_length: int | None =
 
 def validate_preferences(records: Sequence[dict], tokenizer=None, max_length: int | None = None) -> list[dict]:
     """Validate a list of records (see :func:`validate_record`); errors name ``record i`` (0-based)."""
-    if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
+    return validate_all(records, validate_record, "a preference data set needs at least one pair", tokenizer,
+                        max_length)
+
+
+def validate_all(records, validate, empty: str, tokenizer=None, max_length: int | None = None) -> list[dict]:
+    """``validate(record, "record i", tokenizer, max_length)`` of every record of a list; ValueError if not a list
+    or empty (``empty`` says what one needs)."""
+    if isinstance(records, (str, bytes, Mapping)) or not hasattr(records, "__iter__"):
         raise ValueError(f"records must be a list of dicts, got {type(records).__name__}")
     records = list(records)
     if not records:
-        raise ValueError("records is empty: a preference data set needs at least one pair")
-    return [validate_record(r, f"record {i}", tokenizer, max_length) for i, r in enumerate(records)]
+        raise ValueError(f"records is empty: {empty}")
+    return [validate(r, f"record {i}", tokenizer, max_length) for i, r in enumerate(records)]
 
 
-def load_preferences(path: str | Path, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """Read and validate a preference JSONL file; ValueError names ``<path> line N`` and the field.
+def end_token_ids(tokenizer, records: Sequence[dict], side: str) -> list[int | None]:
+    """The id of each record's ``<side>_eos`` token (None where the record has none: the tokenizer's EOS is appended)."""
+    out = []
+    for r in records:
+        tok = r.get(f"{side}_eos")
+        if tok is None:
+            out.append(None)
+            continue
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is None or (i == tokenizer.unk_token_id and tok != tokenizer.unk_token):
+            raise ValueError(f"field '{side}_eos': {tok!r} is not a token of this tokenizer")
+        out.append(int(i))
+    return out
 
-    The file is UTF-8, optionally with a BOM; bytes that are not UTF-8 raise ValueError
-    naming the line rather than a bare UnicodeDecodeError.
+
+def read_jsonl(path: str | Path, what: str = "JSONL") -> list[tuple[int, object]]:
+    """(line number, parsed JSON value) of each non-blank line of a UTF-8 JSONL file (a leading BOM is accepted).
+
+    The one JSONL reader of records (preference pairs, SFT records): a missing file, bytes
+    that are not UTF-8 and lines that are not JSON raise ValueError naming ``<path> line N``.
+    ``what`` names the kind of file in the missing-file error.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such preference file")
-    records = []
+        raise ValueError(f"{path}: no such {what} file")
+    out = []
     # bytes.splitlines splits on \n, \r\n and \r, as text mode does; decode per line to name it
     for i, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
@@ -199,13 +241,22 @@ def load_preferences(path: str | Path, tokenizer=None, max_length: int | None = 
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            out.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {i}: not valid JSON ({e.msg})") from None
-        records.append(validate_record(rec, f"{path} line {i}", tokenizer, max_length))
-    if not records:
+    if not out:
         raise ValueError(f"{path}: the file holds no records")
-    return records
+    return out
+
+
+def load_preferences(path: str | Path, tokenizer=None, max_length: int | None = None) -> list[dict]:
+    """Read and validate a preference JSONL file; ValueError names ``<path> line N`` and the field.
+
+    The file is UTF-8, optionally with a BOM; bytes that are not UTF-8 raise ValueError
+    naming the line rather than a bare UnicodeDecodeError (:func:`read_jsonl`).
+    """
+    path = Path(path)
+    return [validate_record(rec, f"{path} line {i}", tokenizer, max_length) for i, rec in read_jsonl(path, "preference")]
 
 
 def save_preferences(records: Sequence[dict], path: str | Path, tokenizer=None, max_length: int | None = None) -> Path:
@@ -304,7 +355,10 @@ PREFERENCE_RECIPES: dict[str, PreferenceRecipe] = {
 
 
 def _generate_many(model, tokenizer, prompts, temperatures, max_new_tokens, batch_size, generator, progress, desc):
-    """Responses and terminated flags for ``prompts[i]`` at ``temperatures[i]``, batched per temperature."""
+    """(response, terminated, end token or None) for ``prompts[i]`` at ``temperatures[i]``, batched per temperature.
+
+    The end token is named only when a reply ended with a stop id other than the tokenizer's EOS.
+    """
     out = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: temperatures[i])
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
@@ -321,8 +375,11 @@ def _generate_many(model, tokenizer, prompts, temperatures, max_new_tokens, batc
             temperature=t,
             generator=generator,
         )
-        for i, text, term in zip(chunk, roll.responses, roll.terminated.tolist()):
-            out[i] = (text, bool(term))
+        lengths = roll.response_lengths.tolist()
+        for i, text, term, ids, n in zip(chunk, roll.responses, roll.terminated.tolist(), roll.response_ids.tolist(), lengths):
+            end = ids[n - 1] if term and n > 0 else None
+            out[i] = (text, bool(term),
+                      tokenizer.convert_ids_to_tokens(end) if end is not None and end != tokenizer.eos_token_id else None)
         bar.update(len(chunk))
     bar.close()
     return out
@@ -379,10 +436,10 @@ def generate_preferences(
     records = []
     for n, k in enumerate(kept):
         prompt = pair_prompts[k]
-        (a, a_term), (b, b_term) = replies[2 * k], replies[2 * k + 1]
+        (a, a_term, a_end), (b, b_term, b_end) = replies[2 * k], replies[2 * k + 1]
         first = annotator.prefers_first(prompt, a, b, a_term, b_term)
-        sides = [{"text": a, "terminated": a_term, "temperature": temps[2 * k]},
-                 {"text": b, "terminated": b_term, "temperature": temps[2 * k + 1]}]
+        sides = [{"text": a, "terminated": a_term, "temperature": temps[2 * k], "eos": a_end},
+                 {"text": b, "terminated": b_term, "temperature": temps[2 * k + 1], "eos": b_end}]
         if gold_fn is not None:
             sides[0]["gold"], sides[1]["gold"] = round(gold[2 * n], 6), round(gold[2 * n + 1], 6)
         chosen, rejected = sides if first else sides[::-1]
@@ -407,12 +464,22 @@ def _record(prompt: str, chosen: dict, rejected: dict) -> dict:
     if "gold" in chosen:
         rec["chosen_gold"], rec["rejected_gold"] = chosen["gold"], rejected["gold"]
     rec["chosen_temperature"], rec["rejected_temperature"] = chosen["temperature"], rejected["temperature"]
+    for side, d in (("chosen", chosen), ("rejected", rejected)):
+        if d.get("eos") is not None:  # a stop token other than the tokenizer's EOS (only models with several)
+            rec[f"{side}_eos"] = d["eos"]
     return rec
 
 
-def split_prompts(prompts, fractions: Sequence[float] = (0.76, 0.12, 0.12), seed: int = 0) -> dict[str, list[str]]:
-    """The distinct ``prompts``, shuffled by ``seed``, as train / validation / test groups of ``fractions``."""
-    texts = sorted(set(prompt_texts(prompts)))
+def _distinct(prompts: list) -> list:
+    """The distinct prompts, sorted: strings as ``sorted(set(...))`` sorts them, then conversations (by their JSON)."""
+    strings = sorted({p for p in prompts if isinstance(p, str)})
+    convs = {json.dumps(p, sort_keys=True): p for p in prompts if not isinstance(p, str)}
+    return strings + [convs[k] for k in sorted(convs)]
+
+
+def split_prompts(prompts, fractions: Sequence[float] = (0.76, 0.12, 0.12), seed: int = 0) -> dict[str, list]:
+    """The distinct ``prompts`` (strings or conversations), shuffled by ``seed``, as train / validation / test groups of ``fractions``."""
+    texts = _distinct(prompt_texts(prompts))
     if len(texts) < 3:
         raise ValueError(f"prompts holds {len(texts)} distinct prompt(s); a train / validation / test split needs >= 3")
     random.Random(seed + 1).shuffle(texts)
@@ -485,7 +552,7 @@ def build_preference_data(
 
 def _prompts_digest(prompts) -> str:
     """A short digest of the distinct prompt strings of ``prompts`` (order and repeats do not matter)."""
-    texts = sorted(set(prompt_texts(prompts)))
+    texts = _distinct(prompt_texts(prompts))
     return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
 
 

@@ -66,24 +66,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from .adapters import trunk
 from .advantage import last_token_index
 from .base_model import PRESETS, SAVE_FORMAT, WORLD_VERSION, _collate, load_base_model
 from .base_model import artifact_name as base_artifact_name
 from .cache import artifact_key, cache_dir, cached_artifact
 from .checkpoint import resume_or_restart, rng_state, save_checkpoint, set_rng_state
 from .corpus import prompt_split
+from .critic import _active_head
 from .export import save_model
 from .preferences import (
     PREFERENCE_RECIPES,
     _is_number,
+    end_token_ids,
     load_preference_data,
     preference_data_key,
     split_prompts,
     validate_preferences,
 )
 from .rollout import _context_size, generate, position_ids_from_mask, prompt_texts
-from .runtime import adam, autocast, enable_tf32, get_device, set_seed
-from .tokenizer import encode_prompt_response
+from .runtime import adam, autocast, dtype_kwargs, enable_tf32, get_device, resolve_dtype, set_seed
+from .tokenizer import encode_prompt_response, is_messages
 
 __all__ = [
     "RM_VERSION",
@@ -105,6 +108,7 @@ __all__ = [
     "ModelReward",
     "build_reward_model",
     "load_reward_model",
+    "save_reward_model",
     "reward_model_path",
     "reward_model_info",
     "artifact_name",
@@ -148,19 +152,31 @@ def _wins(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------- scoring
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Raw r_phi: the score head at the last non-pad token, position ids from the mask; (B, T) -> (B,)."""
-    hidden = model.base_model(
+    """Raw r_phi: the score head at the last non-pad token, position ids from the mask; (B, T) -> (B,).
+
+    ``model`` may be a ``peft.PeftModel`` (a LoRA reward model): its trunk is looked up through it.
+    """
+    hidden = trunk(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state
     idx = last_token_index(attention_mask)
     last = hidden[torch.arange(hidden.size(0), device=hidden.device), idx]
+    weight = getattr(_active_head(model.score), "weight", None)
+    if isinstance(weight, torch.Tensor) and torch.is_floating_point(weight):
+        last = last.to(weight.dtype)  # a score head held in fp32 on a bf16 trunk
     return model.score(last).squeeze(-1).float()
 
 
 def encode_replies(
-    tokenizer, prompts: Sequence[str], responses: Sequence[str], terminated=None, max_length: int | None = None
+    tokenizer, prompts: Sequence, responses: Sequence[str], terminated=None, max_length: int | None = None,
+    eos_ids: Sequence[int | None] | None = None,
 ) -> list[list[int]]:
-    """Token ids of ``format_prompt(prompt, tokenizer) + response (+ EOS if terminated)``, one list per pair."""
+    """Token ids of ``format_prompt(prompt, tokenizer) + response (+ EOS if terminated)``, one list per pair.
+
+    A prompt is a string or a list of ``{"role", "content"}`` messages; ``eos_ids`` (optional,
+    per pair): the end id to append instead of the tokenizer's EOS
+    (:func:`rlhf_book.tokenizer.encode_prompt_response`).
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if terminated is None:
@@ -170,11 +186,12 @@ def encode_replies(
     if len(terminated) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(terminated)} terminated flags")
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        if not isinstance(p, str) or not isinstance(r, str):
+        if not (isinstance(p, str) or is_messages(p)) or not isinstance(r, str):
             raise ValueError(
-                f"pair {i}: prompt and response must be strings, got {type(p).__name__}, {type(r).__name__}"
+                f"pair {i}: prompt (a string or messages) and response (a string) must be strings, "
+                f"got {type(p).__name__}, {type(r).__name__}"
             )
-    seqs = encode_prompt_response(tokenizer, prompts, responses, [bool(t) for t in terminated])
+    seqs = encode_prompt_response(tokenizer, prompts, responses, [bool(t) for t in terminated], eos_ids)
     if max_length is not None:
         for i, s in enumerate(seqs):
             if len(s) > max_length:
@@ -229,7 +246,8 @@ def _encode_pairs(tokenizer, records: Sequence[dict], max_length: int | None) ->
     prompts = [r["prompt"] for r in records] * 2
     replies = [r["chosen"] for r in records] + [r["rejected"] for r in records]
     terms = [r.get("chosen_terminated", True) for r in records] + [r.get("rejected_terminated", True) for r in records]
-    seqs = encode_replies(tokenizer, prompts, replies, terms, max_length)
+    eos = end_token_ids(tokenizer, records, "chosen") + end_token_ids(tokenizer, records, "rejected")
+    seqs = encode_replies(tokenizer, prompts, replies, terms, max_length, eos)
     return list(zip(seqs[: len(records)], seqs[len(records) :]))
 
 
@@ -816,7 +834,8 @@ def load_reward_ensemble(
     return models, tokenizer
 
 
-def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True, prompts=None):
+def load_reward_model(base: str = "cpu", device: torch.device | str | None = None, progress: bool = True, prompts=None,
+                      dtype="auto"):
     """Return ``(reward_model, tokenizer)`` in eval mode; the model's config holds the score normalisation.
 
     The config fields ``reward_gain`` and ``reward_bias`` are the normalisation
@@ -829,10 +848,14 @@ def load_reward_model(base: str = "cpu", device: torch.device | str | None = Non
     included); or a directory saved with ``save_pretrained``.
     ``prompts`` (with a preset; strings or ``{"prompt": ...}`` records): build the preset's
     pipeline on these prompts instead of the book's (cached under its own key).
+    ``dtype``: "auto" (the checkpoint's own dtype; the presets are fp32), "float32"/"fp32",
+    "bfloat16"/"bf16", "float16" or a ``torch.dtype`` (the policy: :mod:`rlhf_book.runtime`).
+    Save a reward model of one's own with :func:`save_reward_model`.
     Stable API: later chapters call ``load_reward_model("cpu")`` and
     :func:`reward_fn_from_model`.
     """
     device = torch.device(device) if device is not None else get_device()
+    resolve_dtype(dtype)  # a bad dtype fails before anything slow
     if base in RM_RECIPES:
         path = _cached_reward_model(base, device, progress, prompts)
     elif prompts is not None:
@@ -845,11 +868,37 @@ def load_reward_model(base: str = "cpu", device: torch.device | str | None = Non
     if any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in archs):
         raise ValueError(f"{path} holds a causal LM ({archs[0]}), not a reward model: load it with load_base_model, "
                          "or make a reward model from it with reward_model_from_lm")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **dtype_kwargs(dtype))
+    except Exception as e:  # a truncated model.safetensors raises safetensors' own error type
+        advice = ("Delete that folder to rebuild it." if base in RM_RECIPES
+                  else "A file there is missing, cut off or not a model file: save the model again.")
+        raise ValueError(f"cannot load the reward model in {path}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}. {advice}") from None
     if model.config.num_labels != 1:
         raise ValueError(f"{path} holds a classifier with {model.config.num_labels} labels, not a reward model (1)")
     return model.to(device).eval(), tokenizer
+
+
+def save_reward_model(model, tokenizer, directory: str | Path, description: str = "") -> Path:
+    """Save a reward model of one's own so that :func:`load_reward_model` and plain transformers load it; returns the
+    directory.
+
+    ``model``: a ``*ForSequenceClassification`` with one label (e.g. from :func:`reward_model_from_lm`
+    and :func:`train_reward_model`), or a ``peft.PeftModel`` around one (its adapters are merged
+    into a copy: the saved model needs no peft). The tokenizer is saved padding on the right
+    (see the module docstring); ``tokenizer`` itself is left as it was.
+    """
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    if n != 1:
+        raise ValueError(f"save_reward_model needs a sequence classifier with num_labels=1, got {type(model).__name__} "
+                         f"(num_labels={n})")
+    gain, bias = _normalization(model)
+    text = description.strip() or (f"A reward model r(x, y) saved with rlhf_book; the normalised score is "
+                                   f"{gain:g} * logits[:, 0] + {bias:g} (config reward_gain, reward_bias).")
+    return save_model(model, tokenizer, directory, title="rlhf_book reward model", description=text,
+                      padding_side="right", loader="AutoModelForSequenceClassification")
 
 
 def _saved_config(path):

@@ -13,12 +13,51 @@ sampled response is an unbiased estimate of the sequence-level KL.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .advantage import last_token_index
 from .kl import kl_k1
 
-__all__ = ["per_token_rewards", "apply_missing_eos_score"]
+__all__ = ["per_token_rewards", "apply_missing_eos_score", "check_scores"]
+
+
+def _fn_name(fn) -> str:
+    """How an error message names a reward function: its ``__name__``, else its class."""
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def check_scores(values, n: int, name: str = "reward_fn", fn=None, device=None) -> torch.Tensor:
+    """What a reward function returned, as a finite float32 tensor (n,) on ``device``; ValueError otherwise.
+
+    Accepted: a tensor (any device; shape (n,) or (n, 1)), a NumPy array or a sequence of
+    ``n`` real numbers (bools count as 0 / 1). Anything else (strings, None, a wrong length,
+    a NaN or an infinity) raises a ValueError naming ``name`` (and ``fn``'s own name), the
+    row and the value, before the score can reach a loss, the weights or a checkpoint.
+    """
+    who = f"{name} ({_fn_name(fn)})" if fn is not None else name
+    if isinstance(values, torch.Tensor):
+        if values.is_complex() or values.device.type == "meta":
+            raise ValueError(f"{who} must return real scores, got a {values.dtype} tensor on {values.device}")
+        t = values.detach().reshape(-1).to("cpu", torch.float64)
+        rows = t.tolist()
+    else:
+        if isinstance(values, (str, bytes)) or values is None or not hasattr(values, "__len__"):
+            raise ValueError(f"{who} must return {n} scores (a tensor or a list of numbers), got "
+                             f"{type(values).__name__}: {values!r:.80}")
+        rows = values.reshape(-1).tolist() if hasattr(values, "reshape") else list(values)
+    if len(rows) != n:
+        raise ValueError(f"{who} returned {len(rows)} scores for {n} responses; it must return one per response")
+    for i, x in enumerate(rows):
+        if isinstance(x, (list, tuple)) and len(x) == 1:
+            x = rows[i] = x[0]
+        if not isinstance(x, numbers.Real) or not math.isfinite(x):
+            raise ValueError(f"{who} returned {x!r} for row {i}: scores must be finite numbers (a NaN or an "
+                             f"infinity would reach the weights and every checkpoint after)")
+    out = torch.tensor([float(x) for x in rows], dtype=torch.float32)
+    return out if device is None else out.to(device)
 
 
 def apply_missing_eos_score(scores: torch.Tensor, terminated: torch.Tensor, missing_eos_score: float | None) -> torch.Tensor:

@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from .advantage import masked_sum
+from .rewards import check_scores
 from .runtime import intra_op_threads
-from .tokenizer import format_prompt, prompt_add_special_tokens
+from .tokenizer import check_prompt, format_prompts, prompt_add_special_tokens
 
 __all__ = [
     "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
     "position_ids_from_mask", "forward_logits", "logits_to_keep_kwargs", "encode_prompts", "decode_responses", "prompt_texts", "score_rollout",
+    "stop_token_ids", "teacher_forcing_batch",
 ]
 
 
@@ -54,7 +56,18 @@ def logits_to_keep_kwargs(model, n: int) -> dict:
     prompt tokens, which no RL loss needs (with a 50k vocabulary the full logits of
     64 x 512 tokens are 6.6 GB in fp32). A DDP wrapper passes it on to its module.
     """
-    return {"logits_to_keep": n} if n > 0 and _takes_logits_to_keep(type(unwrap(model))) else {}
+    return {"logits_to_keep": n} if n > 0 and _takes_logits_to_keep(type(_signature_owner(model))) else {}
+
+
+def _signature_owner(model):
+    """The module whose forward signature says what ``model`` takes: inside DDP and ``peft.PeftModel`` wrappers
+    (whose ``forward(**kwargs)`` passes ``logits_to_keep`` and the cache on but hides their names)."""
+    from .adapters import is_peft_model
+
+    model = unwrap(model)
+    while is_peft_model(model):
+        model = model.get_base_model()
+    return model
 
 
 def unwrap(model):
@@ -78,9 +91,12 @@ def cache_kwarg(model) -> str:
 
     transformers 5.24 renamed the argument and the output field (the old name goes in
     5.40); looking the name up in the signature keeps old and new releases working. A
-    wrapper with an ``lm`` attribute (:class:`~rlhf_book.critic.PolicyWithValueHead`) uses its LM's name.
+    wrapper with an ``lm`` attribute (:class:`~rlhf_book.critic.PolicyWithValueHead`) uses its LM's name, and
+    a ``peft.PeftModel`` its base model's (:func:`rlhf_book.adapters.hf_model`).
     """
-    return _cache_kwarg_of(type(getattr(model, "lm", model)))
+    from .adapters import hf_model
+
+    return _cache_kwarg_of(type(hf_model(model)))
 
 
 def output_cache(out, name: str):
@@ -111,7 +127,9 @@ class Rollout:
     prompt_ids (B, P) left-padded; prompt_mask (B, P); response_ids (B, R), PAD after EOS;
     response_mask (B, R) is 1 on generated tokens including the EOS; logprobs (B, R) are
     log pi(a_t | s_t) under the sampling temperature, 0 where the mask is 0;
-    terminated (B,) says whether the response ended with EOS. Only the four id/mask
+    terminated (B,) says whether the response ended with EOS (any of the model's
+    :func:`stop_token_ids`); ``prompts`` are the prompts as the caller gave them (strings, or
+    lists of ``{"role", "content"}`` messages): what a reward function receives. Only the four id/mask
     tensors are needed to re-score a batch, so ``Rollout(prompt_ids, prompt_mask,
     response_ids, response_mask)`` is a valid (teacher-forcing) batch too.
     """
@@ -122,7 +140,7 @@ class Rollout:
     response_mask: torch.Tensor
     logprobs: torch.Tensor | None = None
     terminated: torch.Tensor | None = None
-    prompts: list[str] | None = None
+    prompts: list | None = None
     responses: list[str] | None = None
     temperature: float = 1.0
 
@@ -157,17 +175,16 @@ class Rollout:
         return self.prompt_ids.size(0)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], device=None, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask, (B, P); raises ValueError on an empty list or prompt."""
+def encode_prompts(tokenizer, prompts: Sequence, device=None, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask, (B, P), of the formatted prompts (strings or messages, see
+    :func:`rlhf_book.tokenizer.format_prompt`); ValueError naming ``prompts[i]`` on an empty list or a bad prompt."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is empty or not a string: {p!r}")
+    prompts = [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer([format_prompt(p, tokenizer) for p in prompts], padding=True, return_tensors="pt",
+        enc = tokenizer(format_prompts(prompts, tokenizer), padding=True, return_tensors="pt",
                         add_special_tokens=prompt_add_special_tokens(tokenizer))
     finally:
         tokenizer.padding_side = side
@@ -187,7 +204,7 @@ def _context_size(model) -> int | None:
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     greedy: bool = False,
@@ -196,6 +213,10 @@ def generate(
     samples_per_prompt: int = 1,
 ) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt (KV cache, stop at EOS) and record log pi(a_t | s_t).
+
+    ``prompts``: strings, lists of ``{"role", "content"}`` messages, or ``{"prompt": ...}`` records
+    (:func:`prompt_texts`); a reply ends at any of :func:`stop_token_ids` (the tokenizer's EOS and
+    the model's ``generation_config.eos_token_id``).
 
     Sampling uses softmax(logits / temperature); ``greedy`` takes the argmax instead.
     ``generator`` (a torch.Generator on the model's device) makes sampling reproducible.
@@ -208,6 +229,7 @@ def generate(
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, got one string: wrap a single prompt in a list, [prompt]")
+    prompts = prompt_texts(prompts)
     _check_sampling(max_new_tokens, temperature)
     device = next(model.parameters()).device
     ctx = _context_size(model)
@@ -263,8 +285,10 @@ def generate_from_ids(
     ctx = _context_size(model)
     if ctx is not None and prompt_ids.size(1) + max_new_tokens > ctx:
         raise ValueError(f"{prompt_ids.size(1)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's context of {ctx}")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
+    stop = stop_token_ids(model, tokenizer)
     device = prompt_ids.device
+    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
 
@@ -293,7 +317,7 @@ def generate_from_ids(
             alive.append(~finished)
             logps.append(torch.where(finished, torch.zeros_like(lp), lp))
             tokens.append(tok)
-            finished = finished | (tok == eos)
+            finished = finished | torch.isin(tok, stop_t)
             if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
                 break
             mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
@@ -305,7 +329,7 @@ def generate_from_ids(
     response_mask = torch.stack(alive, 1).long()
     R = int(response_mask.any(0).nonzero().max()) + 1  # drop columns sampled after every response ended
     response_ids, response_mask = torch.stack(tokens, 1)[:, :R], response_mask[:, :R]
-    texts = decode_responses(tokenizer, response_ids, response_mask)
+    texts = decode_responses(tokenizer, response_ids, response_mask, stop)
     if prompts is None:
         prompts = [tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(prompt_ids, prompt_mask)]
     return Rollout(
@@ -349,10 +373,14 @@ def _check_sampling(max_new_tokens, temperature) -> None:
         raise ValueError(f"temperature must be a finite number > 0 (use greedy=True for argmax), got {temperature!r}")
 
 
-def prompt_texts(prompts: Sequence) -> list[str]:
-    """Prompt strings from strings or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives).
+def prompt_texts(prompts: Sequence) -> list:
+    """The prompts of strings, message lists or ``{"prompt": ...}`` records (as :func:`rlhf_book.corpus.prompt_split` gives).
 
-    ValueError naming ``prompts[i]`` for a record without ``prompt`` or an empty or non-string prompt.
+    A prompt is a string or a list of ``{"role", "content"}`` messages (TRL's conversational
+    format, see :func:`rlhf_book.tokenizer.format_prompt`), bare or in a record's ``prompt``
+    field; they come back as given (messages as a list of dicts). ValueError naming
+    ``prompts[i]`` (and the message and field) for a record without ``prompt`` or an empty or
+    malformed prompt.
     """
     if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of strings or {{'prompt': ...}} records, got {type(prompts).__name__}"
@@ -363,30 +391,81 @@ def prompt_texts(prompts: Sequence) -> list[str]:
     for i, p in enumerate(prompts):
         if isinstance(p, Mapping):
             if "prompt" not in p:
-                raise ValueError(f"prompts[{i}]: missing field 'prompt' in {dict(p)!r}")
+                hint = (": a prompt made of messages is a list of them, so pass [messages] (a list of such lists)"
+                        if "role" in p and "content" in p else "")
+                raise ValueError(f"prompts[{i}]: missing field 'prompt' in {dict(p)!r}{hint}")
             p = p["prompt"]
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] must be a non-empty string (or a record with one in 'prompt'), got {p!r}")
-        out.append(p)
+        out.append(check_prompt(p, f"prompts[{i}]"))
     return out
 
 
-def score_rollout(reward_fn, rollout: "Rollout", device=None) -> torch.Tensor:
-    """``reward_fn(prompts, responses, terminated)`` of a rollout as a float tensor (B,) on ``device``."""
-    s = torch.as_tensor(reward_fn(rollout.prompts, rollout.responses, rollout.terminated), dtype=torch.float32)
-    s = s.to(device if device is not None else rollout.response_ids.device).reshape(-1)
-    if s.numel() != len(rollout):
-        raise ValueError(f"reward function returned {s.numel()} scores for {len(rollout)} responses")
-    return s
+def score_rollout(reward_fn, rollout: "Rollout", device=None, name: str = "reward_fn") -> torch.Tensor:
+    """``reward_fn(prompts, responses, terminated)`` of a rollout as a finite float tensor (B,) on ``device``.
+
+    Checked by :func:`rlhf_book.rewards.check_scores`: a NaN, an infinity, a string, None or a
+    wrong count raises a ValueError naming ``name``, the function, the row and the value.
+    """
+    out = reward_fn(rollout.prompts, rollout.responses, rollout.terminated)
+    return check_scores(out, len(rollout), name, reward_fn,
+                        device if device is not None else rollout.response_ids.device)
 
 
-def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Text of each response (B, R) without PAD/EOS, stripped."""
-    eos = tokenizer.eos_token_id
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                     stop_ids: Sequence[int] | None = None) -> list[str]:
+    """Text of each response (B, R) without PAD and stop tokens (``stop_ids``, default the tokenizer's EOS), stripped."""
+    stop = {tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
     out = []
     for ids, m in zip(response_ids.tolist(), response_mask.tolist()):
-        out.append(tokenizer.decode([i for i, k in zip(ids, m) if k and i != eos], skip_special_tokens=True).strip())
+        out.append(tokenizer.decode([i for i, k in zip(ids, m) if k and i not in stop], skip_special_tokens=True).strip())
     return out
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a reply: the tokenizer's EOS first, then the model's ``generation_config.eos_token_id`` (an
+    int or a list, as Llama 3 and Qwen chat checkpoints list their end-of-turn tokens), without repeats.
+
+    The one place the library asks "has this reply ended?": sampling stops at any of them, a
+    reply that ends with one is ``terminated``, and decoding strips them all.
+    """
+    ids = [tokenizer.eos_token_id]
+    m = unwrap(model)
+    m = getattr(m, "lm", m)  # a PolicyWithValueHead: its LM's
+    extra = getattr(getattr(m, "generation_config", None), "eos_token_id", None)
+    ids += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    out = []
+    for i in ids:
+        if i is not None and int(i) not in out:
+            out.append(int(i))
+    if not out:
+        raise ValueError("the tokenizer has no EOS token (eos_token_id is None) and the model's generation_config "
+                         "lists none: set tokenizer.eos_token")
+    return out
+
+
+def teacher_forcing_batch(tokenizer, prompts: Sequence, replies: Sequence[str], terminated: Sequence[bool] | None = None,
+                          device=None, eos_ids: Sequence[int | None] | None = None) -> Rollout:
+    """Prompts (formatted, left-padded by :func:`encode_prompts`) and their given replies (right-padded, + EOS where
+    ``terminated``, default all) as one :class:`Rollout` to teacher-force: the tokens the policy would have produced.
+
+    ``eos_ids`` (optional, one per reply): the end id a reply ended with (None: the tokenizer's
+    EOS). DPO's pairs, SFT's completions and their evaluation all go through it.
+    """
+    ended = [True] * len(replies) if terminated is None else [bool(t) for t in terminated]
+    if not (len(prompts) == len(replies) == len(ended)):
+        raise ValueError(f"{len(prompts)} prompts, {len(replies)} replies and {len(ended)} terminated flags")
+    eos_ids = [None] * len(replies) if eos_ids is None else list(eos_ids)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    ids = tokenizer(list(replies), add_special_tokens=False)["input_ids"]
+    ids = [r + [tokenizer.eos_token_id if e is None else int(e)] if t else r for r, t, e in zip(ids, ended, eos_ids)]
+    width = max(1, max(map(len, ids)))
+    response_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, r in enumerate(ids):
+        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    dev = prompt_ids.device
+    return Rollout(prompt_ids, prompt_mask, response_ids.to(dev), response_mask.to(dev),
+                   terminated=torch.tensor(ended, device=dev), prompts=list(prompts), responses=list(replies))
 
 
 def sequence_logprob(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

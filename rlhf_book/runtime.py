@@ -3,6 +3,22 @@
 The switches: bf16 autocast on GPUs (:func:`autocast`), TF32 matmuls
 (:func:`enable_tf32`), the fused Adam kernel (:func:`adam`) and a thread count for
 token-by-token sampling on CPUs (:func:`intra_op_threads`). ``benchmarks/`` measures each.
+
+**Dtypes: one policy for every trainer** (as TRL does it):
+
+* *Weights stay as the caller loaded them.* :func:`rlhf_book.load_base_model` and
+  :func:`rlhf_book.reward_model.load_reward_model` take ``dtype`` (:func:`resolve_dtype`;
+  default ``"auto"``: the checkpoint's own dtype, fp32 for the book's presets), and a frozen
+  weight (the reference, the base weights under a LoRA adapter) is never cast.
+* *Trainable parameters, and so Adam's state, are held in fp32*
+  (``TrainerConfig.trainable_dtype="float32"``, :func:`hold_trainable`): a bf16 master weight
+  rounds most lr = 1e-5 steps away. ``trainable_dtype="keep"`` opts into pure bf16 training
+  (half the memory of the trainable weights and their Adam state, coarser steps).
+* *Forwards use autocast* (``precision``, :func:`autocast`) as before; value heads read
+  the trunk's hidden states cast to their own dtype, so a critic on a bf16 trunk runs.
+* *log pi_old is recomputed* by a teacher-forced forward whenever sampling and training
+  round differently: under bf16 autocast, or when any policy parameter is not fp32
+  (:func:`mixed_numerics`); in fp32 the sampler's log-probs are used as they are.
 """
 
 from __future__ import annotations
@@ -18,7 +34,8 @@ import torch
 __all__ = [
     "timed",
     "get_device", "check_device", "set_seed", "configure_threads", "resolve_precision", "autocast", "enable_tf32", "adam",
-    "intra_op_threads", "PRECISIONS",
+    "intra_op_threads", "PRECISIONS", "DTYPES", "TRAINABLE_DTYPES", "resolve_dtype", "dtype_kwargs", "hold_trainable",
+    "mixed_numerics",
 ]
 
 
@@ -80,6 +97,60 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         return precision
     device = torch.device(device)
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+# ---------------------------------------------------------------------------- dtypes (the policy: module docstring)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+TRAINABLE_DTYPES = ("float32", "keep")
+
+
+def resolve_dtype(dtype, argument: str = "dtype"):
+    """``"auto"`` (the checkpoint's own dtype), a name in :data:`DTYPES` or a floating ``torch.dtype`` -> that
+    ``torch.dtype``, or the string ``"auto"``; a ValueError naming ``argument`` otherwise."""
+    if dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"{argument} must be 'auto', one of {', '.join(repr(k) for k in DTYPES)} or a floating "
+                     f"torch.dtype, got {dtype!r}")
+
+
+def dtype_kwargs(dtype, argument: str = "dtype") -> dict:
+    """The ``from_pretrained`` keyword for ``dtype`` under the installed transformers: ``dtype`` (>= 4.56) or
+    ``torch_dtype`` (4.53-4.55, which also defaults to fp32 where 5.x defaults to ``"auto"``: so pass it always)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {key: resolve_dtype(dtype, argument)}
+
+
+def hold_trainable(module: torch.nn.Module | None, trainable_dtype: str = "float32") -> int:
+    """Cast ``module``'s trainable floating parameters to fp32 in place (``"float32"``), or leave them (``"keep"``).
+
+    Frozen parameters (a reference, the base weights under a LoRA adapter) keep their dtype.
+    Call it before the optimizer is built (Adam's state takes the parameters' dtype). Returns
+    the number of parameters cast.
+    """
+    if trainable_dtype not in TRAINABLE_DTYPES:
+        raise ValueError(f"trainable_dtype must be one of {TRAINABLE_DTYPES}, got {trainable_dtype!r}")
+    if module is None or trainable_dtype == "keep":
+        return 0
+    n = 0
+    for p in module.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def mixed_numerics(module: torch.nn.Module, precision: str) -> bool:
+    """Whether sampling and teacher forcing round differently for this policy: bf16 autocast, or any floating
+    parameter that is not fp32 (then log pi_old is recomputed, see the module docstring)."""
+    return precision == "bf16" or any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters())
 
 
 def autocast(device: torch.device | str, precision: str = "auto"):

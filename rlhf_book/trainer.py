@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,8 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .advantage import masked_mean, masked_whiten
-from .checkpoint import fsync_replace, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, config_changes, option
+from .checkpoint import fsync_replace, load_checkpoint, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
+from .config import Config, config_changes, option, redefault
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
 from .distributed import (check_data_parallel, gather_experience, gather_rows, global_share, local_rows, make_accelerator, mean_across,
                           rank_seed, shard)
@@ -49,7 +50,9 @@ from .experience import KL_PENALTIES, Experience, make_experience
 from .export import save_model
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
 from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
-from .runtime import PRECISIONS, adam, autocast, enable_tf32, resolve_precision, timed
+from .adapters import AdapterDisabledReference, is_peft_model
+from .runtime import (PRECISIONS, TRAINABLE_DTYPES, adam, autocast, enable_tf32, hold_trainable, mixed_numerics,
+                      resolve_precision, timed)
 
 __all__ = ["PolicyTrainer", "TrainerConfig", "OnPolicyTrainer", "OnPolicyConfig", "disable_dropout", "RESUMABLE_FIELDS", "METRICS_NAME", "append_metrics",
            "write_metrics", "read_metrics", "save_history"]
@@ -71,7 +74,15 @@ class TrainerConfig(Config):
                                    "aggressive)", "> 0")
     max_grad_norm: float | None = option(1.0, "gradient-norm clip (None: no clipping; the norm is reported either way)", "> 0")
     disable_dropout: bool = option(True, "dropout off in policy, reference and critic (else ratios and KL are noisy "
-                                         "from the start)")
+                                         "from the start): every dropout probability, attention dropout included, "
+                                         "is set to 0 (disable_dropout); updates run in train mode either way")
+    trainable_dtype: str = option("float32", "'float32': trainable parameters (and Adam's state) held in fp32 "
+                                             "whatever the checkpoint's dtype; 'keep': as loaded (pure bf16 training "
+                                             "of a bf16 checkpoint). Frozen weights are never cast (rlhf_book.runtime)",
+                                  choices=TRAINABLE_DTYPES)
+    gradient_checkpointing: bool = option(False, "recompute the activations of the policy's (and a separate "
+                                                 "critic's) layers in the backward pass instead of storing them "
+                                                 "(transformers' gradient_checkpointing_enable, use_reentrant=False)")
     # --- speed (each measured in benchmarks/README.md)
     precision: str = option("auto", "'auto': bf16 autocast on a GPU that supports it, else fp32; or 'fp32' / 'bf16'",
                             choices=PRECISIONS)
@@ -110,7 +121,8 @@ class OnPolicyConfig(TrainerConfig):
     whiten_rewards: bool = option(False, "scale per-token rewards to unit variance per batch (mean not shifted)")
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 per batch")
     recompute_old_logprobs: bool = option(False, "re-forward for log pi_old instead of using the sampler's (equal in "
-                                                 "fp32; always on under bf16, where they round differently)")
+                                                 "fp32; always on under bf16 autocast or with any policy weight not "
+                                                 "in fp32, where they round differently)")
     # --- the KL to the reference
     kl_coef: float = option(0.05, "beta (its initial value when adaptive)", ">= 0")
     kl_target: float | None = option(None, "sequence KL target (nats) of the adaptive controller (None: fixed beta)", "> 0")
@@ -123,23 +135,91 @@ class OnPolicyConfig(TrainerConfig):
             raise ValueError(f"{type(self).__name__}.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
 
 
+@dataclass
+class OfflineConfig(TrainerConfig):
+    """:class:`TrainerConfig` plus what a trainer on fixed records (DPO's pairs, SFT's records) adds: accumulation."""
+
+    minibatch_size: int | None = option(None, "records (DPO: pairs) per forward pass; batch_size / minibatch_size "
+                                              "passes are accumulated into one optimizer step (None: the whole batch "
+                                              "at once)", ">= 1")
+    eval_every: int = redefault(TrainerConfig, "eval_every", 25)
+    checkpoint_every: int = redefault(TrainerConfig, "checkpoint_every", 25)
+
+    def check(self) -> None:
+        if self.minibatch_size is not None and self.minibatch_size > self.batch_size:
+            raise ValueError(f"{type(self).__name__}.minibatch_size ({self.minibatch_size}) must be <= batch_size "
+                             f"({self.batch_size})")
+
+
 # Fields that may change between a run and its resumption: they change what is shown or saved, not what is learnt.
 RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "eval_every"})
 
 
+_DROPOUT_NAME = re.compile(r"(dropout|pdrop|drop_prob|drop_rate|layerdrop)", re.IGNORECASE)
+
+
+def _zero_dropout_floats(obj, seen: set) -> None:
+    """Set to 0.0 every float attribute of ``obj`` named like a dropout probability (a config's, a module's)."""
+    from transformers import PretrainedConfig
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, PretrainedConfig):  # a sub-config (text_config, ...)
+            _zero_dropout_floats(value, seen)
+        elif isinstance(value, float) and value != 0.0 and _DROPOUT_NAME.search(name):
+            setattr(obj, name, 0.0)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set p = 0 in every ``nn.Dropout`` of ``model`` (in place); returns it."""
+    """Turn every dropout of ``model`` off, in place; returns it.
+
+    Sets p = 0 in every dropout module (``nn.Dropout`` and its kin) and 0.0 in every float
+    attribute named like a dropout probability, both of the modules (e.g. the
+    ``attention_dropout`` that Llama, Qwen and GPT-NeoX attention layers apply in training
+    mode) and of their configs (``attention_dropout``, ``attn_pdrop``, ``resid_pdrop``,
+    ``embd_pdrop``, ``hidden_dropout``, ``classifier_dropout``, ...: an exported model then says 0
+    too). So train mode computes what eval mode does, bit for bit, and the trainers run their
+    updates in train mode (where transformers' gradient checkpointing works).
+    """
+    from transformers import PretrainedConfig
+
+    seen: set = set()
     for mod in model.modules():
-        if isinstance(mod, nn.Dropout):
+        if isinstance(mod, nn.modules.dropout._DropoutNd):
             mod.p = 0.0
+        _zero_dropout_floats(mod, seen)
+        config = vars(mod).get("config")  # a model's own config (not a property that borrows another's)
+        if isinstance(config, PretrainedConfig):
+            _zero_dropout_floats(config, seen)
     return model
+
+
+def _enable_gradient_checkpointing(module: nn.Module, what: str) -> None:
+    """transformers' gradient checkpointing (non-reentrant) on ``module``: ``activation_checkpointing_enable``
+    (transformers >= 5.25) or ``gradient_checkpointing_enable`` (earlier); a ValueError if it has neither."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(module, "activation_checkpointing_enable", None)
+    if callable(enable):
+        call = lambda: enable(activation_checkpointing_kwargs=kwargs)  # noqa: E731
+    else:
+        enable = getattr(module, "gradient_checkpointing_enable", None)
+        call = lambda: enable(gradient_checkpointing_kwargs=kwargs)  # noqa: E731
+    if not callable(enable) or not getattr(module, "supports_gradient_checkpointing", True):
+        raise ValueError(f"gradient_checkpointing=True but the {what} ({type(module).__name__}) does not support "
+                         "transformers' gradient checkpointing")
+    call()
 
 
 class PolicyTrainer:
     """What every trainer of a causal-LM policy shares: devices, sampling, evaluation, checkpoints, the training loop.
 
-    ``policy``: a causal LM (trained in place); ``ref_model``: a separate frozen copy of
-    it (pi_ref); ``reward_fn(prompts, responses, terminated) -> (B,)`` (or None where the
+    ``policy``: a causal LM (trained in place), or a ``peft.PeftModel`` (LoRA: only the
+    adapters are trained); ``ref_model``: a separate frozen copy of it (pi_ref), or None for a
+    PEFT policy: the reference is then the policy itself with its adapters disabled
+    (:class:`~rlhf_book.adapters.AdapterDisabledReference`, no second copy of the weights);
+    ``reward_fn(prompts, responses, terminated) -> (B,)`` (or None where the
     algorithm does not need one): a learned reward model (e.g.
     :func:`rlhf_book.reward_model.reward_fn_from_model`) or any function of the text;
     ``gold_fn`` (same signature, or None): a reward that is only logged, never learned from.
@@ -147,6 +227,11 @@ class PolicyTrainer:
     One device rule: everything runs on the policy's device; the reference and a reward
     function with a ``to`` method (a model-based reward) are moved there. A subclass
     implements ``step(batch) -> stats`` and calls :meth:`run` from its ``train``.
+
+    One dtype rule (:mod:`rlhf_book.runtime`): weights stay as loaded, trainable parameters
+    are held in fp32 (``config.trainable_dtype``), forwards use autocast (``config.precision``).
+    ``config.gradient_checkpointing`` checkpoints the policy's layers (and a separate critic's);
+    updates run in train mode, with every dropout probability 0 under ``config.disable_dropout``.
 
     ``accelerator``: the ``accelerate.Accelerator`` to run under (default: one made by
     :func:`rlhf_book.distributed.make_accelerator`). With one process it changes nothing; under
@@ -158,6 +243,7 @@ class PolicyTrainer:
     name = "policy"  # shown on the progress bar and in exported model cards
     checkpoint_name = "state.pt"  # file inside ``checkpoint_dir``
     config_class = TrainerConfig
+    needs_reference = True  # False (SFT): ref_model=None means no reference at all (no eval_kl)
 
     def __init__(self, policy: nn.Module, ref_model: nn.Module, tokenizer, config: TrainerConfig | None = None,
                  reward_fn: Callable | None = None, gold_fn: Callable | None = None, accelerator=None):
@@ -171,6 +257,12 @@ class PolicyTrainer:
         lm = policy.lm if isinstance(policy, PolicyWithValueHead) else policy
         if ref_model is policy or ref_model is lm:
             raise ValueError("ref_model must be a separate frozen copy of the policy, not the policy itself")
+        if ref_model is None and self.needs_reference:
+            if not is_peft_model(lm):
+                raise ValueError(
+                    f"ref_model=None needs a peft.PeftModel policy (its reference is the policy with the adapters "
+                    f"disabled); for a {type(lm).__name__} pass a frozen copy, e.g. ref_model=copy.deepcopy(policy)")
+            ref_model = AdapterDisabledReference(lm)
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("tokenizer needs a PAD token distinct from EOS (else EOS is masked out and never learned)")
         self.lm, self.model, self.tokenizer = lm, lm, tokenizer
@@ -180,11 +272,14 @@ class PolicyTrainer:
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.device = acc.device if self.world > 1 else next(lm.parameters()).device
         lm.to(self.device)
-        self.ref = ref_model.to(self.device).eval().requires_grad_(False)
+        hold_trainable(lm, cfg.trainable_dtype)  # before any optimizer sees the parameters
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(lm, "policy")
+        self.ref = None if ref_model is None else ref_model.to(self.device).eval().requires_grad_(False)
         if callable(getattr(reward_fn, "to", None)):
             reward_fn.to(self.device)
         self.reward_fn, self.gold_fn = reward_fn, gold_fn
-        if cfg.disable_dropout:
+        if cfg.disable_dropout and self.ref is not None:
             disable_dropout(self.ref)
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.tf32:
@@ -196,11 +291,24 @@ class PolicyTrainer:
         self.data_generator = (self.generator if self.world == 1
                                else torch.Generator(device=self.device).manual_seed(cfg.seed))
         self.iteration = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient (skip_nonfinite_step)
+        self.run_record: dict | None = None  # what made the run (the CLI's config), kept in every checkpoint
         self.history: list[dict] = []
 
     def step(self, batch) -> dict:
         """One step of the algorithm on ``batch``; returns its statistics (floats). Subclasses implement it."""
         raise NotImplementedError
+
+    def setup_policy_optimizer(self) -> None:
+        """For a trainer of the policy alone (DPO, SFT): dropout off as configured, ``self.params``, one Adam, prepared."""
+        cfg = self.config
+        if cfg.disable_dropout:
+            disable_dropout(self.lm)
+        self.params = [p for p in self.lm.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters (requires_grad is False everywhere)")
+        self.optimizer = adam([{"params": self.params, "lr": cfg.lr}], lr=cfg.lr, eps=cfg.adam_eps)
+        self.prepare_trainables(self.lm)
 
     def prepare_trainables(self, *modules: nn.Module | None) -> None:
         """Hand the trainable ``modules`` and ``self.optimizer`` to the Accelerator (DDP/FSDP wrappers with N processes).
@@ -263,9 +371,28 @@ class PolicyTrainer:
         for part in ([loss] if isinstance(loss, torch.Tensor) else loss):
             self.accelerator.backward(part)
         norms = [torch.nn.utils.clip_grad_norm_(list(g), limit) for g in clip_groups]
-        self.optimizer.step()
+        if all(bool(torch.isfinite(torch.as_tensor(n))) for n in norms):
+            self.optimizer.step()
+        else:  # the non-finite rule: skip the step (see skip_nonfinite_step)
+            self.skip_nonfinite_step(norms)
         self.optimizer.zero_grad(set_to_none=True)
         return norms
+
+    def skip_nonfinite_step(self, norms) -> None:
+        """The one rule for a NaN or infinite gradient: the optimizer step is skipped, with a warning.
+
+        Parameters and optimizer state stay as they were (the gradient norm is taken after the
+        processes' gradients are averaged, so every process skips together); the step's
+        ``grad_norm`` is logged as the non-finite value it was. Rewards are checked before
+        any update (:func:`rlhf_book.rewards.check_scores`), so this catches overflow in the
+        model itself, e.g. under bf16. ``skipped_steps`` counts them; a checkpoint is never
+        written from non-finite weights (:meth:`save`).
+        """
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: the gradient at iteration {self.iteration + 1} is not finite (norms "
+            f"{[round(float(n), 4) for n in norms]}): this optimizer step is skipped, the weights are unchanged "
+            f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -273,11 +400,13 @@ class PolicyTrainer:
         """Sample ``texts`` with a private generator (seed ``config.seed + 1`` unless given) -> (rollout, ref log-probs).
 
         The generator is its own, so evaluating never changes the training run and every
-        evaluation sees the same random numbers.
+        evaluation sees the same random numbers. Without a reference (SFT) the log-probs are None.
         """
         cfg = self.config
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
         ro = self.sample(texts, generator=g)
+        if self.ref is None:
+            return ro, None
         with self.autocast():
             return ro, response_logprobs(self.ref, ro, cfg.temperature)
 
@@ -302,13 +431,16 @@ class PolicyTrainer:
         scores = {}
         if self.reward_fn is not None:
             with self.autocast():
-                scores["proxy"] = score_rollout(self.reward_fn, ro, self.device)
+                scores["proxy"] = score_rollout(self.reward_fn, ro, self.device, "reward_fn")
         if self.gold_fn is not None:
-            scores["gold"] = score_rollout(self.gold_fn, ro, self.device)
+            scores["gold"] = score_rollout(self.gold_fn, ro, self.device, "gold_fn")
         out = {f"eval_{name}_reward": v.mean().item() for name, v in scores.items()}
+        if ref_lp is not None:  # no reference (SFT without one): no KL
+            out.update({
+                "eval_kl": sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
+                "eval_kl_k3": sequence_kl(kl_k3(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
+            })
         out.update({
-            "eval_kl": sequence_kl(kl_k1(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
-            "eval_kl_k3": sequence_kl(kl_k3(ro.logprobs, ref_lp), ro.response_mask).mean().item(),
             "eval_response_length": ro.response_lengths.float().mean().item(),
             "eval_terminated": ro.terminated.float().mean().item(),
         })
@@ -361,6 +493,8 @@ class PolicyTrainer:
             "threads": torch.get_num_threads(), "world_size": self.world,
             **{k: v.state_dict() for k, v in self.stateful().items()},
         }
+        if self.run_record is not None:
+            state["run_record"] = self.run_record
         if self.world > 1:
             from accelerate.utils import gather_object
 
@@ -397,6 +531,10 @@ class PolicyTrainer:
     def save(self, path: str | Path) -> Path:
         """Atomically write :meth:`state_dict` to ``path`` (N processes: all call it, the main one writes)."""
         state = self.state_dict()
+        bad = nonfinite_tensors({k: state[k] for k in ("model", "critic") if k in state})
+        if bad:
+            raise ValueError(f"{path}: not written: the weights are not finite ({', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}), so the last good checkpoint is kept")
         if self.is_main:
             save_checkpoint(path, **state)
         self.accelerator.wait_for_everyone()
@@ -410,7 +548,12 @@ class PolicyTrainer:
         with another count it continues, with a warning, but is no longer bit-identical.
         """
         state = load_checkpoint(path)
-        changed = config_changes(state.get("config", {}), asdict(self.config), RESUMABLE_FIELDS)
+        bad = nonfinite_tensors({k: state[k] for k in ("model", "critic") if k in state})
+        if bad:
+            raise ValueError(f"{path}: cannot resume, the checkpoint's weights are not finite ({', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}). Delete it to start over, or put back an earlier copy.")
+        changed = config_changes(state.get("config", {}), asdict(self.config), RESUMABLE_FIELDS,
+                                 {f.name: f.default for f in fields(self.config)})
         if changed:
             raise ValueError(
                 f"{path}: cannot resume, this run's config differs from the one the checkpoint was written with "
@@ -431,11 +574,14 @@ class PolicyTrainer:
                 f"{str(e).splitlines()[0]}. Start a new run in another directory."
             ) from None
 
-    def export(self, directory: str | Path) -> Path:
+    def export(self, directory: str | Path, save_adapter: bool = False) -> Path:
         """Save the trained policy LM and its tokenizer with ``save_pretrained`` (loads with ``AutoModelForCausalLM``).
 
         Written into a temporary sibling and renamed into place, so ``directory`` is
-        always either the previous export or the new one, never half of one.
+        always either the previous export or the new one, never half of one. A PEFT (LoRA)
+        policy is written merged (a merged copy: the live policy keeps its adapters), so plain
+        transformers loads it without peft; ``save_adapter=True`` also writes the adapter alone
+        into ``directory/adapter`` (:func:`rlhf_book.export.save_model`).
         """
         directory = Path(directory)
         if not self.is_main:  # one writer; the others wait until the export is in place
@@ -446,6 +592,7 @@ class PolicyTrainer:
         save_model(
             self.lm, self.tokenizer, tmp, title=f"{self.name} policy trained with rlhf_book",
             description=f"A causal LM after {self.iteration} {self.name} steps (config in the run's run_config.json).",
+            save_adapter=save_adapter,
         )
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
@@ -511,12 +658,52 @@ class PolicyTrainer:
         bar.close()
         return self.history
 
+    # ------------------------------------------------------------------ epochs over a fixed data set (DPO, SFT)
+    def steps_per_epoch(self, n_records: int) -> int:
+        """Optimizer steps in one pass over ``n_records`` records (the last batch may be smaller)."""
+        return math.ceil(n_records / self.config.batch_size)
+
+    def batch_rows(self, step: int, n_records: int) -> list[int]:
+        """Rows of step ``step`` (0-based): each epoch is its own permutation, seeded by (seed, epoch), so a resumed run sees the same batches."""
+        spe = self.steps_per_epoch(n_records)
+        epoch, k = divmod(step, spe)
+        order = torch.randperm(n_records, generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch))
+        b = self.config.batch_size
+        return order[k * b: (k + 1) * b].tolist()
+
+    def process_rows(self, rows: Sequence[int]) -> list[int]:
+        """This process's contiguous part of a global batch of ``rows`` (sizes differ by at most one; all of it with one)."""
+        rows = list(rows)
+        if self.world > 1:
+            bounds = [len(rows) * r // self.world for r in range(self.world + 1)]
+            rows = rows[bounds[self.rank]: bounds[self.rank + 1]]
+        return rows
+
+    def run_epochs(self, n_records: int, epochs: float, checkpoint_dir=None, evaluate: Callable[[], dict] | None = None,
+                   progress: bool | None = None) -> list[dict]:
+        """:meth:`run` for ``epochs`` passes (may be fractional) over a data set of ``n_records`` records.
+
+        ``self.step`` gets each step's rows (:meth:`batch_rows`); every row of the history has ``epoch``.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs >= 0:
+            raise ValueError(f"epochs must be a number >= 0, got {epochs!r}")
+        spe = self.steps_per_epoch(n_records)
+        steps = math.ceil(epochs * spe - 1e-9)
+        last = n_records - (spe - 1) * self.config.batch_size
+        if min(last, self.config.batch_size) < self.world:
+            raise ValueError(f"a step of {min(last, self.config.batch_size)} records (batch_size="
+                             f"{self.config.batch_size}, {n_records} records) would leave one of the {self.world} "
+                             f"processes without any: use a batch_size whose last batch has at least {self.world} records")
+        return self.run(steps, lambda: self.batch_rows(self.iteration, n_records), checkpoint_dir, evaluate, progress,
+                        extra=lambda: {"epoch": round(self.iteration / spe, 4)})
+
 
 class OnPolicyTrainer(PolicyTrainer):
     """Sample -> :func:`~rlhf_book.experience.make_experience` -> ``update`` on a causal LM, against ``reward_fn``.
 
     ``policy``: a causal LM (trained in place) or a :class:`~rlhf_book.critic.PolicyWithValueHead`;
-    ``ref_model``: a separate frozen copy of it (pi_ref); ``reward_fn(prompts, responses,
+    ``ref_model``: a separate frozen copy of it (pi_ref), or None for a ``peft.PeftModel`` policy (LoRA):
+    then pi_ref is the policy with its adapters disabled, no second copy; ``reward_fn(prompts, responses,
     terminated) -> (B,)``: what is optimised (a learned reward model, e.g.
     :func:`rlhf_book.reward_model.reward_fn_from_model`, or any function of the text);
     ``critic``: a module to use as the critic (e.g. ``ValueModel.from_reward_model(rm)``),
@@ -574,6 +761,10 @@ class OnPolicyTrainer(PolicyTrainer):
         self.model.to(self.device)
         if self.critic is not None:
             self.critic.to(self.device)
+        for m in (self.model, self.critic):  # the value head, a separate critic: held as the dtype rule says
+            hold_trainable(m, cfg.trainable_dtype)
+        if cfg.gradient_checkpointing and self.critic is not None:
+            _enable_gradient_checkpointing(getattr(self.critic, "trunk", self.critic), "critic's trunk")
         if cfg.disable_dropout:
             for m in (self.model, self.critic):
                 if m is not None:
@@ -625,7 +816,9 @@ class OnPolicyTrainer(PolicyTrainer):
         cfg = self.config
         self.train_mode(False)
         critic = self.critic if self.critic is not None else (self.model if self.has_critic else None)  # None: V = 0
-        recompute = cfg.recompute_old_logprobs or self.precision == "bf16"
+        # sampling (KV cache, one column at a time) and teacher forcing round differently under bf16 autocast or
+        # with any policy weight not in fp32: then log pi_old is the teacher-forced one (rlhf_book.runtime)
+        recompute = cfg.recompute_old_logprobs or mixed_numerics(self.lm, self.precision)
         with self.autocast():  # a reward model's forward runs in bf16 too
             return make_experience(
                 rollout, self.reward_fn, self.compiled(self.ref), self.compiled(critic), kl_coef=self.kl_ctl.value,
@@ -783,10 +976,16 @@ def append_metrics(row: dict, path: str | Path) -> None:
 def write_metrics(history: list[dict], path: str | Path) -> None:
     """(Re)write a JSONL metrics file from a whole history, atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; the metrics file needs that name: move the directory away")
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    fsync_replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+        fsync_replace(tmp, path)
+    except OSError as e:  # nothing half-written is left behind
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"the metrics file could not be written ({e.strerror})", str(path)) from None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -99,7 +99,7 @@ def test_unknown_preset_fails_at_once():
     ({"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1"),
     ({"max_new_tokens": 200}, r"max_new_tokens=200 leaves no room for a prompt in the model's context of 96"),
     ({"prompts": []}, r"prompts is empty"),
-    ({"prompts": ["ok", ""]}, r"prompt 1 is empty or not a string"),
+    ({"prompts": ["ok", ""]}, r"prompts\[1\] must be a non-empty string"),
 ])
 def test_generate_rejects_bad_arguments(tiny_world, kwargs, message):
     model, tok = tiny_world

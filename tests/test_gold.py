@@ -100,8 +100,8 @@ def test_annotator_label_noise_flips_at_its_rate():
     ({"reward_fn": gold_reward_fn, "flip": 1.5}, r"Annotator: flip .* must be in \[0, 1\], got 1\.5"),
     ({"reward_fn": gold_reward_fn, "flip": float("nan")}, r"Annotator: flip .* must be in \[0, 1\], got nan"),
     ({"reward_fn": gold_reward_fn, "temperature": 0}, r"Annotator: temperature must be a number > 0, got 0"),
-    ({"reward_fn": lambda p, r, t: [1.0]}, r"Annotator\.reward_fn returned 1 scores for 2 replies"),
-    ({"reward_fn": lambda p, r, t: [1.0, float("nan")]}, r"Annotator\.reward_fn returned nan for reply 1"),
+    ({"reward_fn": lambda p, r, t: [1.0]}, r"Annotator\.reward_fn returned 1 scores for 2 responses"),
+    ({"reward_fn": lambda p, r, t: [1.0, float("nan")]}, r"Annotator\.reward_fn returned nan for row 1"),
 ])
 def test_annotator_rejects_a_bad_reward_function(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -31,3 +31,20 @@ def test_the_own_notebook_examples_run(tmp_path, monkeypatch, no_book_world):
     dpo = ns["dpo_history"]  # DPO on the same pairs: the training loss falls from log 2 and "my_reward" goes up
     assert dpo[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5) and dpo[-1]["loss"] < math.log(2) - 0.1
     assert dpo[-1]["eval_gold_reward"] > dpo[0]["eval_gold_reward"]
+
+
+def test_the_your_own_model_example_runs(tmp_path, monkeypatch, no_book_world):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    text = README.read_text()
+    section = text.split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), ns)  # noqa: S102  (the README's own code)
+    assert [h["step"] for h in ns["history"]] == [1, 2]
+    assert type(ns["policy"]).__name__.startswith("PeftModel") and ns["grpo"].ref is not ns["policy"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "my-llama-grpo")  # merged, without peft
+    assert plain.dtype.is_floating_point and not any("lora" in k for k in plain.state_dict())

@@ -81,7 +81,7 @@ def test_bad_inputs_raise_clear_errors(tiny_world):
     model, tok = tiny_world
     with pytest.raises(ValueError, match="prompts is empty"):
         generate(model, tok, [])
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a non-empty string"):
         generate(model, tok, ["Review Luigi's.", "   "])
     with pytest.raises(ValueError, match="longer than the .* allowed"):
         generate(model, tok, ["Review Luigi's. " * 40], max_new_tokens=8)

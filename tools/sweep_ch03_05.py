@@ -47,12 +47,14 @@ RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "ch03_05_se
 SEEDS = (0, 1, 2)
 EVAL_REPEATS = 4
 DENSE = {"eval_every": 5, "progress": False}
-# chapter 3: A2CConfig(seed, kl_coef, eval_every=10), 40 iterations
+# chapter 3: A2CConfig(seed, kl_coef, eval_every=10, missing_eos_score=None), 40 iterations
 CH3_ITERATIONS, CH3_BETAS = 40, (0.05, 0.0)
-# chapter 4: A2CConfig(seed, lam=0.0, value_updates=k, eval_every=10), 30 iterations
+# chapter 4: A2CConfig(seed, lam=0.0, value_updates=k, eval_every=10, missing_eos_score=None), 30 iterations
 CH4_ITERATIONS, CH4_VALUE_UPDATES = 30, (0, 1, 4)
 # chapter 5: base_config and BETAS of section 5.5, 40 iterations (eval_every 4 there)
 CH5_ITERATIONS, CH5_BETAS = 40, (0.0, 0.05, 0.2)
+# the chapters' A2C runs keep A2CConfig's default before 0.2.0 (no missing-EOS score), which the recorded runs used
+A2C_BASE = {"missing_eos_score": None}
 PPO_BASE = {"batch_size": 32, "minibatch_size": 16, "ppo_epochs": 4, "lr": 1e-4, "clip_range": 0.2,
             "max_new_tokens": 40, "eval_samples": 4}
 # the adaptive controller: beta <- beta (1 + clip(KL / target - 1, +-0.2) * 32 / horizon), at most 6.4% a batch
@@ -72,7 +74,7 @@ class Sweep(Results):
         policy, tok = load_base_model("cpu", progress=False)
         ref, _ = load_base_model("cpu", progress=False)
         if algo == "a2c":
-            cfg = {**DENSE, **knobs, "seed": seed}
+            cfg = {**A2C_BASE, **DENSE, **knobs, "seed": seed}
             trainer = A2CTrainer(policy, ref, tok, self.book_reward_fn(), A2CConfig(**cfg), gold_fn=gold_reward_fn)
         else:
             cfg = {**PPO_BASE, **DENSE, **knobs, "seed": seed}
