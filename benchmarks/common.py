@@ -329,35 +329,62 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def apply_mallopt() -> bool:
-    """Keep freed tensor memory in the heap instead of returning it to the OS after every op.
-
-    glibc serves allocations above M_MMAP_THRESHOLD (128 KiB, adaptive) with fresh mmaps and
-    trims the heap top above M_TRIM_THRESHOLD, so each large temporary tensor costs page
-    faults. Raising both (the same as MALLOC_MMAP_THRESHOLD_=33554432
-    MALLOC_TRIM_THRESHOLD_=536870912 in the environment) reuses the memory. Call before
-    torch allocates anything; returns whether glibc accepted both settings.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, 512 * 1024 * 1024) == 1 and ok)
+def checkout(rev: str) -> Path:
+    """``git archive`` of the library and the workers at ``rev`` into benchmarks/.work/rev-<rev> (once)."""
+    tree = WORK / f"rev-{rev}"
+    if not (tree / "rlhf_book").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "rlhf_book", "benchmarks"], cwd=REPO, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
-def variant_args(ap) -> None:
-    """Worker flags for the fix experiments (both default off: the headline runs are stock)."""
-    ap.add_argument("--mallopt", action="store_true", help="raise glibc's mmap/trim thresholds (see apply_mallopt)")
-    ap.add_argument("--activation", default=None,
-                    help="override GPT2Config.activation_function of every model, e.g. gelu_pytorch_tanh (fused kernel)")
+def launch(name: str, cmd: list[str], out: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run one worker; its JSON with ``wall_s``, ``command`` and the busy processes after it (RuntimeError on failure)."""
+    import shlex
+
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env or worker_env(), cwd=cwd or REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not Path(out).exists():
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
+    res = json.loads(Path(out).read_text())
+    res["wall_s"] = round(time.perf_counter() - t, 1)
+    res["command"] = shlex.join(cmd)
+    res["other_busy_processes_after"] = load_snapshot().get("busy_processes")  # jobs that may have shared the CPUs
+    return res
 
 
-def model_kwargs(args) -> dict:
-    return {"activation_function": args.activation} if getattr(args, "activation", None) else {}
+def pooled(runs: list[dict]) -> dict:
+    """What every orchestrator reports of one implementation: the measured iterations of all rounds pooled."""
+    meas = [t for r in runs for t in r["iter_seconds"][r["warmup"]:]]
+    cpu = [t for r in runs for t in r.get("cpu_seconds", [])[r["warmup"]:]]
+    first = runs[0]
+    return {
+        "label": first.get("label"), "versions": first.get("versions"), "config": first.get("config"),
+        "threads": first.get("threads"), "rounds": len(runs), "measured_iterations": len(meas),
+        "median_s_per_iter": round(median(meas), 4), "round_medians_s": [r["median_s_per_iter"] for r in runs],
+        "min_s_per_iter": round(min(meas), 4), "max_s_per_iter": round(max(meas), 4),
+        "median_cpu_s_per_iter": round(median(cpu), 4) if cpu else None,
+        "round_median_cpu_s": [r.get("median_cpu_s_per_iter") for r in runs],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "setup_s": first.get("setup_s"),
+        "loadavg": [[r["loadavg_start"], r["loadavg_end"]] for r in runs],
+        "other_busy_processes": [r.get("other_busy_processes_after") for r in runs], "command": first["command"],
+    }
+
+
+def ratio(ours: dict, trl: dict, ours_runs: list[dict], trl_runs: list[dict]) -> dict:
+    """Ours / TRL of two pooled implementations: wall and CPU s/iter (overall and per round) and peak RSS."""
+    out = {"wall": round(ours["median_s_per_iter"] / trl["median_s_per_iter"], 3),
+           "wall_per_round": [round(a["median_s_per_iter"] / b["median_s_per_iter"], 3)
+                              for a, b in zip(ours_runs, trl_runs)],
+           "rss": round(ours["peak_rss_mib"] / trl["peak_rss_mib"], 3)}
+    if ours.get("median_cpu_s_per_iter") and trl.get("median_cpu_s_per_iter"):
+        out["cpu"] = round(ours["median_cpu_s_per_iter"] / trl["median_cpu_s_per_iter"], 3)
+        out["cpu_per_round"] = [round(a["median_cpu_s_per_iter"] / b["median_cpu_s_per_iter"], 3)
+                                for a, b in zip(ours_runs, trl_runs)]
+    return out
 
 
 def worker_footer(setup_s: float, load_start: list[float]) -> dict:

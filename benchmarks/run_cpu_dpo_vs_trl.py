@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,16 +53,8 @@ def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: 
     kind, script, args = IMPLS[name]
     cmd = [common.python_for(kind), str(WORKERS / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(warmup), "--iters", str(iters), *args, *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=common.worker_env(), cwd=common.REPO, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0 or not out.exists():
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
-    res = json.loads(out.read_text())
-    res["other_busy_processes_after"] = common.load_snapshot().get("busy_processes")  # jobs that may have shared the CPUs
-    res["wall_s"] = round(wall, 1)
-    res["command"] = shlex.join(cmd)
+    res = common.launch(name, cmd, out)
+    wall = res["wall_s"]
     pre = res.get("precompute_ref_s")
     print(f"  {name:20s} {res['median_s_per_iter']:.4f} s/step  cpu {res.get('median_cpu_s_per_iter')} s/step  "
           f"{res['tokens_per_s']} tok/s  precompute {pre if pre is not None else '-'} s  "

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,23 +58,20 @@ PROFILE_ROWS = 18  # op rows of each torch.profiler table in the Markdown
 
 
 
-def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: list[str]) -> dict:
-    kind, script, args = IMPLS[name]
-    cmd = [common.python_for(kind), str(WORKERS / script), "--artifacts", str(art), "--out", str(out),
+def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: list[str],
+               tree: Path | None = None) -> dict:
+    """One worker run; ``tree``: an earlier commit's unpacked tree (``--before``) whose rlhf_book and worker run instead."""
+    kind, script, args = IMPLS[name.removesuffix("_before")]
+    workers = WORKERS if tree is None else tree / "benchmarks" / "workers"
+    cmd = [common.python_for(kind), str(workers / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(warmup), "--iters", str(iters), *args, *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=common.worker_env(), cwd=common.REPO, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0 or not out.exists():
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
-    res = json.loads(out.read_text())
-    res["other_busy_processes_after"] = common.load_snapshot().get("busy_processes")  # jobs that may have shared the CPUs
-    res["wall_s"] = round(wall, 1)
-    res["command"] = shlex.join(cmd)
+    env = common.worker_env() if tree is None else common.worker_env({"PYTHONPATH": str(tree)})
+    res = common.launch(name, cmd, out, env, common.REPO if tree is None else tree)
+    if tree is not None:
+        res["label"] += f" at {tree.name.removeprefix('rev-')} (before)"
     print(f"  {name:10s} {res['median_s_per_iter']:.4f} s/iter  cpu {res.get('median_cpu_s_per_iter')} s/iter  "
           f"{res.get('generated_tokens_per_s')} tok/s  RSS {res['peak_rss_mib']:.0f} MiB  "
-          f"load {res['loadavg_start'][0]}->{res['loadavg_end'][0]}  ({wall:.0f} s)"
+          f"load {res['loadavg_start'][0]}->{res['loadavg_end'][0]}  ({res['wall_s']:.0f} s)"
           + (f"  busy: {res['other_busy_processes_after']}" if res["other_busy_processes_after"] else ""), flush=True)
     return res
 
@@ -94,26 +89,13 @@ def grouped_phases(name: str, p: dict) -> dict:
 
 def merge(name: str, runs: list[dict]) -> dict:
     """Pool the measured iterations of every round of one implementation."""
-    meas = [t for r in runs for t in r["iter_seconds"][r["warmup"]:]]
-    cpu = [t for r in runs for t in r.get("cpu_seconds", [])[r["warmup"]:]]
     tok = sum(r["generated_tokens_per_iter"] for r in runs) / len(runs)
     per_iter = [p for r in runs for p in r["per_iter_phases"][r["warmup"]:]]
-    med = common.median(meas)
+    out = common.pooled(runs)
     grouped = [grouped_phases(name, p) for p in per_iter]
     return {
-        "label": runs[0]["label"], "versions": runs[0]["versions"], "config": runs[0]["config"],
-        "threads": runs[0]["threads"], "rounds": len(runs), "measured_iterations": len(meas),
-        "median_s_per_iter": round(med, 4), "round_medians_s": [r["median_s_per_iter"] for r in runs],
-        "min_s_per_iter": round(min(meas), 4), "max_s_per_iter": round(max(meas), 4),
-        "median_cpu_s_per_iter": round(common.median(cpu), 4) if cpu else None,
-        "round_median_cpu_s": [r.get("median_cpu_s_per_iter") for r in runs],
-        "generated_tokens_per_iter": round(tok, 1),
-        "generated_tokens_per_s": round(tok / med, 1),
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        "setup_s": runs[0]["setup_s"],
-        "loadavg": [[r["loadavg_start"], r["loadavg_end"]] for r in runs],
-        "other_busy_processes": [r.get("other_busy_processes_after") for r in runs],
-        "command": runs[0]["command"],
+        **out, "generated_tokens_per_iter": round(tok, 1),
+        "generated_tokens_per_s": round(tok / out["median_s_per_iter"], 1),
         "phase_s_median": {k: round(common.median([p[k] for p in per_iter]), 4) for k in per_iter[0]},
         "phase_groups_s_median": {k: round(common.median([g[k] for g in grouped]), 4) for k in PHASE_GROUPS},
         "calls_per_iter": runs[0].get("calls_per_iter"),
@@ -220,7 +202,7 @@ def write_markdown(res: dict, path: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for algo, (o, t) in PAIRS.items():
-        for name in (o, t):
+        for name in (o, f"{o}_before", t):
             if name not in imp:
                 continue
             r = imp[name]
@@ -231,6 +213,10 @@ def write_markdown(res: dict, path: Path) -> None:
                          f"{fmt(rr.get('wall')) if mine else ''} | {fmt(rr.get('cpu')) if mine else ''} |")
     for algo, rr in res.get("ratios", {}).items():
         verdict = "meets" if rr["meets_goal"] else "does **not** meet"
+        if "before_wall" in rr:
+            lines += ["", (f"**Before / after** (our library at `{res['before_rev']}` vs this tree, same rounds): "
+                           f"{algo.upper()} ours / TRL wall {rr['before_wall']:.2f} before (per round "
+                           f"{rr['before_wall_per_round']}), {rr['wall']:.2f} after.")]
         lines += ["", (f"**{algo.upper()}: ours / TRL = {rr['wall']:.2f} wall s/iter** (per round: {rr['wall_per_round']}); "
                        f"CPU s/iter {fmt(rr.get('cpu'))} (per round: {rr.get('cpu_per_round')}); generated tokens/s "
                        f"{rr['tokens_per_s']:.2f}x TRL's; peak RSS {rr['rss']:.2f}x. The issue's goal is <= {GOAL}: this "
@@ -289,10 +275,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=list(IMPLS), default=None, help="subset of implementations")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler diagnostic runs")
     ap.add_argument("--profile-iters", type=int, default=5)
+    ap.add_argument("--before", default=None, help="also run our workers at this earlier commit, in every round")
     ap.add_argument("--out", default=str(common.RESULTS / "cpu_grpo_rloo_vs_trl.json"))
     args = ap.parse_args()
 
     names = args.only or list(IMPLS)
+    tree = common.checkout(args.before) if args.before else None
+    befores = [f"{o}_before" for o, _ in PAIRS.values() if tree is not None and o in names]
     load_start, t0 = common.loadavg(), time.perf_counter()
     snap_start = common.load_snapshot()
     print(f"load at start: {snap_start['uptime']}; busy: {snap_start.get('busy_processes')}", flush=True)
@@ -300,7 +289,7 @@ def main() -> None:
     vocab = json.loads((art / "setup.json").read_text())["vocab_size"]
     scratch = common.WORK / "runs-grpo-rloo"
     scratch.mkdir(parents=True, exist_ok=True)
-    raw: dict[str, list[dict]] = {n: [] for n in names}
+    raw: dict[str, list[dict]] = {n: [] for n in names + befores}
     dumps: dict[str, dict] = {}
     for rnd in range(args.rounds):
         order = [n for o, t in PAIRS.values() for n in ((o, t) if rnd % 2 == 0 else (t, o)) if n in names]
@@ -310,6 +299,9 @@ def main() -> None:
             raw[n].append(run_worker(n, art, scratch / f"{n}_r{rnd}.json", args.warmup, args.iters, extra))
             if rnd == 0:
                 dumps[n] = json.loads((scratch / f"{n}_dump.json").read_text())
+            if f"{n}_before" in befores:  # the same worker at the earlier commit, right after ours
+                b = f"{n}_before"
+                raw[b].append(run_worker(b, art, scratch / f"{b}_r{rnd}.json", args.warmup, args.iters, [], tree))
     profiles: dict[str, list[str]] = {}
     if not args.no_profile:
         print("torch.profiler diagnostic runs (not timed)", flush=True)
@@ -318,7 +310,7 @@ def main() -> None:
             run_worker(n, art, scratch / f"{n}_profile.json", args.warmup, args.profile_iters, ["--profile", str(p)])
             profiles[n] = profile_rows(p.read_text(), PROFILE_ROWS)
     snap_end = common.load_snapshot()
-    impls = {n: merge(n, raw[n]) for n in IMPLS if n in raw}
+    impls = {n: merge(n, raw[n]) for n in [*IMPLS, *befores] if n in raw}
     res = {
         **common.run_header("cpu_grpo_rloo_vs_trl", load_start, t0),
         "load_start": snap_start,
@@ -339,17 +331,18 @@ def main() -> None:
             checks[algo] = check_identity(dumps[o], dumps[t])
         if o in impls and t in impls:
             a, b = impls[o], impls[t]
-            rr = {"wall": round(a["median_s_per_iter"] / b["median_s_per_iter"], 3),
-                  "wall_per_round": [round(x["median_s_per_iter"] / y["median_s_per_iter"], 3)
-                                     for x, y in zip(raw[o], raw[t])],
-                  "tokens_per_s": round(a["generated_tokens_per_s"] / b["generated_tokens_per_s"], 3),
-                  "rss": round(a["peak_rss_mib"] / b["peak_rss_mib"], 3)}
-            if a["median_cpu_s_per_iter"] and b["median_cpu_s_per_iter"]:
-                rr["cpu"] = round(a["median_cpu_s_per_iter"] / b["median_cpu_s_per_iter"], 3)
-                rr["cpu_per_round"] = [round(x["median_cpu_s_per_iter"] / y["median_cpu_s_per_iter"], 3)
-                                       for x, y in zip(raw[o], raw[t])]
+            rr = common.ratio(a, b, raw[o], raw[t])
+            rr["tokens_per_s"] = round(a["generated_tokens_per_s"] / b["generated_tokens_per_s"], 3)
             rr["meets_goal"] = rr["wall"] <= GOAL
             ratios[algo] = rr
+    for algo, (o, t) in PAIRS.items():
+        b = f"{o}_before"
+        if b in impls and t in impls:
+            ratios.setdefault(algo, {})["before_wall"] = round(impls[b]["median_s_per_iter"] / impls[t]["median_s_per_iter"], 3)
+            ratios[algo]["before_wall_per_round"] = [round(x["median_s_per_iter"] / y["median_s_per_iter"], 3)
+                                                     for x, y in zip(raw[b], raw[t])]
+    if befores:
+        res["before_rev"] = args.before
     if checks:
         res["identity_checks"] = checks
     if ratios:

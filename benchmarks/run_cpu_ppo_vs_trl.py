@@ -13,7 +13,7 @@ drifts in the load of a shared machine hit every implementation alike; the repor
 median pools the measured iterations of all rounds.
 
 ``--before REV`` adds our workers at an earlier commit (``git archive REV`` under
-benchmarks/.work, imported through PYTHONPATH, as run_cpu_before_after.py does) to every
+benchmarks/.work, imported through PYTHONPATH) to every
 round, so a change to the library is judged by its ratio to TRL before and after, measured
 in one run on the same load.
 """
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,16 +56,10 @@ def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: 
     cmd = [common.python_for(kind), str(workers / script), "--artifacts", str(art), "--out", str(out),
            "--warmup", str(warmup), "--iters", str(iters), *args, *extra]
     env = common.worker_env() if tree is None else common.worker_env({"PYTHONPATH": str(tree)})
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=common.REPO if tree is None else tree, capture_output=True, text=True,
-                          check=False)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0 or not out.exists():
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
-    res = json.loads(out.read_text())
-    res["wall_s"] = round(wall, 1)
-    res["command"] = shlex.join(cmd) if tree is None else f"PYTHONPATH={tree} " + shlex.join(cmd)
+    res = common.launch(name, cmd, out, env, common.REPO if tree is None else tree)
+    wall = res["wall_s"]
+    if tree is not None:
+        res["command"] = f"PYTHONPATH={tree} " + res["command"]
     if tree is not None:
         res["label"] += f" at {tree.name.removeprefix('rev-')} (before)"
     print(f"  {name:22s} {res['median_s_per_iter']:.3f} s/iter  cpu {res.get('median_cpu_s_per_iter')} s/iter  "
@@ -79,26 +71,15 @@ def run_worker(name: str, art: Path, out: Path, warmup: int, iters: int, extra: 
 
 def merge(runs: list[dict]) -> dict:
     """Pool the measured iterations of every round of one implementation."""
-    meas = [t for r in runs for t in r["iter_seconds"][r["warmup"]:]]
-    cpu = [t for r in runs for t in r.get("cpu_seconds", [])[r["warmup"]:]]
+    out = common.pooled(runs)
     tok = runs[0].get("generated_tokens_per_iter")
-    med = common.median(meas)
-    out = {
-        "label": runs[0]["label"], "versions": runs[0]["versions"], "config": runs[0]["config"], "threads": runs[0]["threads"],
-        "rounds": len(runs), "measured_iterations": len(meas), "median_s_per_iter": round(med, 4),
-        "round_medians_s": [r["median_s_per_iter"] for r in runs], "min_s_per_iter": round(min(meas), 4),
-        "median_cpu_s_per_iter": round(common.median(cpu), 4) if cpu else None,
-        "generated_tokens_per_iter": tok,
-        "generated_tokens_per_s": round(tok / med, 1) if tok else None,
-        "generation_s_median": round(common.median([r["generation_s_median"] for r in runs if r.get("generation_s_median")]), 4)
-        if any(r.get("generation_s_median") for r in runs) else None,
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        "setup_s": runs[0]["setup_s"],
-        "loadavg": [[r["loadavg_start"], r["loadavg_end"]] for r in runs],
-        "command": runs[0]["command"],
-    }
+    gen = [r["generation_s_median"] for r in runs if r.get("generation_s_median")]
+    out.update(generated_tokens_per_iter=tok,
+               generated_tokens_per_s=round(tok / out["median_s_per_iter"], 1) if tok else None,
+               generation_s_median=round(common.median(gen), 4) if gen else None)
     if "phase_s_median" in runs[0]:
-        out["phase_s_median"] = {k: round(common.median([r["phase_s_median"][k] for r in runs]), 4) for k in runs[0]["phase_s_median"]}
+        out["phase_s_median"] = {k: round(common.median([r["phase_s_median"][k] for r in runs]), 4)
+                                 for k in runs[0]["phase_s_median"]}
     return out
 
 
@@ -169,9 +150,8 @@ def main() -> None:
     names = args.only or [n for n in IMPLS if not (args.no_context and n in ("trl_grpo", "trl_rloo"))]
     trees: dict[str, Path] = {}
     if args.before:
-        from run_cpu_before_after import checkout
 
-        tree = checkout(args.before)
+        tree = common.checkout(args.before)
         for before, after in BEFORE.items():
             if after in names:
                 names.insert(names.index(after), before)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .advantage import masked_mean
 from .config import option, redefault
 from .experience import Experience
@@ -67,21 +69,31 @@ class A2CTrainer(OnPolicyTrainer):
     config_class = A2CConfig
 
     def update(self, exp: Experience) -> dict:
-        """One gradient step of actor and critic on the experience, then ``value_updates - 1`` critic-only steps."""
-        cfg, mask = self.config, exp.mask
-        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
-        logprobs, values, entropy = self.policy_forward(exp.rollout)
-        pg = policy_gradient_loss(logprobs, exp.advantages, mask)
-        vl = value_loss(values, exp.returns, mask)
-        loss = pg + entropy_bonus(entropy, mask, cfg.entropy_coef) + self.kl_penalty_loss(logprobs, exp)
-        if cfg.value_updates > 0:
-            loss = loss + cfg.vf_coef * vl
-        share = self.loss_share(mask.sum())  # token means -> shares of the global batch's (1 with one process)
-        actor_norm, _ = self.gradient_step(loss * share, [self.actor_params, self.critic_params])
-        for _ in range(cfg.value_updates - 1):  # extra critic-only steps on the same targets
-            extra = cfg.vf_coef * value_loss(self.values(exp.rollout), exp.returns, mask)
-            self.gradient_step(extra * share, [self.critic_params])
-        self.train_mode(False)
-        stats = self.token_weighted({"policy_loss": pg.detach(), "value_loss": vl.detach(),
-                                     "entropy": masked_mean(entropy.detach(), mask)}, mask.sum())
-        return {**{k: v.item() for k, v in stats.items()}, "grad_norm": actor_norm.item()}
+        """One gradient step of actor and critic on the experience, then ``value_updates - 1`` critic-only steps.
+
+        Both through the shared loop (:meth:`~rlhf_book.trainer.OnPolicyTrainer.clipped_update`:
+        one epoch, one minibatch, no shuffling, micro-batches as configured). ``max_grad_norm``
+        clips the joint norm of actor and critic (as in PPO; until 0.2.0 A2C clipped each
+        separately), and ``grad_norm`` is that joint norm before clipping.
+        """
+        cfg = self.config
+
+        def loss_fn(batch: Experience) -> tuple[torch.Tensor, dict]:
+            mask = batch.mask
+            logprobs, values, entropy = self.policy_forward(batch.rollout)
+            pg = policy_gradient_loss(logprobs, batch.advantages, mask)
+            vl = value_loss(values, batch.returns, mask)
+            loss = pg + entropy_bonus(entropy, mask, cfg.entropy_coef) + self.kl_penalty_loss(logprobs, batch)
+            if cfg.value_updates > 0:
+                loss = loss + cfg.vf_coef * vl
+            return loss, {"policy_loss": pg.detach(), "value_loss": vl.detach(),
+                          "entropy": masked_mean(entropy.detach(), mask)}
+
+        def critic_loss(batch: Experience) -> tuple[torch.Tensor, dict]:  # extra critic-only steps, same targets
+            return cfg.vf_coef * value_loss(self.values(batch.rollout), batch.returns, batch.mask), {}
+
+        stats = self.clipped_update(exp, loss_fn, shuffle=False)
+        if cfg.value_updates > 1:
+            self.clipped_update(exp, critic_loss, epochs=cfg.value_updates - 1, params=self.critic_params,
+                                shuffle=False)
+        return {k: stats[k] for k in ("policy_loss", "value_loss", "entropy", "grad_norm")}

@@ -16,9 +16,16 @@ Masks are 0/1 tensors (B, T) with 1 on real response tokens. A response's tokens
 come first and padding after (generation pads on the right of the response), so
 the state after the last real token is terminal: V there is 0, nothing is
 bootstrapped past the end of a response. Masked positions of every output are 0.
+
+Without a critic (chapter 7) the baseline is made of other samples: :func:`rloo_advantages`,
+:func:`grpo_advantages` (Dr. GRPO: ``scale="none"``) and :class:`RunningMeanBaseline` act on
+(B, K) sequence rewards, K replies per prompt. Which estimator an experience step uses is
+one name in :data:`rlhf_book.experience.ADVANTAGE_ESTIMATORS`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,7 +38,15 @@ __all__ = [
     "td_errors",
     "discounted_returns",
     "gae",
+    "SCALE_REWARDS",
+    "degenerate_groups",
+    "rloo_advantages",
+    "grpo_advantages",
+    "RunningMeanBaseline",
 ]
+
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4  # TRL's constant in (r - mean) / (std + 1e-4)
 
 
 def _check_mask(x: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -168,3 +183,92 @@ def gae(
     adv = torch.where(m, adv, _zero(adv))
     returns = torch.where(m, adv + values, _zero(adv))
     return adv, returns
+
+
+# ------------------------------------------------------------------ group baselines on (B, K) sequence rewards (chapter 7)
+def _check_groups(rewards: torch.Tensor, min_k: int, who: str) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
+        raise ValueError(f"{who}: rewards must be a (B, K) tensor (B prompts, K samples each), got "
+                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
+    if rewards.size(1) < min_k:
+        raise ValueError(f"{who} needs K >= {min_k} samples per prompt, got rewards of shape {tuple(rewards.shape)}")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"{who}: rewards contain NaN or inf")
+    return rewards.float()
+
+
+def degenerate_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """True for each group whose K rewards are all equal (no learning signal); (B, K) -> (B,) bool."""
+    r = _check_groups(rewards, 1, "degenerate_groups")
+    return r.amax(1) == r.amin(1)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO: A_i = r_i - mean of the other K - 1 rewards of its group (Kool et al. 2019); (B, K) -> (B, K).
+
+    Equal to K/(K-1) (r_i - group mean): unbiased, since the baseline of r_i does not use r_i.
+    A degenerate group gets exactly 0 (computed, the baseline could differ from r_i by rounding).
+    """
+    r = _check_groups(rewards, 2, "rloo_advantages")
+    K = r.size(1)
+    baseline = (r.sum(1, keepdim=True) - r) / (K - 1)
+    return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(r), r - baseline)
+
+
+def grpo_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = STD_EPS) -> torch.Tensor:
+    """GRPO: A_i = (r_i - group mean) / (std + eps), std of the group, of the batch or none; (B, K) -> (B, K).
+
+    ``scale``: "group" (GRPO, TRL's default), "batch" (std of all B * K rewards: Lite PPO) or
+    "none" (Dr. GRPO: only the group mean is subtracted). The std is Bessel-corrected and
+    eps = 1e-4, as TRL 1.16 computes it (``nanstd``); a degenerate group gets exactly 0,
+    even with eps = 0.
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {list(SCALE_REWARDS)}, got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    r = _check_groups(rewards, 2, "grpo_advantages")
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (r.std() + eps)
+    return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(adv), adv)
+
+
+class RunningMeanBaseline:
+    """REINFORCE's baseline b: an exponential moving average of past batches' mean reward, bias-corrected.
+
+    After batches with means m_1..m_n, b = sum_j decay^(n-j) m_j / sum_j decay^(n-j) (so
+    b = m_1 after one batch, whatever the decay; ``decay=0``: the last batch's mean). b = 0
+    before any batch. :meth:`advantages` uses the b of *past* batches only, so A = r - b is
+    an unbiased policy-gradient weight (b does not depend on the samples it is subtracted from).
+    """
+
+    def __init__(self, decay: float = 0.9):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        self.decay, self._ema, self.count = float(decay), 0.0, 0
+
+    @property
+    def value(self) -> float:
+        """The current baseline b (0 before the first batch)."""
+        return self._ema / (1.0 - self.decay ** self.count) if self.count else 0.0
+
+    def update(self, rewards: torch.Tensor) -> float:
+        """Fold one batch's mean reward into b; returns the new b."""
+        self._ema = self.decay * self._ema + (1.0 - self.decay) * float(rewards.float().mean())
+        self.count += 1
+        return self.value
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """A = r - b with the b of past batches, then fold this batch in; any shape -> same shape."""
+        adv = rewards.float() - self.value
+        self.update(rewards)
+        return adv
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "ema": self._ema, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self._ema, self.count = float(state["decay"]), float(state["ema"]), int(state["count"])

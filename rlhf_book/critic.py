@@ -26,9 +26,8 @@ from torch import nn
 
 from .adapters import trunk as _trunk
 from .advantage import masked_var
-from .losses import entropy_from_logits
-from .rollout import (Rollout, cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask, token_logprobs,
-                      unwrap)
+from .rollout import (Rollout, _last_hidden, cache_kwarg, logits_to_keep_kwargs, output_cache, position_ids_from_mask,
+                      teacher_forced, unwrap)
 
 __all__ = [
     "ValueHead",
@@ -138,15 +137,19 @@ class PolicyWithValueHead(nn.Module):
         """
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            **logits_to_keep_kwargs(self.lm, logits_to_keep),
-            **kwargs,
-        )
-        hidden = out.hidden_states[-1]
+        kept = []  # the trunk's last hidden state, kept by a hook: no output_hidden_states (every layer's)
+        handle = _trunk(self.lm).register_forward_hook(lambda module, args, output: kept.append(_last_hidden(output)))
+        try:
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **logits_to_keep_kwargs(self.lm, logits_to_keep),
+                **kwargs,
+            )
+        finally:
+            handle.remove()
+        hidden = kept[-1]
         values = self.value_head(hidden.detach() if self.detach_value_head else hidden)
         return PolicyValueOutput(logits=out.logits, values=values, cache=output_cache(out, self._cache_name))
 
@@ -266,29 +269,25 @@ def response_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
 
 def forward_logprobs_and_values(
     model: nn.Module, rollout: Rollout, temperature: float = 1.0, entropy_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    chunk_size: int | None = None, with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One teacher-forced forward -> (log pi(a_t | s_t), V(s_t), entropy H(pi(. | s_t))), each (B, R), masked 0.
 
     ``model`` is a :class:`PolicyWithValueHead` (values from the same forward) or a
     bare causal LM (then values is None; get them from a separate critic with
     :func:`response_values`). Log-probs and entropy use softmax(logits / temperature).
     ``entropy_grad=False`` computes the entropy outside the graph, for when it is only
-    logged (no entropy bonus): its backward through a (B, R, V) softmax is then skipped.
+    logged (no entropy bonus): its backward through a (B, R, V) softmax is then skipped;
+    ``with_entropy=False`` skips it (entropy is None). ``chunk_size``: rows per LM-head chunk
+    (:func:`rlhf_book.rollout.teacher_forced`; None: automatic, the whole batch for the book's model).
     """
-    P, R = rollout.prompt_ids.size(1), rollout.response_ids.size(1)
-    response_ids, response_mask = rollout.response_ids, rollout.response_mask
-    ids, mask = rollout.input_ids, rollout.attention_mask
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                **logits_to_keep_kwargs(model, R + 1))
-    logits = out.logits[:, -(R + 1) : -1].float() / temperature  # columns P - 1 ... P + R - 2
-    m = response_mask.bool()
-    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-    logprobs = torch.where(m, token_logprobs(logits, response_ids), zero)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = torch.where(m, entropy_from_logits(logits), zero)
+    P = rollout.prompt_ids.size(1)
+    entropy = ("grad" if entropy_grad else "no_grad") if with_entropy else None
+    logprobs, entropy, out = teacher_forced(model, rollout, temperature, chunk_size, entropy)
     values = getattr(out, "values", None)
     if isinstance(values, torch.Tensor):
-        values = torch.where(m, values[:, P - 1 : -1], zero)
+        zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+        values = torch.where(rollout.response_mask.bool(), values[:, P - 1 : -1], zero)
     else:
         values = None
     return logprobs, values, entropy

@@ -64,17 +64,19 @@ samples with c correct, :func:`evaluate_pass_at_k` samples n replies per held-ou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from .advantage import masked_mean, masked_sum
+from .advantage import (SCALE_REWARDS, RunningMeanBaseline, degenerate_groups, grpo_advantages, masked_mean, masked_sum,
+                        rloo_advantages)
 from .config import option, redefault
-from .distributed import gather_rows, local_rows, local_size
+from ._deprecation import warn_deprecated
+from .distributed import local_size
 from .experience import Experience
 from .kl import kl_k3, sequence_kl
-from .rollout import Rollout, prompt_texts, sample_groups
+from .rollout import prompt_texts, sample_groups
 from .trainer import OnPolicyConfig, OnPolicyTrainer
 
 __all__ = [
@@ -85,100 +87,8 @@ __all__ = [
 ]
 
 ADVANTAGES = ("grpo", "rloo", "reinforce")
-SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-STD_EPS = 1e-4  # TRL's constant in (r - mean) / (std + 1e-4)
-
-
-# ------------------------------------------------------------------ advantages on (B, K) sequence rewards
-def _check_groups(rewards: torch.Tensor, min_k: int, who: str) -> torch.Tensor:
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
-        raise ValueError(f"{who}: rewards must be a (B, K) tensor (B prompts, K samples each), got "
-                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
-    if rewards.size(1) < min_k:
-        raise ValueError(f"{who} needs K >= {min_k} samples per prompt, got rewards of shape {tuple(rewards.shape)}")
-    if not bool(torch.isfinite(rewards).all()):
-        raise ValueError(f"{who}: rewards contain NaN or inf")
-    return rewards.float()
-
-
-def degenerate_groups(rewards: torch.Tensor) -> torch.Tensor:
-    """True for each group whose K rewards are all equal (no learning signal); (B, K) -> (B,) bool."""
-    r = _check_groups(rewards, 1, "degenerate_groups")
-    return r.amax(1) == r.amin(1)
-
-
-def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """RLOO: A_i = r_i - mean of the other K - 1 rewards of its group (Kool et al. 2019); (B, K) -> (B, K).
-
-    Equal to K/(K-1) (r_i - group mean): unbiased, since the baseline of r_i does not use r_i.
-    A degenerate group gets exactly 0 (computed, the baseline could differ from r_i by rounding).
-    """
-    r = _check_groups(rewards, 2, "rloo_advantages")
-    K = r.size(1)
-    baseline = (r.sum(1, keepdim=True) - r) / (K - 1)
-    return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(r), r - baseline)
-
-
-def grpo_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = STD_EPS) -> torch.Tensor:
-    """GRPO: A_i = (r_i - group mean) / (std + eps), std of the group, of the batch or none; (B, K) -> (B, K).
-
-    ``scale``: "group" (GRPO, TRL's default), "batch" (std of all B * K rewards: Lite PPO) or
-    "none" (Dr. GRPO: only the group mean is subtracted). The std is Bessel-corrected and
-    eps = 1e-4, as TRL 1.16 computes it (``nanstd``); a degenerate group gets exactly 0,
-    even with eps = 0.
-    """
-    if scale not in SCALE_REWARDS:
-        raise ValueError(f"scale must be one of {list(SCALE_REWARDS)}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    r = _check_groups(rewards, 2, "grpo_advantages")
-    adv = r - r.mean(1, keepdim=True)
-    if scale == "group":
-        adv = adv / (r.std(1, keepdim=True) + eps)
-    elif scale == "batch":
-        adv = adv / (r.std() + eps)
-    return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(adv), adv)
-
-
-class RunningMeanBaseline:
-    """REINFORCE's baseline b: an exponential moving average of past batches' mean reward, bias-corrected.
-
-    After batches with means m_1..m_n, b = sum_j decay^(n-j) m_j / sum_j decay^(n-j) (so
-    b = m_1 after one batch, whatever the decay; ``decay=0``: the last batch's mean). b = 0
-    before any batch. :meth:`advantages` uses the b of *past* batches only, so A = r - b is
-    an unbiased policy-gradient weight (b does not depend on the samples it is subtracted from).
-    """
-
-    def __init__(self, decay: float = 0.9):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        self.decay, self._ema, self.count = float(decay), 0.0, 0
-
-    @property
-    def value(self) -> float:
-        """The current baseline b (0 before the first batch)."""
-        return self._ema / (1.0 - self.decay ** self.count) if self.count else 0.0
-
-    def update(self, rewards: torch.Tensor) -> float:
-        """Fold one batch's mean reward into b; returns the new b."""
-        self._ema = self.decay * self._ema + (1.0 - self.decay) * float(rewards.float().mean())
-        self.count += 1
-        return self.value
-
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """A = r - b with the b of past batches, then fold this batch in; any shape -> same shape."""
-        adv = rewards.float() - self.value
-        self.update(rewards)
-        return adv
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "ema": self._ema, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self._ema, self.count = float(state["decay"]), float(state["ema"]), int(state["count"])
-
 
 def sequence_rewards(exp: Experience) -> torch.Tensor:
     """The reward of each reply the advantages see: r(x, y) [- beta sum_t k1_t with the KL in the reward]; -> (N,).
@@ -375,6 +285,13 @@ class CriticFreeConfig(OnPolicyConfig):
             raise ValueError(f"{name}.minibatch_size ({self.minibatch_size}) must divide batch_size * num_generations "
                              f"({n}): otherwise the last minibatch of every pass is smaller")
 
+    def advantage_spec(self) -> tuple[str, dict]:
+        """The group estimator of :data:`rlhf_book.experience.ADVANTAGE_ESTIMATORS` that ``advantage`` names: "grpo"
+        with ``scale_rewards`` ("dr_grpo" for "none"), "rloo", or "reinforce" with ``baseline_decay``."""
+        if self.advantage == "grpo":
+            return ("dr_grpo", {}) if self.scale_rewards == "none" else ("grpo", {"scale": self.scale_rewards})
+        return (self.advantage, {"decay": self.baseline_decay} if self.advantage == "reinforce" else {})
+
 
 class CriticFreeTrainer(OnPolicyTrainer):
     """REINFORCE, RLOO or GRPO (``config.advantage``) on a causal LM against ``reward_fn``; no value model.
@@ -384,9 +301,10 @@ class CriticFreeTrainer(OnPolicyTrainer):
     <rlhf_book.trainer.OnPolicyTrainer.step>` on ``batch_size`` prompts each sampled K times
     (``num_generations``, adjacent: rows i*K .. i*K + K - 1 are prompt i's group; the prompt is
     prefilled once and its KV cache shared by the K samples): sample,
-    :meth:`make_experience` (the shared experience step with V = 0, then the group advantage
-    of each reply broadcast over its tokens), :meth:`update` (``num_iterations`` passes of
-    clipped-surrogate steps). Evaluation, history, checkpoints and export are the shared ones.
+    the shared experience step with V = 0 and the configured group estimator
+    (:meth:`CriticFreeConfig.advantage_spec`: the group advantage of each reply broadcast over
+    its tokens), :meth:`update` (``num_iterations`` passes of the shared clipped-surrogate loop).
+    Evaluation, history, checkpoints and export are the shared ones.
     """
 
     name = "GRPO"
@@ -402,83 +320,41 @@ class CriticFreeTrainer(OnPolicyTrainer):
         if cfg.advantage == "grpo" and cfg.scale_rewards == "none":
             self.name = "Dr. GRPO"
         self.checkpoint_name = f"{cfg.advantage}_state.pt"
-        self.baseline = RunningMeanBaseline(cfg.baseline_decay) if cfg.advantage == "reinforce" else None
+        self.baseline = self.advantage_estimator.state  # REINFORCE's running mean (checkpointed), else None
 
     @property
     def samples_per_prompt(self) -> int:
         """K: :meth:`step` samples each of its B prompts K times, from one prefill of the prompt."""
         return self.config.num_generations
 
-    def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
-        """The shared experience step (V = 0), then ``advantages`` = the group advantage of each reply on its tokens.
-
-        ``returns`` become the sequence rewards (:func:`sequence_rewards`) on every token.
-        With ``advantage="reinforce"`` this folds the batch into the running baseline.
-        """
-        exp = super().make_experience(rollout, timings)
-        m = exp.mask.bool()
-        zero = torch.zeros((), device=m.device)
-        rewards = sequence_rewards(exp)
-        adv = self.sequence_advantages(rewards)
-        return replace(exp, advantages=torch.where(m, adv[:, None], zero),
-                       returns=torch.where(m, rewards[:, None], zero))
-
     def sequence_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """The configured estimator on sequence rewards (N,) = (B * K,), grouped (B, K); -> (N,).
-
-        With several processes it runs on the gathered rewards of the global batch (a group
-        never straddles two processes; a batch std, whitening and the running baseline need
-        them all), and each process keeps its own rows.
-        """
-        cfg = self.config
-        K = cfg.num_generations
-        if rewards.numel() % K:
-            raise ValueError(f"{rewards.numel()} responses are not groups of num_generations={K}")
-        n_local = rewards.numel()
-        rewards = gather_rows(self.accelerator, rewards)
-        groups = rewards.float().view(-1, K)
-        if cfg.advantage == "grpo":
-            adv = grpo_advantages(groups, cfg.scale_rewards)
-        elif cfg.advantage == "rloo":
-            adv = rloo_advantages(groups)
-        else:
-            adv = self.baseline.advantages(groups)
-        adv = adv.reshape(-1)
-        if cfg.whiten_advantages and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + STD_EPS)
-        return local_rows(self.accelerator, adv, n_local)
+        """Deprecated since 0.2.0: the estimator is ``self.advantage_estimator`` (its ``sequence_advantages``)."""
+        warn_deprecated("CriticFreeTrainer.sequence_advantages", "CriticFreeTrainer.advantage_estimator", "0.2.0")
+        return self.advantage_estimator.sequence_advantages(rewards, self.config.num_generations,
+                                                            self.config.whiten_advantages, self.accelerator)
 
     def update(self, exp: Experience) -> dict:
         """``num_iterations`` passes of clipped-surrogate steps over (minibatches of) the batch; returns their stats.
 
-        Reported: the mean over optimizer steps of each loss statistic, the first step's
-        ratio, clip fraction and approx-KL (``first_*``: 1, 0, 0 up to float rounding when
-        log pi_old is the policy's own), and the number of optimizer steps (``updates``).
+        The shared loop :meth:`~rlhf_book.trainer.OnPolicyTrainer.clipped_update` (PPO's): rows
+        permuted only when there are several minibatches; each step's loss normalised as
+        ``loss_type`` says, on the whole minibatch however it is split into micro-batches.
+        Reported: the mean over optimizer steps of each loss statistic, the first step's ratio,
+        clip fraction and approx-KL (``first_*``: 1, 0, 0 up to float rounding when log pi_old is
+        the policy's own), the number of optimizer steps (``updates``) and of passes (``epochs``).
         """
         cfg = self.config
         N = len(exp)  # this process's replies; minibatch_size counts the global batch's
         mb = min(local_size(cfg.minibatch_size, self.world, "minibatch_size") if cfg.minibatch_size else N, N)
-        n_steps = math.ceil(N / mb)
         # TRL's dapo normaliser: the (global) generation batch's tokens per optimizer step
         tokens = exp.mask.sum() if self.world == 1 else self.accelerator.reduce(exp.mask.sum().clone(), "sum")
-        num_items = tokens / n_steps
-        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
-        steps: list[dict] = []  # statistics as 0-d tensors, read once at the end
-        for _ in range(cfg.num_iterations):
-            order = torch.randperm(N, generator=self.generator, device=self.device).tolist() if n_steps > 1 else None
-            for start in range(0, N, mb):
-                batch = exp if order is None else exp.select(order[start : start + mb])
-                loss, stats = self.loss(batch, num_items)
-                (stats["grad_norm"],) = self.gradient_step(loss, [self.actor_params])
-                steps.append(stats)
-        self.train_mode(False)
-        out = {k: torch.stack([s[k].float() for s in steps]).mean().item() for k in steps[0]}
-        out.update({f"first_{k}": steps[0][k].item() for k in ("ratio_mean", "clipfrac", "approx_kl")})
-        out["updates"] = len(steps)
-        return out
+        num_items = tokens / math.ceil(N / mb)
+        unit = {"grpo": "rows", "dr_grpo": "rows", "bnpo": "tokens", "dapo": None}[cfg.loss_type]
+        return self.clipped_update(exp, lambda batch: self.loss(batch, num_items), epochs=cfg.num_iterations,
+                                   minibatch_size=cfg.minibatch_size, loss_unit=unit)
 
     def loss(self, batch: Experience, num_items: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """(loss, statistics as 0-d tensors) of one minibatch, with grad; ``num_items``: dapo's normaliser."""
+        """(loss, statistics as 0-d tensors) of one (micro-)batch, with grad; ``num_items``: dapo's normaliser."""
         cfg = self.config
         mask = batch.mask
         logprobs, _, entropy = self.policy_forward(batch.rollout)
@@ -494,13 +370,7 @@ class CriticFreeTrainer(OnPolicyTrainer):
         ent = masked_mean(entropy, mask)
         loss = loss - cfg.entropy_coef * ent
         stats.update(entropy=ent.detach(), loss=loss.detach())
-        if self.world > 1:  # a share of the global batch's loss: what the normaliser of loss_type counts
-            factor = (self.world if cfg.loss_type == "dapo"  # num_items is global already
-                      else self.loss_share(mask.sum() if cfg.loss_type == "bnpo" else float(len(batch))))
-            losses = {k: stats.pop(k) * factor for k in ("policy_loss", "loss")}
-            stats = {**self.token_weighted(stats, mask.sum()), **losses}  # averaged over processes: global means
-            loss = loss * factor
-        return loss, stats
+        return loss, stats  # normalised over this batch as loss_type says (dapo: by num_items); update scales it
 
     @torch.no_grad()
     def experience_stats(self, exp: Experience) -> dict:

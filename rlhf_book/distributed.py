@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["make_accelerator", "check_data_parallel", "launched_processes", "rank_seed", "local_size", "shard", "gather_rows", "gather_rollout",
-           "gather_experience", "local_rows", "global_share", "mean_across"]
+           "gather_experience", "local_rows", "global_share", "global_shares", "global_whiten", "mean_across"]
 
 
 def launched_processes() -> int:
@@ -163,12 +163,44 @@ def global_share(accelerator, n_local: torch.Tensor | float) -> torch.Tensor | f
 
     DDP averages the processes' gradients (divides their sum by N), so a loss
     ``mean_local * global_share`` has the gradient of the mean over the global batch.
-    1.0 with one process.
+    1.0 with one process. The one-part case of :func:`global_shares`.
     """
+    return global_shares(accelerator, [n_local])[0]
+
+
+def global_shares(accelerator, counts: Sequence[torch.Tensor | float] | None, parts: int = 1
+                  ) -> list[torch.Tensor | float]:
+    """The one loss-scaling rule: N n_k / sum_r sum_k n_{r,k} for each part k of this process's batch.
+
+    A loss is a mean over ``n_k`` items (tokens, replies, pairs) of a micro-batch k; times its
+    share it becomes that micro-batch's part of the mean over the *global* batch (all parts of
+    all N processes): the gradients summed over micro-batches (accumulation) and averaged over
+    processes (DDP) are those of the global mean, whatever the split. 1.0 for one part in one
+    process. ``counts=None``: the losses are already normalised by a global count (DAPO's), so
+    the share only undoes DDP's division by N (``parts`` entries of N).
+    """
+    world = 1 if accelerator is None else accelerator.num_processes
+    if counts is None:
+        return [float(world)] * parts
+    if world == 1 and len(counts) == 1:
+        return [1.0]
+    if world == 1:
+        total = sum(counts)
+        return [n / total for n in counts]
+    device = accelerator.device
+    ns = [torch.as_tensor(n, dtype=torch.float32, device=device).detach() for n in counts]
+    total = accelerator.reduce(torch.stack(ns).sum(), "sum")
+    return [world * n / total for n in ns]
+
+
+def global_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """:func:`~rlhf_book.advantage.masked_whiten` with the statistics of the global batch (N processes: gathered)."""
+    from .advantage import masked_whiten
+
     if accelerator is None or accelerator.num_processes == 1:
-        return 1.0
-    n = torch.as_tensor(n_local, dtype=torch.float32, device=accelerator.device).detach()
-    return accelerator.num_processes * n / accelerator.reduce(n.clone(), "sum")
+        return masked_whiten(x, mask, shift_mean=shift_mean)
+    full = masked_whiten(gather_rows(accelerator, x), gather_rows(accelerator, mask), shift_mean=shift_mean)
+    return local_rows(accelerator, full, x.size(0), x.size(1))
 
 
 def mean_across(accelerator, stats: dict) -> dict:

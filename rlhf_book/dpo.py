@@ -241,26 +241,23 @@ class DPOTrainer(PolicyTrainer):
 
     # ------------------------------------------------------------------ one step
     def step(self, rows: Sequence[int]) -> dict:
-        """One optimizer step on the pairs ``rows`` of the prepared data set (minibatches accumulated); its stats.
+        """One optimizer step on the pairs ``rows`` of the prepared data set (micro-batches accumulated); its stats.
 
         With N processes ``rows`` is the global batch: each process takes a contiguous part of
         it (sizes differ by at most one), and the statistics are of all of them.
         """
-        cfg, t0 = self.config, time.perf_counter()
+        t0 = time.perf_counter()
         rows = self.process_rows(rows)
-        share = self.loss_share(float(len(rows)))  # the local mean -> a share of the global batch's (1.0: one process)
-        size = cfg.minibatch_size or len(rows)
-        chunks = [rows[i: i + size] for i in range(0, len(rows), size)]
+        chunks = [rows[c] for c in self.micro_batches(len(rows))]  # gradient_accumulation_steps micro-batches
         pieces: list[dict] = []
         self.lm.train()
 
-        def losses():
-            for chunk in chunks:
-                loss, p = self.loss([self.pairs[i] for i in chunk], self.ref_logps[chunk])
-                pieces.append(p)
-                yield loss * (len(chunk) / len(rows)) * share
+        def loss_fn(chunk):  # the mean over the chunk's pairs; accumulate scales it to its share of the global batch
+            loss, p = self.loss([self.pairs[i] for i in chunk], self.ref_logps[chunk])
+            pieces.append(p)
+            return loss, {}
 
-        (grad_norm,) = self.gradient_step(losses(), [self.params])
+        grad_norm = self.accumulate(chunks, loss_fn, self.params, [len(c) for c in chunks])["grad_norm"]
         merged = {k: gather_rows(self.accelerator, torch.cat([p[k] for p in pieces])) for k in pieces[0]}
         self.iteration += 1
         return {"step": self.iteration, **self.pair_stats(merged), "grad_norm": float(grad_norm),

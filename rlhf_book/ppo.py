@@ -9,8 +9,10 @@ experience, each minimising
         + vf_coef * value loss (clipped to V_old +- value_clip_range) - entropy_coef * entropy
         [+ beta * mean k3 KL(pi_theta || pi_ref), with kl_penalty = "loss"]
 
-with gradient clipping, stopping early when a minibatch's approx-KL(pi_old || pi_theta)
-exceeds ``target_kl``. Because the batch is reused, the policy that is updated drifts
+with one joint clip of the gradient norm, stopping early when a minibatch's approx-KL(pi_old || pi_theta)
+exceeds ``target_kl``. The minibatch loop is the one every on-policy update shares
+(:meth:`~rlhf_book.trainer.OnPolicyTrainer.clipped_update`) and the surrogate is one setting
+of :func:`~rlhf_book.critic_free.critic_free_policy_loss` (``loss_type="bnpo"``). Because the batch is reused, the policy that is updated drifts
 from the one that sampled; the ratio rho_t corrects for it and the clip bounds how far one
 batch can push it. The implementation details that matter at this scale (Huang et al.
 2024, "The N+ implementation details of RLHF with PPO") are config options, each
@@ -24,10 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from .advantage import masked_mean
-from .distributed import local_size
 from .config import option
+from .critic_free import critic_free_policy_loss
 from .experience import Experience
-from .kl import kl_k3
 from .losses import value_loss
 from .trainer import OnPolicyConfig, OnPolicyTrainer
 
@@ -46,34 +47,24 @@ def ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t); (B, T) -> (scalar, stats).
 
-    rho_t = exp(logprobs - old_logprobs); ``old_logprobs`` and ``advantages`` are constants.
-    The mean is over real tokens of the batch. ``stats`` (floats): ``clipfrac`` (share of
-    tokens where the clipped term is the active one, so their gradient is 0),
-    ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) per token, >= 0), ``approx_kl_k1``
-    and ``ratio_mean``. ``as_tensors=True`` leaves them as 0-d tensors on the device
-    (reading a float from a GPU waits for it; the trainer reads once per iteration).
+    rho_t = exp(logprobs - old_logprobs); ``old_logprobs`` and ``advantages`` (B, T) are
+    constants. The mean is over real tokens of the batch. This is chapter 5's name for one
+    setting of the one clipped surrogate, :func:`rlhf_book.critic_free.critic_free_policy_loss`
+    with ``loss_type="bnpo"`` (token mean of the batch), the token-level ratio and a symmetric
+    clip (``epsilon=clip_range``, no ``epsilon_high``): the same value and gradient
+    (``tests/test_ppo.py`` ties them). ``stats`` (floats): ``clipfrac`` (share of tokens where
+    the clipped term is the active one, so their gradient is 0), ``approx_kl`` (k3 estimate of
+    KL(pi_old || pi_theta) per token, >= 0), ``approx_kl_k1`` and ``ratio_mean``.
+    ``as_tensors=True`` leaves them as 0-d tensors on the device (reading a float from a GPU
+    waits for it; the trainer reads once per iteration).
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
-        if t.shape != logprobs.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but logprobs has {tuple(logprobs.shape)}")
-    m = mask.bool()
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), zero)  # 0 on padding: no inf/NaN there
-    ratio = torch.exp(log_ratio)
-    adv = torch.where(m, advantages.detach(), zero)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            # samples come from pi_old: KL(pi_old || pi_theta), with log rho = log pi_theta - log pi_old
-            "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), logprobs), mask),
-            "approx_kl_k1": masked_mean(-log_ratio, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
+    if advantages.shape != logprobs.shape:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)} but logprobs has {tuple(logprobs.shape)}")
+    loss, s = critic_free_policy_loss(logprobs, old_logprobs, advantages, mask, loss_type="bnpo", epsilon=clip_range,
+                                      as_tensors=True)
+    stats = {k: s[k] for k in ("clipfrac", "approx_kl", "approx_kl_k1", "ratio_mean")}
     return loss, (stats if as_tensors else {k: v.item() for k, v in stats.items()})
 
 
@@ -111,37 +102,19 @@ class PPOTrainer(OnPolicyTrainer):
     def update(self, exp: Experience) -> dict:
         """``ppo_epochs`` epochs of clipped-surrogate minibatch steps on one experience batch; returns their stats.
 
-        Reported: the mean over minibatch steps of each loss statistic, the first
+        The shared loop :meth:`~rlhf_book.trainer.OnPolicyTrainer.clipped_update` (the critic-free
+        trainers use it too): rows permuted every epoch, one step per minibatch, ``target_kl``
+        early stop. Reported: the mean over minibatch steps of each loss statistic, the first
         minibatch's ratio, clip fraction and approx-KL (``first_*``: 1, 0 and 0 up to float
-        rounding, the check that the experience's log pi_old is the policy's own),
-        the number of epochs and updates, and whether ``target_kl`` stopped it early.
+        rounding, the check that the experience's log pi_old is the policy's own), the number of
+        epochs and updates, and whether ``target_kl`` stopped it early.
         """
         cfg = self.config
-        B = len(exp)  # this process's rows; minibatch_size counts the global batch's, like batch_size
-        mb = min(local_size(min(cfg.minibatch_size, cfg.batch_size), self.world, "minibatch_size"), B)
-        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
-        steps: list[dict] = []  # per minibatch: statistics as 0-d tensors (read once at the end)
-        early_stop, epochs = False, 0
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=self.generator, device=self.device).tolist()  # one host read per epoch
-            for start in range(0, B, mb):
-                loss, stats = self.loss(exp.select(perm[start : start + mb]))
-                (stats["grad_norm"],) = self.gradient_step(loss, [self.actor_params + self.critic_params])
-                steps.append(stats)
-                if cfg.target_kl is not None and self.process_mean(stats["approx_kl"]).item() > cfg.target_kl:  # all agree
-                    early_stop = True
-                    break
-            epochs += 1
-            if early_stop:
-                break
-        self.train_mode(False)
-        out = {k: torch.stack([s[k].float() for s in steps]).mean().item() for k in steps[0]}
-        out.update({f"first_{k}": steps[0][k].item() for k in ("ratio_mean", "clipfrac", "approx_kl")})
-        out.update(epochs=epochs, updates=len(steps), early_stop=early_stop)
-        return out
+        return self.clipped_update(exp, self.loss, epochs=cfg.ppo_epochs, minibatch_size=min(cfg.minibatch_size,
+                                   cfg.batch_size), loss_unit="tokens", target_kl=cfg.target_kl, shuffle=True)
 
     def loss(self, batch: Experience) -> tuple[torch.Tensor, dict]:
-        """(PPO loss, statistics as 0-d tensors) of one minibatch, with grad."""
+        """(PPO loss, statistics as 0-d tensors) of one (micro-)batch, with grad: token means of the batch."""
         cfg = self.config
         mask = batch.mask
         logprobs, values, entropy = self.policy_forward(batch.rollout)
@@ -151,5 +124,4 @@ class PPOTrainer(OnPolicyTrainer):
         ent = masked_mean(entropy, mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.entropy_coef * ent + self.kl_penalty_loss(logprobs, batch)
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=ent.detach(), loss=loss.detach())
-        # every term is a mean over the minibatch's tokens: a share of the global one (x 1.0 with one process)
-        return loss * self.loss_share(mask.sum()), self.token_weighted(stats, mask.sum())
+        return loss, stats  # every term a mean over the batch's tokens (clipped_update scales it: loss_unit="tokens")

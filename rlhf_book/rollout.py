@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .advantage import masked_sum
+from .engine import decode
 from .rewards import check_scores
 from .runtime import intra_op_threads
 from .tokenizer import check_prompt, format_prompts, prompt_add_special_tokens
@@ -32,7 +33,8 @@ from .tokenizer import check_prompt, format_prompts, prompt_add_special_tokens
 __all__ = [
     "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
     "position_ids_from_mask", "forward_logits", "logits_to_keep_kwargs", "encode_prompts", "decode_responses", "prompt_texts", "score_rollout",
-    "stop_token_ids", "teacher_forcing_batch",
+    "stop_token_ids", "teacher_forcing_batch", "teacher_forced", "logprob_chunk_rows", "LOGPROB_CHUNK_VALUES",
+    "in_row_batches",
 ]
 
 
@@ -60,10 +62,12 @@ def logits_to_keep_kwargs(model, n: int) -> dict:
 
 
 def _signature_owner(model):
-    """The module whose forward signature says what ``model`` takes: inside DDP and ``peft.PeftModel`` wrappers
-    (whose ``forward(**kwargs)`` passes ``logits_to_keep`` and the cache on but hides their names)."""
+    """The module whose forward signature says what ``model`` takes: inside torch.compile, DDP and ``peft.PeftModel``
+    wrappers (whose ``forward(**kwargs)`` passes ``logits_to_keep`` and the cache on but hides their names)."""
     from .adapters import is_peft_model
 
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+        model = model._orig_mod
     model = unwrap(model)
     while is_peft_model(model):
         model = model.get_base_model()
@@ -211,6 +215,8 @@ def generate(
     generator: torch.Generator | None = None,
     threads: int | None = None,
     samples_per_prompt: int = 1,
+    engine: str | None = None,
+    compile: bool | None = None,
 ) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt (KV cache, stop at EOS) and record log pi(a_t | s_t).
 
@@ -225,7 +231,8 @@ def generate(
     list, an empty prompt, or a prompt that leaves no room for ``max_new_tokens`` in
     the model's context. With K = ``samples_per_prompt`` > 1 the rollout has B * K rows, rows
     i*K .. i*K + K - 1 answering prompt i (a GRPO/RLOO group), and each prompt is encoded and
-    prefilled once (see :func:`generate_from_ids`).
+    prefilled once (see :func:`generate_from_ids`). ``engine`` / ``compile``: the sampling engine
+    (:mod:`rlhf_book.engine`; None: its default, the static KV cache, uncompiled).
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, got one string: wrap a single prompt in a list, [prompt]")
@@ -239,7 +246,7 @@ def generate(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, None if ctx is None else ctx - max_new_tokens)
     return generate_from_ids(
         model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, prompts, threads,
-        samples_per_prompt,
+        samples_per_prompt, engine, compile,
     )
 
 
@@ -266,6 +273,8 @@ def generate_from_ids(
     prompts: Sequence[str] | None = None,
     threads: int | None = None,
     samples_per_prompt: int = 1,
+    engine: str | None = None,
+    compile: bool | None = None,
 ) -> Rollout:
     """:func:`generate` for already-tokenized, left-padded prompts (B, P); ``prompts`` is their text (decoded if None).
 
@@ -277,6 +286,11 @@ def generate_from_ids(
     On a GPU the loop asks "has every response ended?" only every 8 tokens: the answer
     is a device-to-host copy that stalls the queue of kernels. Columns sampled after
     the last EOS are PAD and are cut off, so the rollout is the same as checking every token.
+
+    ``engine``: the sampling engine, "static" (a preallocated KV cache) or "plain" (the reference loop);
+    both give the same tokens and log-probs, bit for bit (None: :func:`rlhf_book.engine.default_engine`,
+    "static"). ``compile``: ``torch.compile`` the static engine's decode step (None: the engine's
+    default, off). See :mod:`rlhf_book.engine`.
     """
     _check_sampling(max_new_tokens, temperature)
     K = samples_per_prompt
@@ -288,53 +302,28 @@ def generate_from_ids(
     pad = tokenizer.pad_token_id
     stop = stop_token_ids(model, tokenizer)
     device = prompt_ids.device
-    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-
-    check_every = 1 if device.type == "cpu" else 8  # a host sync is free on a CPU, a stall on a GPU
-    with intra_op_threads(threads if device.type == "cpu" else None):
-        mask = prompt_mask
-        logits, past = _step_with_cache(model, None, input_ids=prompt_ids, attention_mask=mask,
-                                        position_ids=position_ids_from_mask(mask), **logits_to_keep_kwargs(model, 1))
-        if K > 1:  # one prefill per prompt, K copies of its cache
-            logits, past = logits.repeat_interleave(K, dim=0), _repeat_cache(past, K)
-            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(K, dim=0), prompt_mask.repeat_interleave(K, dim=0)
-            mask = prompt_mask
-            if prompts is not None:
-                prompts = [p for p in prompts for _ in range(K)]
-        B = prompt_ids.size(0)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        tokens, logps, alive = [], [], []
-        for t in range(max_new_tokens):
-            logp = F.log_softmax(logits.float() / temperature, dim=-1)
-            if greedy:
-                tok = logp.argmax(-1)
-            else:
-                tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-            tok = torch.where(finished, torch.full_like(tok, pad), tok)
-            lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-            alive.append(~finished)
-            logps.append(torch.where(finished, torch.zeros_like(lp), lp))
-            tokens.append(tok)
-            finished = finished | torch.isin(tok, stop_t)
-            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
-                break
-            mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
-            pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-            logits, past = _step_with_cache(model, past, input_ids=tok[:, None], attention_mask=mask, position_ids=pos)
-    if was_training:
-        model.train()
-
-    response_mask = torch.stack(alive, 1).long()
-    R = int(response_mask.any(0).nonzero().max()) + 1  # drop columns sampled after every response ended
-    response_ids, response_mask = torch.stack(tokens, 1)[:, :R], response_mask[:, :R]
+    try:
+        with intra_op_threads(threads if device.type == "cpu" else None):
+            out = decode(model, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy, generator, stop, pad, K,
+                         engine=engine, compile=compile)
+    finally:
+        if was_training:
+            model.train()
+    if K > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(K, dim=0), prompt_mask.repeat_interleave(K, dim=0)
+        if prompts is not None:
+            prompts = [p for p in prompts for _ in range(K)]
+    finished, logps = out.finished, out.logprobs
+    R = int(out.alive.any(0).nonzero().max()) + 1  # drop columns sampled after every response ended
+    response_ids, response_mask = out.tokens[:, :R], out.alive[:, :R]
     texts = decode_responses(tokenizer, response_ids, response_mask, stop)
     if prompts is None:
         prompts = [tokenizer.decode(p[m.bool()], skip_special_tokens=True) for p, m in zip(prompt_ids, prompt_mask)]
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
-        logprobs=torch.stack(logps[:R], 1), terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
+        logprobs=logps[:, :R], terminated=finished, prompts=list(prompts), responses=texts, temperature=temperature,
     )
 
 
@@ -478,14 +467,196 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
     """Teacher-forced log pi(a_t | s_t) of each response token of ``rollout``, (B, R); 0 where response_mask is 0.
 
     The logits at column P - 1 + t (last prompt token, then each response token)
     predict response token t: that is the ``[:, P - 1 : -1]`` slice, i.e. the last
     R + 1 columns but the very last (only those go through the LM head).
+    ``chunk_size``: rows per LM-head chunk (:func:`teacher_forced`; None: automatic).
+    """
+    return teacher_forced(model, rollout, temperature, chunk_size)[0]
+
+
+# ------------------------------------------------------------------ bounded memory: the LM head in row chunks
+def in_row_batches(fn, rollout: Rollout, batch_size: int | None = None) -> torch.Tensor:
+    """``fn(rows)`` on ``rollout``'s rows ``batch_size`` at a time (None: all at once), concatenated: (B, ...).
+
+    What ``forward_batch_size`` does to every forward of the experience step: its memory is
+    that of ``batch_size`` rows, its numbers those of the whole batch (columns are kept, so each
+    row sees the same padding).
+    """
+    B = len(rollout)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+    if batch_size is None or batch_size >= B:
+        return fn(rollout)
+    return torch.cat([fn(rollout.select(range(a, min(a + batch_size, B)))) for a in range(0, B, batch_size)])
+
+
+
+LOGPROB_CHUNK_VALUES = 2**25  # automatic chunks: at most this many fp32 logits (128 MiB) per chunk of rows
+
+
+def logprob_chunk_rows(columns: int, vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per LM-head chunk: ``chunk_size`` if given, else the most rows whose fp32 logits (rows x ``columns`` x
+    ``vocab_size``) stay within :data:`LOGPROB_CHUNK_VALUES` (at least 1).
+
+    The book's model (a 1k vocabulary, 40-token replies) fits a whole batch in one chunk; a 152k
+    vocabulary at 128 tokens gets 1 row per chunk (19M logits a row).
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or an integer >= 1 (rows per chunk), got {chunk_size!r}")
+        return chunk_size
+    return max(1, LOGPROB_CHUNK_VALUES // max(1, columns * vocab_size))
+
+
+def _causal_lm(model):
+    """The transformers causal LM inside ``model``'s wrappers: torch.compile, DDP, an adapter-disabled reference,
+    a :class:`~rlhf_book.critic.PolicyWithValueHead` (its ``lm``) and a ``peft.PeftModel``."""
+    from .adapters import AdapterDisabledReference, hf_model
+
+    for _ in range(6):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+        elif isinstance(model, AdapterDisabledReference):
+            model = model.policy
+        else:
+            nxt = hf_model(model)
+            if nxt is model:
+                break
+            model = nxt
+    return model
+
+
+def _logit_scaling(config):
+    """What a causal LM does to ``lm_head(h)`` before returning its logits, from its config (None: nothing):
+    Gemma 2/3's final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    kind = str(getattr(config, "model_type", ""))
+    scale = getattr(config, "logit_scale", None) if kind.startswith("cohere") else None
+    divide = getattr(config, "logits_scaling", None) if kind.startswith("granite") else None
+    if not (cap or scale or divide):
+        return None
+
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        if scale:
+            z = z * scale
+        if divide:
+            z = z / divide
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
+    return apply
+
+
+def _lm_head_parts(model):
+    """(trunk, LM head, logit scaling or None) of ``model``'s causal LM for the chunked path, or a string: why not."""
+    lm = _causal_lm(model)
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Module):
+        return f"{type(lm).__name__} has no get_output_embeddings() module"
+    body = getattr(lm, "base_model", None)
+    if not isinstance(body, torch.nn.Module) or body is lm:
+        return f"{type(lm).__name__} has no separate trunk (base_model)"
+    if not logits_to_keep_kwargs(model, 1):
+        return f"{type(lm).__name__}.forward takes no logits_to_keep"
+    return body, head, _logit_scaling(lm.config)
+
+
+def _last_hidden(output) -> torch.Tensor:
+    """The trunk's last hidden state (B, T, H) from its output (a ModelOutput or a tuple)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    return hidden if isinstance(hidden, torch.Tensor) else output[0]
+
+
+def _head_chunk(head, scaling, temperature: float, entropy: str | None, hidden: torch.Tensor, tokens: torch.Tensor):
+    """One chunk of rows: hidden (c, R + 1, H), tokens (c, R) -> log pi (c, R) and entropy (c, R) (or None).
+
+    The same operations as the one-pass path (LM head on the last R + 1 columns, drop the last,
+    fp32, / tau, log_softmax), so each row's numbers are those of the whole batch.
+    """
+    from .losses import entropy_from_logits
+
+    logits = head(hidden)
+    if scaling is not None:
+        logits = scaling(logits)
+    z = logits[:, :-1].float() / temperature
+    lp = token_logprobs(z, tokens)
+    if entropy is None:
+        return lp, None
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        return lp, entropy_from_logits(z)
+
+
+def _warn_full(reason: str) -> None:
+    import warnings
+
+    warnings.warn(f"log-probs: the whole batch's logits at once (no LM-head chunks): {reason}", stacklevel=3)
+
+
+def teacher_forced(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None,
+                   entropy: str | None = None):
+    """One teacher-forced forward -> (log pi(a_t | s_t) (B, R), entropy (B, R) or None, the forward's output); masked 0.
+
+    ``entropy``: None (not computed), "grad" (in the graph, for an entropy bonus) or "no_grad"
+    (logged only). Memory: with rows per chunk (:func:`logprob_chunk_rows` of ``chunk_size``)
+    below B, the forward asks for the logits of one column only, a hook keeps the trunk's last
+    hidden state, and the LM head, ``logsumexp`` and gather run on one chunk of rows at a time,
+    under activation checkpointing when gradients flow: no (B, R, V) fp32 tensor is ever held,
+    only (rows, R, V). The numbers are those of the one-pass path (the same operations per
+    row). A model the chunks cannot read (no ``get_output_embeddings``, no trunk, no
+    ``logits_to_keep``, or a head whose last-column logits differ from the model's own) takes
+    the one-pass path with a warning. The output then has ``logits`` of the last column only.
     """
     R = rollout.response_ids.size(1)
-    logits = forward_logits(model, rollout.input_ids, rollout.attention_mask, logits_to_keep=R + 1)[:, :-1]
-    lp = token_logprobs(logits, rollout.response_ids, temperature)
-    return torch.where(rollout.response_mask.bool(), lp, torch.zeros_like(lp))
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    pos = position_ids_from_mask(mask)
+    m = rollout.response_mask.bool()
+    lm = _causal_lm(model)
+    vocab = int(getattr(lm.config, "vocab_size", 0) or 0) if hasattr(lm, "config") else 0
+    rows = logprob_chunk_rows(R + 1, vocab, chunk_size)
+    parts = _lm_head_parts(model) if rows < ids.size(0) else None
+    if isinstance(parts, str):
+        _warn_full(parts)
+        parts = None
+    out = None
+    if parts is not None:
+        body, head, scaling = parts
+        kept = []
+        handle = body.register_forward_hook(lambda module, args, output: kept.append(_last_hidden(output)))
+        try:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **logits_to_keep_kwargs(model, 1))
+        finally:
+            handle.remove()
+        hidden = kept[-1][:, -(R + 1):]
+        with torch.no_grad():  # the head read as the model reads it (else e.g. a LoRA'd head under disable_adapter)
+            own = head(hidden[:, -1:])
+            own = (scaling(own) if scaling is not None else own).float()
+            theirs = out.logits[:, -1:].float()
+            ok = own.shape == theirs.shape and torch.allclose(own, theirs, rtol=1e-3, atol=1e-3)
+        if not ok:
+            _warn_full(f"{type(lm).__name__}'s logits are not its get_output_embeddings() of the trunk's last hidden state")
+            out = None
+    if out is None:  # one pass: the whole batch's logits
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **logits_to_keep_kwargs(model, R + 1))
+        lp, ent = _head_chunk(lambda x: x, None, temperature, entropy, out.logits[:, -(R + 1):], rollout.response_ids)
+    else:
+        use_checkpoint = torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+        lps, ents = [], []
+        for a in range(0, ids.size(0), rows):
+            args = (head, scaling, temperature, entropy, hidden[a : a + rows], rollout.response_ids[a : a + rows])
+            if use_checkpoint:
+                lp, ent = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False)
+            else:
+                lp, ent = _head_chunk(*args)
+            lps.append(lp)
+            ents.append(ent)
+        lp = torch.cat(lps)
+        ent = None if entropy is None else torch.cat(ents)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    return torch.where(m, lp, zero), (None if ent is None else torch.where(m, ent, zero)), out

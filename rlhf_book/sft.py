@@ -176,29 +176,26 @@ class SFTTrainer(PolicyTrainer):
 
     # ------------------------------------------------------------------ one step
     def step(self, rows: Sequence[int]) -> dict:
-        """One optimizer step on the records ``rows`` of the prepared data set (minibatches accumulated); its stats.
+        """One optimizer step on the records ``rows`` of the prepared data set (micro-batches accumulated); its stats.
 
         The loss is the token mean over the global batch's completions (each process's part
         weighted by its share of the tokens, :meth:`~rlhf_book.trainer.PolicyTrainer.loss_share`).
         """
-        cfg, t0 = self.config, time.perf_counter()
+        t0 = time.perf_counter()
         rows = self.process_rows(rows)
-        n_local = float(sum(self.n_tokens[i] for i in rows))
-        share = self.loss_share(n_local)
-        size = cfg.minibatch_size or len(rows)
-        chunks = [rows[i: i + size] for i in range(0, len(rows), size)]
+        chunks = [rows[c] for c in self.micro_batches(len(rows))]  # gradient_accumulation_steps micro-batches
+        n_chunks = [float(sum(self.n_tokens[i] for i in chunk)) for chunk in chunks]
         sums, counts = [], []
         self.lm.train()
         model = self.compiled(self.trainable(self.lm))
 
-        def losses():
-            for chunk in chunks:
-                nll, n = self.loss_terms([self.examples[i] for i in chunk], model)
-                sums.append(nll.detach())
-                counts.append(n)
-                yield nll.sum() / n_local * share
+        def loss_fn(k):  # the token mean of micro-batch k; accumulate scales it to its share of the global batch
+            nll, n = self.loss_terms([self.examples[i] for i in chunks[k]], model)
+            sums.append(nll.detach())
+            counts.append(n)
+            return nll.sum() / n_chunks[k], {}
 
-        (grad_norm,) = self.gradient_step(losses(), [self.params])
+        grad_norm = self.accumulate(range(len(chunks)), loss_fn, self.params, n_chunks)["grad_norm"]
         total = gather_rows(self.accelerator, torch.cat(sums)).sum()
         tokens = gather_rows(self.accelerator, torch.cat(counts)).sum()
         self.iteration += 1

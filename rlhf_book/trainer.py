@@ -40,16 +40,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .advantage import masked_mean, masked_whiten
+from ._deprecation import warn_deprecated
+from .advantage import masked_mean
 from .checkpoint import fsync_replace, load_checkpoint, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_changes, option, redefault
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
-from .distributed import (check_data_parallel, gather_experience, gather_rows, global_share, local_rows, make_accelerator, mean_across,
-                          rank_seed, shard)
-from .experience import KL_PENALTIES, Experience, make_experience
+from .distributed import (check_data_parallel, gather_experience, global_shares, global_whiten, local_size,
+                          make_accelerator, mean_across, rank_seed, shard)
+from .experience import KL_PENALTIES, Experience, get_advantage_estimator, make_experience
+from .engine import SAMPLING_ENGINES
 from .export import save_model
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
-from .rollout import Rollout, generate, prompt_texts, response_logprobs, score_rollout
+from .rollout import Rollout, generate, in_row_batches, prompt_texts, response_logprobs, score_rollout
 from .adapters import AdapterDisabledReference, is_peft_model
 from .runtime import (PRECISIONS, TRAINABLE_DTYPES, adam, autocast, enable_tf32, hold_trainable, mixed_numerics,
                       resolve_precision, timed)
@@ -72,7 +74,12 @@ class TrainerConfig(Config):
     lr: float = option(1e-4, "Adam learning rate of the policy", "> 0")
     adam_eps: float = option(1e-5, "Adam epsilon (N detail: 1e-5 as in TF; PyTorch's 1e-8 makes the first updates "
                                    "aggressive)", "> 0")
-    max_grad_norm: float | None = option(1.0, "gradient-norm clip (None: no clipping; the norm is reported either way)", "> 0")
+    max_grad_norm: float | None = option(1.0, "one clip of the joint gradient norm of everything the step trains (actor "
+                                              "and critic together; None: no clipping; the norm is reported either way "
+                                              "as grad_norm)", "> 0")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step: each minibatch is split into this "
+                                                 "many, whose losses are backpropagated one after another (the same "
+                                                 "gradient as the whole minibatch at once, less memory)", ">= 1")
     disable_dropout: bool = option(True, "dropout off in policy, reference and critic (else ratios and KL are noisy "
                                          "from the start): every dropout probability, attention dropout included, "
                                          "is set to 0 (disable_dropout); updates run in train mode either way")
@@ -83,6 +90,16 @@ class TrainerConfig(Config):
     gradient_checkpointing: bool = option(False, "recompute the activations of the policy's (and a separate "
                                                  "critic's) layers in the backward pass instead of storing them "
                                                  "(transformers' gradient_checkpointing_enable, use_reentrant=False)")
+    logprob_chunk_size: int | None = option(None, "rows per LM-head chunk of every teacher-forced log-prob (and "
+                                                  "entropy): the head, fp32 log-softmax and gather run on that many "
+                                                  "rows at a time (under activation checkpointing when trained), so "
+                                                  "no (batch, length, vocab) fp32 tensor is held; None: automatic, "
+                                                  "at most 2**25 logits (128 MiB) a chunk, the whole batch for the "
+                                                  "book's model (rlhf_book.rollout.teacher_forced)", ">= 1")
+    forward_batch_size: int | None = option(None, "rows per forward of the experience step and the evaluation "
+                                                  "(policy and reference log-probs, values, a ModelReward's "
+                                                  "scoring), results concatenated: the same numbers in less memory "
+                                                  "(None: the whole batch at once)", ">= 1")
     # --- speed (each measured in benchmarks/README.md)
     precision: str = option("auto", "'auto': bf16 autocast on a GPU that supports it, else fp32; or 'fp32' / 'bf16'",
                             choices=PRECISIONS)
@@ -90,6 +107,14 @@ class TrainerConfig(Config):
     compile: bool = option(False, "torch.compile the teacher-forced forwards (a CPU needs a C++ compiler)")
     generation_threads: int | None = option(1, "CPU threads while sampling token by token (None: the process setting)",
                                             ">= 1")
+    sampling_engine: str = option("static", "'static': a preallocated KV cache, no reallocation per token (the same "
+                                            "tokens and log-probs as 'plain', bit for bit); 'plain': the reference "
+                                            "loop (a growing DynamicCache); a model the static engine cannot drive "
+                                            "falls back to 'plain' (logged). rlhf_book.engine",
+                                  choices=SAMPLING_ENGINES)
+    sampling_compile: bool = option(False, "torch.compile the static engine's decode step (CUDA graphs on a GPU); "
+                                           "the first call compiles (10-50 s on 2 CPU cores) and log-probs then differ "
+                                           "from 'plain' by float rounding (benchmarks/results/cpu_decode.md)")
     # --- bookkeeping
     seed: int = option(0, "seeds prompt order, sampling and minibatch shuffling")
     eval_every: int = option(10, "steps (RL: iterations) between held-out evaluations in train() (0: only first and "
@@ -134,14 +159,19 @@ class OnPolicyConfig(TrainerConfig):
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ValueError(f"{type(self).__name__}.kl_target (adaptive KL) needs kl_coef > 0 as the initial beta")
 
+    def advantage_spec(self) -> tuple[str, dict]:
+        """(name, options) of the experience step's advantage estimator (:data:`rlhf_book.experience.ADVANTAGE_ESTIMATORS`):
+        GAE with the critic here; a critic-free config names its group estimator."""
+        return "gae", {}
+
 
 @dataclass
 class OfflineConfig(TrainerConfig):
     """:class:`TrainerConfig` plus what a trainer on fixed records (DPO's pairs, SFT's records) adds: accumulation."""
 
-    minibatch_size: int | None = option(None, "records (DPO: pairs) per forward pass; batch_size / minibatch_size "
-                                              "passes are accumulated into one optimizer step (None: the whole batch "
-                                              "at once)", ">= 1")
+    minibatch_size: int | None = option(None, "deprecated since 0.2.0 (use gradient_accumulation_steps): records "
+                                              "(DPO: pairs) per forward pass, accumulated into one optimizer step "
+                                              "(None: gradient_accumulation_steps decides)", ">= 1")
     eval_every: int = redefault(TrainerConfig, "eval_every", 25)
     checkpoint_every: int = redefault(TrainerConfig, "checkpoint_every", 25)
 
@@ -149,10 +179,13 @@ class OfflineConfig(TrainerConfig):
         if self.minibatch_size is not None and self.minibatch_size > self.batch_size:
             raise ValueError(f"{type(self).__name__}.minibatch_size ({self.minibatch_size}) must be <= batch_size "
                              f"({self.batch_size})")
+        if self.minibatch_size is not None:
+            warn_deprecated(f"{type(self).__name__}.minibatch_size", "gradient_accumulation_steps", "0.2.0")
 
 
-# Fields that may change between a run and its resumption: they change what is shown or saved, not what is learnt.
-RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "eval_every"})
+# Fields that may change between a run and its resumption: they change what is shown or saved, not what is learnt
+# (the memory knobs: only how the same numbers are computed, up to float rounding, e.g. on a smaller machine).
+RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "eval_every", "logprob_chunk_size", "forward_batch_size"})
 
 
 _DROPOUT_NAME = re.compile(r"(dropout|pdrop|drop_prob|drop_rate|layerdrop)", re.IGNORECASE)
@@ -330,8 +363,47 @@ class PolicyTrainer:
 
     def loss_share(self, n_local: torch.Tensor | float) -> torch.Tensor | float:
         """The factor that makes a loss averaged over this process's ``n_local`` items (tokens, replies, pairs) a share
-        of the mean over the global batch (:func:`rlhf_book.distributed.global_share`; 1.0 with one process)."""
-        return global_share(self.accelerator, n_local)
+        of the mean over the global batch (:func:`rlhf_book.distributed.global_shares`; 1.0 with one process)."""
+        return global_shares(self.accelerator, [n_local])[0]
+
+    def micro_batches(self, n: int) -> list[slice]:
+        """The contiguous micro-batches of a minibatch of ``n`` rows: ``gradient_accumulation_steps`` of them (sizes
+        differ by at most one; at most n), or, with the deprecated ``minibatch_size`` of DPO/SFT, chunks of that many rows."""
+        cfg = self.config
+        size = cfg.minibatch_size if isinstance(cfg, OfflineConfig) else None
+        if size:
+            return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        g = max(1, min(cfg.gradient_accumulation_steps, n))  # a minibatch of fewer rows: one row per micro-batch
+        return [slice(n * k // g, n * (k + 1) // g) for k in range(g)]
+
+    def accumulate(self, parts: Sequence, loss_fn: Callable, params: Sequence[torch.Tensor],
+                   loss_counts: Sequence | None = None, stat_counts: Sequence | None = None) -> dict:
+        """One optimizer step on the micro-batches ``parts`` of a minibatch; returns its statistics (0-d tensors).
+
+        Every update of every trainer goes through here. ``loss_fn(part) -> (loss, stats)``: the
+        loss a mean over ``loss_counts[k]`` items of part k (tokens, replies, pairs; None: losses
+        already normalised by a count of the global batch, e.g. DAPO's). Each loss is scaled by its
+        share of the global minibatch (:func:`rlhf_book.distributed.global_shares`, the one
+        scaling rule) and backpropagated as it comes, so the summed gradient is the one-batch
+        gradient; the statistics are weighted alike (``loss`` and ``policy_loss`` as the loss,
+        the others by ``stat_counts``, default ``loss_counts``: token means), so that averaged
+        over processes they are the global minibatch's. Then one joint clip of ``params``'
+        gradient norm (``grad_norm``) and one optimizer step (:meth:`gradient_step`).
+        """
+        loss_w = global_shares(self.accelerator, loss_counts, len(parts))
+        stat_w = loss_w if stat_counts is None else global_shares(self.accelerator, stat_counts, len(parts))
+        totals: dict = {}
+
+        def losses():
+            for part, lw, sw in zip(parts, loss_w, stat_w):
+                loss, stats = loss_fn(part)
+                for k, v in stats.items():
+                    v = v * (lw if k in ("loss", "policy_loss") else sw)
+                    totals[k] = v if k not in totals else totals[k] + v
+                yield loss * lw
+
+        (totals["grad_norm"],) = self.gradient_step(losses(), [params])
+        return totals
 
     def token_weighted(self, stats: dict, n_local: torch.Tensor | float) -> dict:
         """Local means over ``n_local`` items times their :meth:`loss_share`: averaged over processes (as :meth:`step`
@@ -357,7 +429,8 @@ class PolicyTrainer:
         with self.autocast():
             return generate(self.lm, self.tokenizer, list(texts), cfg.max_new_tokens, cfg.temperature,
                             generator=self.generator if generator is None else generator, threads=cfg.generation_threads,
-                            samples_per_prompt=samples_per_prompt)
+                            samples_per_prompt=samples_per_prompt, engine=cfg.sampling_engine,
+                            compile=cfg.sampling_compile)
 
     def gradient_step(self, loss, clip_groups: Sequence[Sequence[torch.Tensor]]) -> list[float | torch.Tensor]:
         """Backward ``loss``, clip each parameter group's gradient norm, one optimizer step; returns the norms (0-d tensors).
@@ -408,7 +481,8 @@ class PolicyTrainer:
         if self.ref is None:
             return ro, None
         with self.autocast():
-            return ro, response_logprobs(self.ref, ro, cfg.temperature)
+            return ro, in_row_batches(lambda r: response_logprobs(self.ref, r, cfg.temperature, cfg.logprob_chunk_size),
+                                      ro, cfg.forward_batch_size)
 
     @torch.no_grad()
     def evaluate(self, prompts: Sequence, seed: int | None = None, n_samples: int | None = None) -> dict:
@@ -780,6 +854,8 @@ class OnPolicyTrainer(PolicyTrainer):
         self.optimizer = adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
         self.prepare_trainables(self.model, self.critic)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        name, options = cfg.advantage_spec()
+        self.advantage_estimator = get_advantage_estimator(name, **options)  # built once: REINFORCE's holds a state
         self.experience: Experience | None = None
         self.timings: dict[str, float] = {}
 
@@ -825,19 +901,66 @@ class OnPolicyTrainer(PolicyTrainer):
                 kl_penalty=cfg.kl_penalty, gamma=cfg.gamma, lam=cfg.lam, missing_eos_score=cfg.missing_eos_score,
                 whiten_rewards=cfg.whiten_rewards, whiten_advantages=cfg.whiten_advantages,
                 policy=self.compiled(self.lm) if recompute else None, gold_fn=self.gold_fn, timings=timings,
-                whiten=self.whiten,
+                forward_batch_size=cfg.forward_batch_size, logprob_chunk_size=cfg.logprob_chunk_size,
+                advantage_estimator=self.advantage_estimator, group_size=self.samples_per_prompt,
+                accelerator=self.accelerator,
             )
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
         """:func:`~rlhf_book.advantage.masked_whiten` with the statistics of the global batch (N processes: gathered)."""
-        if self.world == 1:
-            return masked_whiten(x, mask, shift_mean=shift_mean)
-        full = masked_whiten(gather_rows(self.accelerator, x), gather_rows(self.accelerator, mask), shift_mean=shift_mean)
-        return local_rows(self.accelerator, full, x.size(0), x.size(1))
+        return global_whiten(self.accelerator, x, mask, shift_mean)
 
     def update(self, experience: Experience) -> dict:
         """The algorithm: learn from one experience batch; returns its statistics (floats). Subclasses implement it."""
         raise NotImplementedError
+
+    def clipped_update(self, exp: Experience, loss_fn: Callable, *, epochs: int = 1, minibatch_size: int | None = None,
+                       loss_unit: str | None = "tokens", params: Sequence[torch.Tensor] | None = None,
+                       target_kl: float | None = None, shuffle: bool | None = None) -> dict:
+        """``epochs`` passes of minibatch gradient steps over one experience batch: the one update loop (PPO,
+        GRPO/RLOO/REINFORCE, A2C); returns the statistics (floats).
+
+        Each epoch permutes this process's rows (``shuffle``: True, every epoch; None, only when
+        there are several minibatches; False, never) and takes one optimizer step per minibatch
+        of ``minibatch_size`` rows (a global count, like ``batch_size``; None: all rows), split
+        into ``gradient_accumulation_steps`` micro-batches (:meth:`accumulate`).
+        ``loss_fn(batch) -> (loss, stats)``: a mean over the batch's ``loss_unit`` ("tokens",
+        "rows", or None: already normalised by a global count); ``params``: the one joint clip
+        group (default: actor and critic). With ``target_kl``, stops once a minibatch's approx-KL
+        (averaged over processes, so all agree) exceeds it.
+
+        Reported: the mean over optimizer steps of each statistic, the first step's ratio, clip
+        fraction and approx-KL (``first_*``: 1, 0, 0 up to float rounding when log pi_old is the
+        policy's own; when ``loss_fn`` reports them), ``epochs``, ``updates`` and ``early_stop``.
+        """
+        N = len(exp)  # this process's rows
+        mb = N if minibatch_size is None else min(local_size(minibatch_size, self.world, "minibatch_size"), N)
+        n_steps = math.ceil(N / mb)
+        params = list(self.actor_params) + list(self.critic_params) if params is None else list(params)
+        self.train_mode(True)  # dropout as configured (disable_dropout: p = 0); checkpointing needs train mode
+        steps: list[dict] = []  # per optimizer step: statistics as 0-d tensors (read once at the end)
+        early_stop, done = False, 0
+        for _ in range(epochs):
+            permute = shuffle or (shuffle is None and n_steps > 1)
+            order = torch.randperm(N, generator=self.generator, device=self.device).tolist() if permute else None
+            for start in range(0, N, mb):  # one host read per epoch
+                batch = exp if order is None else exp.select(order[start: start + mb])
+                cuts = self.micro_batches(len(batch))
+                parts = [batch] if len(cuts) == 1 else [batch.select(range(c.start, c.stop)) for c in cuts]
+                tokens = [p.mask.sum() for p in parts]
+                counts = {"tokens": tokens, "rows": [float(len(p)) for p in parts], None: None}[loss_unit]
+                steps.append(self.accumulate(parts, loss_fn, params, counts, tokens))
+                if target_kl is not None and self.process_mean(steps[-1]["approx_kl"]).item() > target_kl:
+                    early_stop = True
+                    break
+            done += 1
+            if early_stop:
+                break
+        self.train_mode(False)
+        out = {k: torch.stack([torch.as_tensor(s[k]).float() for s in steps]).mean().item() for k in steps[0]}
+        out.update({f"first_{k}": float(steps[0][k]) for k in ("ratio_mean", "clipfrac", "approx_kl") if k in steps[0]})
+        out.update(epochs=done, updates=len(steps), early_stop=early_stop)
+        return out
 
     # ------------------------------------------------------------------ pieces an update uses
     def policy_forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -849,7 +972,8 @@ class OnPolicyTrainer(PolicyTrainer):
         cfg = self.config
         with self.autocast():
             logprobs, values, entropy = forward_logprobs_and_values(
-                self.compiled(self.trainable(self.model)), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+                self.compiled(self.trainable(self.model)), rollout, cfg.temperature, entropy_grad=cfg.entropy_coef > 0,
+                chunk_size=cfg.logprob_chunk_size)
             if self.critic is not None:
                 values = response_values(self.compiled(self.trainable(self.critic)), rollout)
         return logprobs, (torch.zeros_like(logprobs) if values is None else values.float()), entropy

@@ -127,8 +127,10 @@ def test_training_raises_the_margin_and_runs_the_reference_once(tiny_world):
     assert history[-1]["val_loss"] < math.log(2) - 0.05
 
 
-def test_minibatches_accumulate_to_the_whole_batch_gradient(tiny_world):
-    a, b = _trainer(tiny_world, batch_size=4), _trainer(tiny_world, batch_size=4, minibatch_size=1)
+@pytest.mark.parametrize("split", [{"gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 3},
+                                   {"minibatch_size": 1}])  # minibatch_size: deprecated since 0.2.0
+def test_minibatches_accumulate_to_the_whole_batch_gradient(tiny_world, split):
+    a, b = _trainer(tiny_world, batch_size=4), _trainer(tiny_world, batch_size=4, **split)
     ha, hb = a.train(PAIRS, 1), b.train(PAIRS, 1)
     assert ha[-1]["loss"] == pytest.approx(hb[-1]["loss"], abs=1e-5)  # forwards of 1 and 4 rows round apart
     assert ha[-1]["grad_norm"] == pytest.approx(hb[-1]["grad_norm"], rel=1e-4)

@@ -255,3 +255,22 @@ def test_ppo_raises_heldout_gold_reward_with_bounded_kl(cpu_world):
     assert gain > 0.3, (before["eval_gold_reward"], after["eval_gold_reward"])
     assert after["eval_kl"] < 8.0
     assert abs(before["eval_kl"]) < 1e-3  # the untrained policy is the reference
+
+
+def test_ppo_policy_loss_is_critic_free_policy_loss_with_bnpo():
+    """Chapter 5's surrogate is one setting of the one clipped surrogate: equal values, statistics and gradients."""
+    from rlhf_book.critic_free import critic_free_policy_loss
+
+    g = torch.Generator().manual_seed(3)
+    old = -torch.rand(5, 9, generator=g) * 3
+    new = old + 0.4 * torch.randn(5, 9, generator=g)
+    adv = torch.randn(5, 9, generator=g)
+    mask = (torch.arange(9) < torch.tensor([[9], [4], [7], [1], [6]])).long()
+    a, b = new.clone().requires_grad_(True), new.clone().requires_grad_(True)
+    loss_a, stats_a = ppo_policy_loss(a, old, adv, mask, EPS)
+    loss_b, stats_b = critic_free_policy_loss(b, old, adv, mask, loss_type="bnpo", epsilon=EPS)
+    assert stats_a["clipfrac"] > 0 and loss_a.item() == loss_b.item()
+    assert stats_a == {k: stats_b[k] for k in stats_a}
+    loss_a.backward()
+    loss_b.backward()
+    assert torch.equal(a.grad, b.grad)

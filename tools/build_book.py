@@ -27,6 +27,7 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 # an attribute that makes the browser fetch something: scripts, styles, fonts, images, frames
 _FETCH = re.compile(r"""<(script|link|img|iframe|source|video|audio)\b[^>]*?\b(src|href)\s*=\s*["']([^"']+)["']""", re.I)
 _CSS_URL = re.compile(r"""url\(\s*["']?(https?:)?//""", re.I)
+POINTS_TABLE = "points_table.txt"  # generated into the site's sources; site/instructors.md includes it
 
 
 def chapters(selected: list[str] | None = None) -> list[Path]:
@@ -76,6 +77,25 @@ def clean_outputs(nb) -> int:
     return dropped
 
 
+def chapter_cpu_times(readme: Path = ROOT / "README.md") -> dict[str, str]:
+    """chapter ("ch01") -> its CPU time as the README's chapter table measures it ("41 s"), extras in brackets dropped."""
+    times = {}
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\|\s*(\d+)\s*\|\s*`chapters/\d\d_\w+\.ipynb`\s*\|.*\|\s*([^|]+?)\s*\|\s*$", line)
+        if m:
+            times[f"ch{int(m.group(1)):02d}"] = re.sub(r"\s*\(.*$", "", m.group(2)).strip()
+    return times
+
+
+def write_points_table(path: Path) -> Path:
+    """The instructor's guide's table (points, kinds, expected time, CPU time per chapter), from the exercise registry
+    (``rlhf_book.grade.points_table``) and the README's measured times: generated, never typed."""
+    from rlhf_book.grade import points_table
+
+    path.write_text(points_table(chapter_cpu_times(), detail=True), encoding="utf-8")
+    return path
+
+
 def build_site(notebooks: list[Path], out: Path) -> Path:
     """Build the website from ``notebooks`` (executed or not) into ``out``; returns ``out / "index.html"``."""
     from sphinx.cmd.build import build_main
@@ -84,6 +104,7 @@ def build_site(notebooks: list[Path], out: Path) -> Path:
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(ROOT / "site", src)
     shutil.copy(ROOT / "README.md", src / "README.md")  # index.md includes parts of it: one source for both
+    write_points_table(src / POINTS_TABLE)  # instructors.md includes it
     (src / "chapters").mkdir()
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)

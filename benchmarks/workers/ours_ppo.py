@@ -12,7 +12,7 @@ Phase times come from the trainer's own ``timings`` (``OnPolicyTrainer.timings``
 by every ``step``): generation, the experience step (critic + reference forwards and GAE,
 with the reward function's share reported apart) and the rest of ``step`` (the PPO update
 and statistics). ``trainer.experience`` gives the iteration's rollout for the token counts.
-Workers of older library versions (``run_cpu_before_after.py --before REV``) time the same
+Workers of older library versions (``run_cpu_ppo_vs_trl.py --before REV``) time the same
 phases with wrappers of their own.
 
 ``--device cuda --precision bf16`` (benchmarks/run_gpu.py) moves every model to the GPU and
@@ -81,9 +81,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="PPOConfig.compile: torch.compile the teacher-forced forwards")
     ap.add_argument("--generation-threads", type=int, default=None,
                     help="PPOConfig.generation_threads (0: None, i.e. the process setting); default: the library's")
-    common.variant_args(ap)
     args = ap.parse_args()
-    mallopt_ok = common.apply_mallopt() if args.mallopt else None
     load_start = common.loadavg()
     t_start = time.perf_counter()
 
@@ -100,14 +98,13 @@ def main() -> None:
     rlhf_book.configure_threads(S["threads"])
     rlhf_book.set_seed(S["seed"])
     art = Path(args.artifacts)
-    mk = common.model_kwargs(args)
     tok, prompts = common.load_tokenizer_and_prompts(art)
-    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
-    ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
-    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk).eval().requires_grad_(False)
+    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32)
+    ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32)
+    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32).eval().requires_grad_(False)
     critic = None
     if args.critic == "separate":
-        critic = ValueModel.from_reward_model(GPT2ForSequenceClassification.from_pretrained(art / "value", dtype=torch.float32, **mk))
+        critic = ValueModel.from_reward_model(GPT2ForSequenceClassification.from_pretrained(art / "value", dtype=torch.float32))
     for m in (policy, ref, reward, critic):  # PPOTrainer runs on the device of the policy's parameters
         if m is not None:
             m.to(args.device)
@@ -165,7 +162,6 @@ def main() -> None:
         "device": args.device,
         "precision": trainer.precision,
         "compile": args.compile,
-        "variant": {"mallopt": mallopt_ok, "activation": args.activation or policy.config.activation_function},
         "config": {"batch_size": args.batch_size, "response_length": args.response_length,
                    "n_layer": policy.config.n_layer, "n_embd": policy.config.n_embd, "n_head": policy.config.n_head,
                    "vocab_size": policy.config.vocab_size, "ppo_epochs": cfg.ppo_epochs,

@@ -64,9 +64,7 @@ def main() -> None:
                     help="shuffle_dataset=False: the prompts in dataset order (as ours_critic_free.py feeds them)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the measured iterations here")
     ap.add_argument("--dump", default=None, help="write per-iteration prompt ids and completion lengths here")
-    common.variant_args(ap)
     args = ap.parse_args()
-    mallopt_ok = common.apply_mallopt() if args.mallopt else None
     load_start = common.loadavg()
     t_start = time.perf_counter()
 
@@ -87,10 +85,9 @@ def main() -> None:
     B, R = S["batch_size"], S["response_length"]
     torch.set_num_threads(S["threads"])
     art = Path(args.artifacts)
-    mk = common.model_kwargs(args)
     tok, prompts = common.load_tokenizer_and_prompts(art)
-    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
-    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk)
+    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32)
+    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32)
     ds = Dataset.from_dict({"prompt": [p + "\n" for p in prompts]})  # format_prompt(p), as on our side
     n_iter = args.warmup + args.iters
     outdir = tempfile.mkdtemp(prefix=f"trl_{args.algo}_", dir=common.WORK)
@@ -120,7 +117,6 @@ def main() -> None:
         dataloader_num_workers=0,
         log_completions=False,
         disable_dropout=True,
-        model_init_kwargs=mk or None,  # the reference model is built from the path by TRL
         **({"shuffle_dataset": False} if args.no_shuffle else {}),
     )
 
@@ -251,7 +247,6 @@ def main() -> None:
                      "accelerate": __import__("accelerate").__version__, "datasets": __import__("datasets").__version__,
                      "tokenizers": __import__("tokenizers").__version__, "python": sys.version.split()[0]},
         "threads": torch.get_num_threads(),
-        "variant": {"mallopt": mallopt_ok, "activation": args.activation or policy.config.activation_function},
         "config": {"batch_size": B, "response_length": R, "num_generations": args.num_generations,
                    "prompts_per_iter": B // args.num_generations, "beta": S["kl_coef"], "critic": "none",
                    "n_layer": policy.config.n_layer, "n_embd": policy.config.n_embd, "gradient_checkpointing": False,

@@ -43,9 +43,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="PPOConfig.bf16 (mixed precision)")
     ap.add_argument("--bf16-scope", choices=["all", "train"], default="all",
                     help="with bf16: autocast generation and the scoring forwards too (all), or only TRL's own (train)")
-    common.variant_args(ap)
     args = ap.parse_args()
-    mallopt_ok = common.apply_mallopt() if args.mallopt else None
     load_start = common.loadavg()
     t_start = time.perf_counter()
 
@@ -60,13 +58,12 @@ def main() -> None:
     S = common.SETUP
     torch.set_num_threads(S["threads"])
     art = Path(args.artifacts)
-    mk = common.model_kwargs(args)
     tok, prompts = common.load_tokenizer_and_prompts(art)
     torch.manual_seed(S["seed"])
-    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
-    ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32, **mk)
-    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32, **mk)
-    value = GPT2ForSequenceClassification.from_pretrained(art / "value", dtype=torch.float32, **mk)
+    policy = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32)
+    ref = GPT2LMHeadModel.from_pretrained(art / "policy", dtype=torch.float32)
+    reward = GPT2ForSequenceClassification.from_pretrained(art / "reward", dtype=torch.float32)
+    value = GPT2ForSequenceClassification.from_pretrained(art / "value", dtype=torch.float32)
     for m in (policy, ref, reward, value):  # TRL would move them itself (accelerator.device); explicit is clearer
         m.to(args.device)
     cuda = args.device.startswith("cuda")
@@ -206,7 +203,6 @@ def main() -> None:
         "device": args.device,
         "precision": args.precision,
         "bf16_scope": args.bf16_scope if args.precision == "bf16" else None,
-        "variant": {"mallopt": mallopt_ok, "activation": args.activation or policy.config.activation_function},
         "config": {"batch_size": args.batch_size, "response_length": args.response_length,
                    "n_layer": policy.config.n_layer, "n_embd": policy.config.n_embd, "n_head": policy.config.n_head,
                    "vocab_size": policy.config.vocab_size, "ppo_epochs": S["ppo_epochs"],

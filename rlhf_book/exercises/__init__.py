@@ -33,17 +33,35 @@ In a notebook::
 Reference solutions live apart, in ``solutions/chNN.py`` at the repository root.
 The test suite runs every check against the solutions (must pass) and against the
 stubs in the notebooks (must fail).
+
+**Coursework metadata.** Each check is declared with :func:`exercise`, which gives the exercise its points,
+difficulty, expected minutes and kind, once, next to the check::
+
+    @exercise("trajectory_logprob", points=3, difficulty="medium", minutes=15, kind="code")
+    def check_trajectory_logprob(fn) -> bool: ...
+
+The first line a check prints carries them (``trajectory_logprob (3 points · medium · ~15 min · code): ...``),
+so the student sees them in the chapter. A module may also define ``hidden_check_<name>(answer, seed, ns)``:
+the grader (:mod:`rlhf_book.grade`) calls it on instructor-only inputs drawn from its grading seed (``ns`` is
+the notebook's namespace, for exercises that are experiments). When ``$RLHF_BOOK_GRADING`` names a file, every
+check appends one JSON line to it (exercise, status, hint level, what it printed).
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import functools
+import json
+import os
 import re
 from typing import Any, Callable, Sequence, Union
 
 import torch
 
 __all__ = ["report", "check_function", "check_value", "check_numbers", "check_matching", "not_answered",
-           "reset_attempts", "attempts", "NOT_ANSWERED"]
+           "reset_attempts", "attempts", "NOT_ANSWERED", "Exercise", "exercise", "outcome", "hidden_function_check",
+           "DIFFICULTIES", "KINDS"]
 
 PASS, FAIL = "PASS", "FAIL"
 NOT_ANSWERED = "not answered yet"
@@ -51,6 +69,107 @@ NOT_ANSWERED = "not answered yet"
 Hint = Union[str, Sequence[str]]
 
 _ATTEMPTS: dict[str, int] = {}  # exercise name -> wrong attempts so far (this Python session)
+
+DIFFICULTIES = ("easy", "medium", "hard")
+KINDS = ("code", "numeric", "multiple choice", "matching", "ordering", "diagnosis", "experiment")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exercise:
+    """What an instructor (and a student) needs to know about one exercise, besides its check."""
+
+    name: str  # the name the learner defines in the notebook (a function or an answer variable)
+    points: int
+    difficulty: str  # one of DIFFICULTIES
+    minutes: int  # expected time for a student who has read the chapter
+    kind: str  # one of KINDS
+    chapter: str = ""  # "ch01", ... (filled in from the check's module)
+
+    def __post_init__(self):
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"{self.name}: difficulty {self.difficulty!r} is not one of {DIFFICULTIES}")
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if self.points < 1 or self.minutes < 1:
+            raise ValueError(f"{self.name}: points and minutes must be positive")
+
+    def label(self) -> str:
+        """``3 points · medium · ~15 min · code``: shown on the first line a check prints."""
+        points = f"{self.points} point{'s' if self.points != 1 else ''}"
+        return f"{points} · {self.difficulty} · ~{self.minutes} min · {self.kind}"
+
+
+# the check being run: its Exercise, whether its label was printed yet, and what it reported
+_CURRENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rlhf_book_exercise", default=None)
+_QUIET_LOG: contextvars.ContextVar[bool] = contextvars.ContextVar("rlhf_book_quiet_log", default=False)
+
+
+def _shown(name: str) -> str:
+    """``name``, followed by the exercise's label on the first line a declared check prints."""
+    current = _CURRENT.get()
+    if current is None or current["labelled"]:
+        return name
+    current["labelled"] = True
+    return f"{name} ({current['exercise'].label()})"
+
+
+def _record(name: str, status: str, detail: str, text: str) -> None:
+    current = _CURRENT.get()
+    if current is not None:
+        current["events"].append({"name": name, "status": status, "detail": detail, "text": text,
+                                  "attempts": attempts(name)})
+
+
+def outcome(events: list[dict], ok: bool) -> tuple[str, int]:
+    """(status, hint level) of a check from what it reported: status is "correct", "wrong", "raised" (the
+    learner's code raised) or "not answered"; the hint level is what the learner saw (0 none, 1 first, 2 stronger)."""
+    if ok:
+        return "correct", 0
+    failed = [e for e in events if e["status"] != "not answered"]
+    if not failed:
+        return "not answered", 0
+    level = max(min(e["attempts"], 2) for e in failed)
+    if any(e["detail"].startswith("raised ") for e in failed):
+        return "raised", level
+    return "wrong", level
+
+
+def exercise(name: str, *, points: int, difficulty: str, minutes: int, kind: str) -> Callable:
+    """Declare the check of exercise ``name`` with its coursework metadata (see the module docstring).
+
+    The decorated check behaves as before (prints its lines, returns True/False, never raises); its first line
+    carries the label, ``check.exercise`` is the :class:`Exercise` and ``check.last_events`` what it reported.
+    """
+    def wrap(check: Callable) -> Callable:
+        chapter = check.__module__.rsplit(".", 1)[-1]
+        meta = Exercise(name, points, difficulty, minutes, kind, chapter if re.fullmatch(r"ch\d\d", chapter) else "")
+
+        @functools.wraps(check)
+        def run(answer: Any) -> bool:
+            current = {"exercise": meta, "labelled": False, "events": []}
+            token = _CURRENT.set(current)
+            try:
+                ok = bool(check(answer))
+            finally:
+                _CURRENT.reset(token)
+            run.last_events = current["events"]
+            log = os.environ.get("RLHF_BOOK_GRADING")
+            if log and not _QUIET_LOG.get():
+                status, level = outcome(current["events"], ok)
+                line = {"phase": "notebook", "chapter": meta.chapter, "exercise": name, "status": status,
+                        "hint_level": level, "output": "\n".join(e["text"] for e in current["events"])}
+                try:
+                    with open(log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(line) + "\n")
+                except OSError:  # grading must not break a student's notebook
+                    pass
+            return ok
+
+        run.exercise = meta
+        run.last_events = []
+        return run
+
+    return wrap
 
 
 def _exercise(name: str) -> str:
@@ -86,7 +205,9 @@ def not_answered(name: str) -> bool:
 
     A chapter executed without answers (the built book) then shows one quiet line per exercise.
     """
-    print(f"{name}: {NOT_ANSWERED}")
+    text = f"{_shown(name)}: {NOT_ANSWERED}"
+    _record(name, "not answered", NOT_ANSWERED, text)
+    print(text)
     return False
 
 
@@ -101,19 +222,22 @@ def report(name: str, ok: bool, detail: str = "", hint: Hint = "") -> bool:
     stronger hint (``hint`` is a string or a pair of strings). ``detail == NOT_ANSWERED`` prints no hint.
     """
     if ok:
-        print(f"[{PASS}] {name}" + (f": {detail}" if detail else ""))
+        text = f"[{PASS}] {_shown(name)}" + (f": {detail}" if detail else "")
+        _record(name, "correct", detail, text)
+        print(text)
         return True
     if detail == NOT_ANSWERED:
         return not_answered(name)
     key = _exercise(name)
     _ATTEMPTS[key] = _ATTEMPTS.get(key, 0) + 1
     first, stronger = _hints(hint)
-    msg = f"[{FAIL}] {name}" + (f": {detail}" if detail else "")
+    msg = f"[{FAIL}] {_shown(name)}" + (f": {detail}" if detail else "")
     if _ATTEMPTS[key] == 1 or stronger == first:
         if first:
             msg += f"\n       hint: {first}"
     elif stronger:
         msg += f"\n       stronger hint: {stronger}"
+    _record(name, "wrong", detail, msg)
     print(msg)
     return False
 
@@ -203,3 +327,25 @@ def check_matching(name: str, answer: Any, expected: dict[str, str], hint: Hint 
     wrong = sorted(k for k, v in answer.items() if str(v).strip().lower() != expected[k].lower())
     detail = "" if not wrong else f"{len(wrong)} of {len(expected)} not right"
     return report(name, not wrong, detail, hint)
+
+
+def hidden_function_check(learner: Callable, reference: Callable, make_inputs: Callable[[torch.Generator], tuple],
+                          seed: int, trials: int = 5, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[bool, str]:
+    """The grader's check of a function exercise: ``learner`` against ``reference`` on ``trials`` inputs drawn from
+    the grading ``seed`` (never the visible check's seeds 1000-1004). Prints nothing; returns (ok, detail), the detail
+    saying what failed without showing the inputs."""
+    if not callable(learner):
+        return False, f"expected a function, got {type(learner).__name__}"
+    for trial in range(trials):
+        s = (int(seed) * 7919 + 104729 * (trial + 1)) % (2**31 - 1)
+        s = s + 5000 if 1000 <= s < 1005 else s
+        inputs = make_inputs(torch.Generator().manual_seed(s))
+        expected = reference(*inputs)
+        try:
+            got = learner(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+        except Exception as e:  # noqa: BLE001 (the learner's bug)
+            return False, f"raised {type(e).__name__} on hidden input #{trial + 1}"
+        if got is None or not _close(got, expected, atol, rtol):
+            return False, (f"wrong result on hidden input #{trial + 1} (the visible inputs pass: is something "
+                           "hard-coded?)")
+    return True, f"matches the reference on {trials} hidden inputs"

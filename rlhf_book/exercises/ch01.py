@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import check_function, check_matching, check_value
+from . import check_function, check_matching, check_value, exercise, hidden_function_check
 
 __all__ = ["check_trajectory_logprob", "check_returns_to_go", "check_logprob_value", "check_state_question",
            "check_credit_question", "check_quantity_matching", "EXERCISES"]
@@ -21,6 +21,7 @@ def _logprobs_and_mask(g: torch.Generator) -> tuple:
     return lp, mask
 
 
+@exercise("trajectory_logprob", points=3, difficulty="easy", minutes=10, kind="code")
 def check_trajectory_logprob(fn) -> bool:
     """fn(token_logprobs (B, T), mask (B, T)) -> (B,): log pi(y|x) = sum of log pi(a_t|s_t) over real tokens."""
     from ..rollout import sequence_logprob
@@ -44,6 +45,7 @@ def _rewards_mask_gamma(g: torch.Generator) -> tuple:
     return rewards, mask, gamma
 
 
+@exercise("returns_to_go", points=4, difficulty="medium", minutes=20, kind="code")
 def check_returns_to_go(fn) -> bool:
     """fn(rewards (B, T), mask (B, T), gamma) -> (B, T): G_t = sum_{k >= t} gamma^(k - t) r_k."""
     from ..advantage import discounted_returns
@@ -57,6 +59,7 @@ def check_returns_to_go(fn) -> bool:
     )
 
 
+@exercise("answer_logprob", points=1, difficulty="easy", minutes=3, kind="numeric")
 def check_logprob_value(answer) -> bool:
     """The log-probability of a 3-token response whose tokens had probabilities 0.5, 0.25 and 0.8."""
     return check_value(
@@ -68,6 +71,7 @@ def check_logprob_value(answer) -> bool:
     )
 
 
+@exercise("answer_state", points=1, difficulty="easy", minutes=3, kind="multiple choice")
 def check_state_question(answer) -> bool:
     """Which is the state s_3 (before the third response token is chosen)?"""
     return check_value(
@@ -79,6 +83,7 @@ def check_state_question(answer) -> bool:
     )
 
 
+@exercise("answer_credit", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_credit_question(answer) -> bool:
     """Why does a single score at the end of a 500-token story make learning slow?"""
     return check_value(
@@ -93,6 +98,7 @@ def check_credit_question(answer) -> bool:
 _QUANTITIES = {"G": "b", "V": "e", "Q": "a", "A": "d"}
 
 
+@exercise("answer_matching", points=2, difficulty="medium", minutes=8, kind="matching")
 def check_quantity_matching(answer) -> bool:
     """Match G_t, V(s_t), Q(s_t, a_t) and A(s_t, a_t) to their definitions a-e (one is left over)."""
     return check_matching(
@@ -112,3 +118,19 @@ EXERCISES = {
     "answer_credit": check_credit_question,
     "answer_matching": check_quantity_matching,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_trajectory_logprob(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    from ..rollout import sequence_logprob
+
+    return hidden_function_check(fn, sequence_logprob, _logprobs_and_mask, seed)
+
+
+def hidden_check_returns_to_go(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    from ..advantage import discounted_returns
+
+    return hidden_function_check(fn, discounted_returns, _rewards_mask_gamma, seed)

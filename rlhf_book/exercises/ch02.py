@@ -8,7 +8,7 @@ import torch
 
 from ..advantage import last_token_index
 from ..reward_model import bradley_terry_loss
-from . import check_function, check_value
+from . import check_function, check_value, exercise, hidden_function_check
 
 __all__ = [
     "check_bt_loss",
@@ -28,6 +28,7 @@ def _score_pairs(g: torch.Generator) -> tuple:
     return rc, rr
 
 
+@exercise("bt_loss", points=3, difficulty="medium", minutes=15, kind="code")
 def check_bt_loss(bt_loss) -> bool:
     """``bt_loss(r_chosen, r_rejected)`` must equal mean(-log sigmoid(r_c - r_r)), also for large gaps."""
     return check_function(
@@ -44,6 +45,7 @@ def check_bt_loss(bt_loss) -> bool:
     )
 
 
+@exercise("p_a_over_b", points=1, difficulty="easy", minutes=3, kind="numeric")
 def check_p_a_over_b(p_a_over_b) -> bool:
     """r(A) = 1.2, r(B) = 0.5: the Bradley-Terry probability that A is preferred."""
     return check_value(
@@ -56,6 +58,7 @@ def check_p_a_over_b(p_a_over_b) -> bool:
     )
 
 
+@exercise("gap_for_90", points=2, difficulty="medium", minutes=5, kind="numeric")
 def check_gap_for_90(gap_for_90) -> bool:
     """The reward gap r(A) - r(B) at which the model predicts A wins 90% of the time."""
     return check_value(
@@ -78,6 +81,7 @@ def _scores_and_mask(g: torch.Generator) -> tuple:
     return scores, mask
 
 
+@exercise("last_token_scores", points=4, difficulty="hard", minutes=20, kind="code")
 def check_last_token_scores(last_token_scores) -> bool:
     """``last_token_scores(scores (B, T), attention_mask (B, T)) -> (B,)``: the score at each row's last real token."""
 
@@ -96,6 +100,7 @@ def check_last_token_scores(last_token_scores) -> bool:
     )
 
 
+@exercise("length_diagnosis", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_length_diagnosis(length_diagnosis) -> bool:
     """Multiple choice: what the correlation numbers say about a colleague's reward model."""
     return check_value(
@@ -109,6 +114,7 @@ def check_length_diagnosis(length_diagnosis) -> bool:
     )
 
 
+@exercise("answer_invariance", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_invariance(answer) -> bool:
     """Which change of the scores leaves every Bradley-Terry probability P(y_c > y_r) unchanged?"""
     return check_value(
@@ -128,3 +134,16 @@ EXERCISES = {
     "length_diagnosis": check_length_diagnosis,
     "answer_invariance": check_invariance,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_bt_loss(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    return hidden_function_check(fn, lambda rc, rr: bradley_terry_loss(rc, rr), _score_pairs, seed, atol=1e-4)
+
+
+def hidden_check_last_token_scores(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    return hidden_function_check(fn, lambda s, m: s[torch.arange(s.size(0)), last_token_index(m)], _scores_and_mask,
+                                 seed)

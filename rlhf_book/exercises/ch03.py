@@ -6,13 +6,14 @@ import re
 
 import torch
 
-from . import check_function, check_value, not_answered, report
 from ..losses import policy_gradient_loss
+from . import check_function, check_value, exercise, hidden_function_check, not_answered, report
 
 __all__ = ["check_advantage_value", "check_a2c_actor_loss", "check_step_order", "check_high_advantage",
            "check_run_diagnosis", "EXERCISES"]
 
 
+@exercise("answer_advantage", points=1, difficulty="easy", minutes=5, kind="numeric")
 def check_advantage_value(answer) -> bool:
     """V(s_t) = 2.0, r_t = -0.1, V(s_{t+1}) = 2.5, gamma = 0.95: the one-step (TD) advantage."""
     return check_value(
@@ -44,6 +45,7 @@ _ACTOR_HINT = (
 )
 
 
+@exercise("a2c_actor_loss", points=4, difficulty="medium", minutes=20, kind="code")
 def check_a2c_actor_loss(fn) -> bool:
     """fn(logprobs, advantages, mask) -> scalar -mean_t[A_t log pi_t] over real tokens, advantages held constant."""
     if not check_function("a2c_actor_loss (value)", fn, policy_gradient_loss, _actor_inputs, hint=_ACTOR_HINT):
@@ -71,6 +73,7 @@ def check_a2c_actor_loss(fn) -> bool:
 STEP_ORDERS = ("DBEAC", "DEBAC")  # scoring (B) and criticising (E) both need only the response: either may come first
 
 
+@exercise("answer_order", points=2, difficulty="medium", minutes=10, kind="ordering")
 def check_step_order(answer) -> bool:
     """Order of the events of one A2C iteration (letters A-E, e.g. "EDCBA"); both valid orders pass."""
     if answer is None or answer is ... or (isinstance(answer, str) and not answer.strip()):
@@ -84,6 +87,7 @@ def check_step_order(answer) -> bool:
                    "critic (E) each need only the response, in either order, and the advantages (A) need both."))
 
 
+@exercise("answer_high_advantage", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_high_advantage(answer) -> bool:
     """A token gets a large positive advantage: what does the actor's update do to its probability?"""
     return check_value(
@@ -96,6 +100,7 @@ def check_high_advantage(answer) -> bool:
     )
 
 
+@exercise("answer_run_diagnosis", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_run_diagnosis(answer) -> bool:
     """A colleague's A2C log (proxy up, gold down, KL in the tens of nats, entropy rising): diagnosis and fix."""
     return check_value(
@@ -117,3 +122,11 @@ EXERCISES = {
     "answer_high_advantage": check_high_advantage,
     "answer_run_diagnosis": check_run_diagnosis,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_a2c_actor_loss(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    return hidden_function_check(fn, policy_gradient_loss, _actor_inputs, seed)

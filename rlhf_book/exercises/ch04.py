@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from . import check_function, check_value
 from ..advantage import gae
+from . import check_function, check_value, exercise, hidden_function_check
 
 __all__ = ["check_value_target", "check_gae_advantages", "check_stalled_run", "check_lambda_choice",
            "check_frozen_critic", "EXERCISES"]
 
 
+@exercise("answer_value_target", points=1, difficulty="easy", minutes=5, kind="numeric")
 def check_value_target(answer) -> bool:
     """V(s_t) = 0.4, r_t = -0.2, V(s_{t+1}) = 1.0, gamma = 1: the TD target the critic regresses V(s_t) onto."""
     return check_value(
@@ -39,6 +40,7 @@ def _gae_inputs(g: torch.Generator) -> tuple:
     return rewards, values, mask, gamma, lam
 
 
+@exercise("gae_advantages", points=5, difficulty="hard", minutes=30, kind="code")
 def check_gae_advantages(fn) -> bool:
     """fn(rewards, values, mask, gamma, lam) -> (B, T): GAE advantages, 0 on padding, no bootstrap past the end."""
     return check_function(
@@ -54,6 +56,7 @@ def check_gae_advantages(fn) -> bool:
     )
 
 
+@exercise("answer_stalled_run", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_stalled_run(answer) -> bool:
     """Which diagnosis fits the logged curves of the stalled run?"""
     return check_value(
@@ -68,6 +71,7 @@ def check_stalled_run(answer) -> bool:
     )
 
 
+@exercise("answer_lambda", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_lambda_choice(answer) -> bool:
     """Which lambda makes the advantage independent of how wrong the critic is (at the cost of variance)?"""
     return check_value(
@@ -81,6 +85,7 @@ def check_lambda_choice(answer) -> bool:
     )
 
 
+@exercise("answer_frozen_critic", points=3, difficulty="medium", minutes=15, kind="experiment")
 def check_frozen_critic(answer) -> bool:
     """The experiment of exercise 4.5: a critic that is never updated (V = 0), with lam = 1 instead of 0."""
     # measured with seeds 0, 1, 2 (20 iterations): the held-out proxy goes from about -0.2 to +1.3 with lam = 1 in
@@ -104,3 +109,33 @@ EXERCISES = {
     "answer_lambda": check_lambda_choice,
     "answer_frozen_critic": check_frozen_critic,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_gae_advantages(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    return hidden_function_check(fn, lambda r, v, m, g, lam: gae(r, v, m, g, lam)[0], _gae_inputs, seed)
+
+
+def hidden_check_answer_frozen_critic(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    """The experiment of 4.5, against the student's own run: it must be in the notebook, at lam = 1.0, and show
+    the reading answered (C: the proxy reward of the frozen critic's run rises clearly with lam = 1)."""
+    ns = ns or {}
+    history, lam = ns.get("history_frozen"), ns.get("lam")
+    if not history:
+        return False, "the experiment's run (history_frozen) is not in the notebook: run its cell"
+    if lam != 1.0:
+        return False, f"the notebook's run is at lam = {lam!r}; the question is about lam = 1.0"
+    try:
+        evals = [float(x["eval_proxy_reward"]) for x in history if "eval_proxy_reward" in x]
+    except (TypeError, KeyError, ValueError):
+        evals = []
+    if len(evals) < 2:
+        return False, "the experiment's run has fewer than two evaluations"
+    rise = evals[-1] - evals[0]
+    shown = "C" if rise >= 0.1 else "D" if rise <= -0.1 else "A"
+    if str(answer).strip().upper() != shown:
+        return False, f"your run's proxy reward went {evals[0]:+.2f} -> {evals[-1]:+.2f}: it does not show your answer"
+    return True, f"consistent with your run (proxy {evals[0]:+.2f} -> {evals[-1]:+.2f})"

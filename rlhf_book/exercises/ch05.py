@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from . import check_function, check_matching, check_value, report
+from . import check_function, check_matching, check_value, exercise, hidden_function_check, report
 
 __all__ = ["check_clipped_objective", "check_beta_choice", "check_kl_k3", "check_kl_matching",
            "check_negative_kl", "check_lr_experiment", "EXERCISES"]
 
 
+@exercise("answer_clipped_objective", points=2, difficulty="medium", minutes=10, kind="numeric")
 def check_clipped_objective(answer) -> bool:
     """Mean PPO objective of two tokens, eps = 0.2: (rho=1.4, A=+2) and (rho=0.6, A=-1)."""
     # token 1: min(1.4 * 2, 1.2 * 2) = 2.4 (clipped); token 2: min(0.6 * -1, 0.8 * -1) = -0.8 (clipped)
@@ -23,6 +24,7 @@ def check_clipped_objective(answer) -> bool:
     )
 
 
+@exercise("answer_beta", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_beta_choice(answer) -> bool:
     """Which beta should the next run use, given the described over-optimised run at beta = 0?"""
     return check_value(
@@ -50,6 +52,7 @@ _K3_HINT = ("with omega = pi_ref / pi_theta, log omega = ref_logprobs - logprobs
             "exp(x) - 1 accurately for tiny x.")
 
 
+@exercise("kl_k3", points=3, difficulty="medium", minutes=15, kind="code")
 def check_kl_k3(fn) -> bool:
     """fn(logprobs, ref_logprobs) -> (B, T): k3 = (omega - 1) - log omega with omega = exp(ref_logprobs - logprobs)."""
     from ..kl import kl_k3
@@ -72,6 +75,7 @@ def check_kl_k3(fn) -> bool:
 _KL_PROPERTIES = {"k1": "c", "k2": "d", "k3": "a", "k3_loss": "b"}
 
 
+@exercise("answer_kl_matching", points=2, difficulty="medium", minutes=10, kind="matching")
 def check_kl_matching(answer) -> bool:
     """Match k1, k2, k3 and the k3 loss to their properties a-e (one is left over)."""
     return check_matching(
@@ -84,6 +88,7 @@ def check_kl_matching(answer) -> bool:
     )
 
 
+@exercise("answer_negative_kl", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_negative_kl(answer) -> bool:
     """A run whose KL to the reference is negative before any update and stays negative: the cause (A-D)."""
     return check_value(
@@ -96,6 +101,7 @@ def check_negative_kl(answer) -> bool:
     )
 
 
+@exercise("answer_lr_experiment", points=3, difficulty="medium", minutes=15, kind="experiment")
 def check_lr_experiment(answer) -> bool:
     """The experiment of exercise 5.6: PPO with ten times the learning rate, clip fraction and approx-KL (A-D)."""
     # measured with seeds 0, 1, 2 (10 iterations, beta = 0.05): mean clip fraction 0.02-0.03 at lr = 1e-4 and
@@ -118,3 +124,41 @@ EXERCISES = {
     "answer_negative_kl": check_negative_kl,
     "answer_lr_experiment": check_lr_experiment,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_kl_k3(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    from ..kl import kl_k3
+
+    return hidden_function_check(fn, kl_k3, _logprob_pairs, seed, atol=1e-5, rtol=1e-4)
+
+
+def hidden_check_answer_lr_experiment(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    """The experiment of 5.6, against the student's own run: it must be in the notebook, at lr = 1e-3, and show the
+    reading answered (B: clip fraction and approx-KL both several times those of the lr = 1e-4 run)."""
+    ns = ns or {}
+    history, lr, runs = ns.get("history_lr"), ns.get("lr"), ns.get("runs") or {}
+    base = runs.get("beta=0.05") if isinstance(runs, dict) else None
+    if not history or not base:
+        return False, "the experiment's run (history_lr) is not in the notebook: run its cell"
+    if lr != 1e-3:
+        return False, f"the notebook's run is at lr = {lr!r}; the question is about lr = 1e-3"
+
+    def means(h):
+        its = [x for x in h if "clipfrac" in x][:10]
+        n = max(len(its), 1)
+        return sum(float(x["clipfrac"]) for x in its) / n, sum(float(x["approx_kl"]) for x in its) / n
+
+    try:
+        (clip, kl), (clip0, kl0) = means(history), means(base)
+    except (TypeError, KeyError, ValueError):
+        return False, "the experiment's run has no clip fraction or approx-KL"
+    grows = clip >= 3 * clip0 and kl >= 3 * kl0 and clip > 0
+    shown = "B" if grows else "D" if clip >= 3 * clip0 and kl < kl0 else "A"
+    if str(answer).strip().upper() != shown:
+        return False, (f"your run: clip fraction {clip0:.3f} -> {clip:.3f}, approx-KL {kl0:.4f} -> {kl:.4f}; it "
+                       "does not show your answer")
+    return True, f"consistent with your run (clip fraction {clip0:.3f} -> {clip:.3f}, approx-KL {kl0:.4f} -> {kl:.4f})"

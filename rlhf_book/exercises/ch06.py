@@ -7,12 +7,13 @@ import math
 
 import torch
 
-from . import check_function, check_value, report
+from . import check_function, check_value, exercise, hidden_function_check, report
 
 __all__ = ["check_dpo_loss_by_hand", "check_dpo_loss_fn", "check_implicit_reward", "check_loss_matching",
            "check_diagnosis", "check_beta_choice", "EXERCISES"]
 
 
+@exercise("answer_dpo_loss", points=2, difficulty="medium", minutes=10, kind="numeric")
 def check_dpo_loss_by_hand(answer) -> bool:
     """beta = 0.5; log pi: chosen -12, rejected -15; log pi_ref: chosen -13, rejected -14."""
     # log-ratios +1 (chosen) and -1 (rejected): beta * (1 - (-1)) = 1, loss = -log sigmoid(1) = log(1 + e^-1)
@@ -46,6 +47,7 @@ def _reference_dpo(lp_c, ref_c, mask_c, lp_r, ref_r, mask_r, beta):
     return dpo_loss(s(lp_c, mask_c), s(lp_r, mask_r), s(ref_c, mask_c), s(ref_r, mask_r), beta)[0]
 
 
+@exercise("dpo_loss", points=4, difficulty="medium", minutes=20, kind="code")
 def check_dpo_loss_fn(fn) -> bool:
     """fn(lp_chosen, ref_chosen, mask_chosen, lp_rejected, ref_rejected, mask_rejected, beta) -> (B,) losses."""
     return check_function(
@@ -56,6 +58,7 @@ def check_dpo_loss_fn(fn) -> bool:
     )
 
 
+@exercise("answer_implicit_reward", points=1, difficulty="easy", minutes=5, kind="numeric")
 def check_implicit_reward(answer) -> bool:
     """beta = 0.1, log pi(y|x) = -20.0, log pi_ref(y|x) = -23.0: the implicit reward of y."""
     return check_value(
@@ -69,6 +72,7 @@ def check_implicit_reward(answer) -> bool:
 _MATCHING = {"sigmoid": "c", "hinge": "a", "ipo": "d", "simpo": "b"}
 
 
+@exercise("answer_matching", points=2, difficulty="medium", minutes=10, kind="matching")
 def check_loss_matching(answer) -> bool:
     """Match each loss_type to its description a-d."""
     if answer is None or answer is ...:
@@ -82,6 +86,7 @@ def check_loss_matching(answer) -> bool:
                   "needs no reference model at all.")
 
 
+@exercise("answer_diagnosis", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_diagnosis(answer) -> bool:
     """A run whose chosen and rejected log-probs both fall (see the notebook): which reading is right?"""
     return check_value(
@@ -91,6 +96,7 @@ def check_diagnosis(answer) -> bool:
     )
 
 
+@exercise("answer_beta", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_beta_choice(answer) -> bool:
     """Which beta for the next run, given the described failure (see the notebook)?"""
     return check_value(
@@ -108,3 +114,11 @@ EXERCISES = {
     "answer_diagnosis": check_diagnosis,
     "answer_beta": check_beta_choice,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_dpo_loss(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    return hidden_function_check(fn, _reference_dpo, _padded_pairs, seed)

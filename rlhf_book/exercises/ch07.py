@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_function, check_numbers, check_value, report
+from . import check_function, check_numbers, check_value, exercise, hidden_function_check, report
 
 __all__ = ["EXERCISES", "check_group_advantage_fn", "check_grpo_by_hand", "check_loss_aggregation_choice",
            "check_pass_at_k_by_hand", "check_rloo_by_hand", "check_sharpen_or_widen"]
@@ -13,6 +13,7 @@ __all__ = ["EXERCISES", "check_group_advantage_fn", "check_grpo_by_hand", "check
 _GROUP = [1.0, 0.0, 0.0, 3.0]  # the group of exercises 7.1 and 7.2: K = 4 rewards of one prompt
 
 
+@exercise("answer_rloo", points=2, difficulty="medium", minutes=10, kind="numeric")
 def check_rloo_by_hand(answer) -> bool:
     """Group rewards [1.0, 0.0, 0.0, 3.0] (K = 4 replies to one prompt): the RLOO advantage of each reply, 4 numbers."""
     from ..critic_free import rloo_advantages
@@ -23,6 +24,7 @@ def check_rloo_by_hand(answer) -> bool:
     return check_numbers("rloo_by_hand", answer, rloo_advantages(torch.tensor([_GROUP]))[0], "one per reply", hint)
 
 
+@exercise("answer_grpo", points=2, difficulty="medium", minutes=10, kind="numeric")
 def check_grpo_by_hand(answer) -> bool:
     """Group rewards [1.0, 0.0, 0.0, 3.0]: the GRPO advantage of the 4th reply, (r - mean) / (std + 1e-4), with the
     unbiased (Bessel-corrected, torch.std's) group std, as ``grpo_advantages(scale="group")``; 2/sqrt(2) is accepted."""
@@ -61,6 +63,7 @@ def _group_rewards(g: torch.Generator) -> tuple:
 _ROUNDING = [(K, x, rows) for K in (3, 6, 7, 8) for x in (0.1, 0.2, 0.3, 0.7, 0.9, 3.7) for rows in (1, 2)]
 
 
+@exercise("group_advantages", points=4, difficulty="hard", minutes=25, kind="code")
 def check_group_advantage_fn(fn) -> bool:
     """fn(rewards) -> (B, K) on (B, K) rewards: (r - group mean) / (group std + 1e-4), torch.std's unbiased std,
     and exactly 0.0 (never NaN) for a group whose K rewards are all equal; random cases with K = 2, 3, 4, 8, degenerate
@@ -90,6 +93,7 @@ def check_group_advantage_fn(fn) -> bool:
     return report(f"{name} (equal rewards)", True, "degenerate groups give exactly 0, whatever the rounding")
 
 
+@exercise("answer_aggregation", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_loss_aggregation_choice(answer) -> bool:
     """Under loss_type="grpo" the replies with negative advantage grow longer: why, and what removes it (A-D)?"""
     return check_value(
@@ -100,6 +104,7 @@ def check_loss_aggregation_choice(answer) -> bool:
     )
 
 
+@exercise("answer_pass_at_k", points=2, difficulty="medium", minutes=10, kind="numeric")
 def check_pass_at_k_by_hand(answer) -> bool:
     """n = 5 samples of which c = 2 are correct: the unbiased estimate of pass@2."""
     from ..critic_free import pass_at_k
@@ -117,6 +122,7 @@ def check_pass_at_k_by_hand(answer) -> bool:
 _SHARPENING = {"run_a": "widens", "run_b": "sharpens", "run_c": "neither"}
 
 
+@exercise("answer_sharpening", points=2, difficulty="medium", minutes=10, kind="matching")
 def check_sharpen_or_widen(answer) -> bool:
     """run_a: pass@1 0.30 -> 0.42, pass@16 0.80 -> 0.91; run_b: 0.30 -> 0.55, 0.80 -> 0.78; run_c: 0.30 -> 0.27,
     0.80 -> 0.70. Each: "sharpens", "widens" or "neither"."""
@@ -141,3 +147,13 @@ EXERCISES = {
     "answer_aggregation": check_loss_aggregation_choice,
     "answer_sharpening": check_sharpen_or_widen,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_group_advantages(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    from ..critic_free import grpo_advantages
+
+    return hidden_function_check(fn, grpo_advantages, _group_rewards, seed)

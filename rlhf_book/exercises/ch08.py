@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import check_function, check_numbers, check_value, report
+from . import check_function, check_numbers, check_value, exercise, hidden_function_check, report
 
 __all__ = ["EXERCISES", "check_best_of_n_probs_fn", "check_ensemble_choice", "check_forms_matching",
            "check_gao_peak", "check_kl_bound", "check_kl_coin", "check_overoptimization_diagnosis"]
@@ -17,6 +17,7 @@ _BOUND_NS = (4, 16)  # exercise 8.1
 _ALPHA, _BETA = 0.9, 0.25  # exercise 8.3: a best-of-n fit R(d) = d (alpha - beta d), d = sqrt(KL)
 
 
+@exercise("answer_kl_bound", points=2, difficulty="easy", minutes=5, kind="numeric")
 def check_kl_bound(answer) -> bool:
     """The best-of-n KL bound log n - (n - 1)/n (nats) for n = 4 and n = 16: a list of 2 numbers."""
     from ..overoptimization import best_of_n_kl_bound
@@ -28,6 +29,7 @@ def check_kl_bound(answer) -> bool:
     return check_numbers("kl_bound", answer, expected, "n = 4, then n = 16", hint)
 
 
+@exercise("answer_kl_coin", points=2, difficulty="medium", minutes=10, kind="numeric")
 def check_kl_coin(answer) -> bool:
     """Two replies, p = (1/2, 1/2), rewards (0, 1): the exact KL(pi_2 || p) of best-of-2, in nats."""
     from ..overoptimization import best_of_n_kl_exact
@@ -42,6 +44,7 @@ def check_kl_coin(answer) -> bool:
     )
 
 
+@exercise("answer_gao_peak", points=3, difficulty="hard", minutes=15, kind="numeric")
 def check_gao_peak(answer) -> bool:
     """A best-of-n fit R(d) = d (alpha - beta d), d = sqrt(KL), alpha = 0.9, beta = 0.25: a dict with the d of the
     peak "d_peak", the KL there "kl_peak", the gold gain there "gain", and "n", the smallest integer n with
@@ -102,6 +105,7 @@ def _reference_probs(p, rewards, n):
     return torch.as_tensor(best_of_n_distribution(p, rewards, n), dtype=torch.float64)
 
 
+@exercise("best_of_n_probs", points=4, difficulty="hard", minutes=25, kind="code")
 def check_best_of_n_probs_fn(fn) -> bool:
     """fn(p, rewards, n) -> (K,): pi_n(y) = F(r(y))^n - F(r(y)^-)^n for a categorical p (K,) with distinct rewards
     (K,) in no particular order, F the CDF of the reward under p; random cases with K = 2 to 12, n = 1 to 16 and
@@ -114,6 +118,7 @@ def check_best_of_n_probs_fn(fn) -> bool:
     )
 
 
+@exercise("answer_ensemble", points=1, difficulty="easy", minutes=5, kind="multiple choice")
 def check_ensemble_choice(answer) -> bool:
     """Ensemble of 4 normalised reward models, aggregate="mean"; the policy finds replies that member 4 scores +5
     while members 1-3 score about 0: which change targets this (A-D)?"""
@@ -125,6 +130,7 @@ def check_ensemble_choice(answer) -> bool:
     )
 
 
+@exercise("answer_diagnosis", points=2, difficulty="medium", minutes=10, kind="diagnosis")
 def check_overoptimization_diagnosis(answer) -> bool:
     """PPO log over iterations 0-600: KL 0, 0.5, 1.5, 3, 5, 8, 12; proxy 0, 0.73, 1.20, 1.64, 2.06, 2.55, 3.06;
     gold 0, 0.69, 0.86, 0.91, 0.89, 0.79, 0.62: the diagnosis and the fix (A-D)."""
@@ -140,6 +146,7 @@ def check_overoptimization_diagnosis(answer) -> bool:
 _FORMS = {"bon_fit": "c", "rl_fit": "d", "kl_bound": "a", "kl_exact": "b"}
 
 
+@exercise("answer_forms", points=2, difficulty="medium", minutes=10, kind="matching")
 def check_forms_matching(answer) -> bool:
     """bon_fit d (alpha - beta d), rl_fit d (alpha - beta log d), kl_bound log n - (n-1)/n, kl_exact (ties) to
     (a) a function of n alone, unbounded like log n; (b) never above log(1/q) for a 0/1 reward right with
@@ -165,3 +172,11 @@ EXERCISES = {
     "answer_diagnosis": check_overoptimization_diagnosis,
     "answer_forms": check_forms_matching,
 }
+
+
+# Hidden checks: the grader (rlhf_book.grade) calls hidden_check_<name>(answer, seed, ns) on inputs drawn from its
+# grading seed, never printed in the notebook; each returns (ok, detail). See rlhf_book/exercises/__init__.py.
+
+
+def hidden_check_best_of_n_probs(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    return hidden_function_check(fn, _reference_probs, _distinct_categorical, seed)
