@@ -59,6 +59,10 @@ from .overoptimization import (BestOfN, EnsembleReward, GaoFit, best_of_n, best_
                                expected_best_of_n, fit_gao)
 from .reward_model import load_reward_ensemble, train_reward_ensemble
 
+# chapter 9: worlds as units (the reviews world and the arithmetic world), verifiable rewards
+from .worlds import World, get_world, world_names
+from .rewards import reward_fn_from_verifier
+
 __version__ = "0.2.0"
 
 __all__ = [
@@ -82,4 +86,5 @@ __all__ = [
     "BestOfN", "EnsembleReward", "GaoFit", "best_of_n", "best_of_n_distribution", "best_of_n_kl_bound",
     "best_of_n_kl_estimate", "best_of_n_kl_exact", "best_of_n_kl_sampled", "ensemble_reward_fn", "expected_best_of_n",
     "fit_gao", "load_reward_ensemble", "train_reward_ensemble",
+    "World", "get_world", "world_names", "reward_fn_from_verifier",
 ]

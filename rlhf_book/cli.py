@@ -94,6 +94,8 @@ from .sft import CHECKPOINT_NAME as SFT_CHECKPOINT
 from .sft import SFTConfig, SFTTrainer, load_sft_records
 from .tokenizer import format_prompt
 from .trainer import METRICS_NAME, RESUMABLE_FIELDS, save_history, write_metrics
+from .worlds import get_world, split_model_name
+from .worlds import load_model as load_world_model
 
 __all__ = [
     "ALGORITHMS",
@@ -223,9 +225,10 @@ class PipelineConfig(Config):
     algorithm: str = option("ppo", "the RL algorithm; its fields are the table of the same name", choices=ON_POLICY)
     reward: str = option("model", "'model': the learned reward model of the preset; 'gold': optimise the gold reward "
                                   "itself", choices=("model", "gold"))
-    critic: str = option("head", "'head' (value head on the policy), 'separate' (a copy of the policy's trunk) or "
-                                 "'reward_model' (a separate critic initialised from the RM); ppo and a2c only",
-                         choices=("head", "separate", "reward_model"))
+    critic: str | None = option(None, "'head' (value head on the policy), 'separate' (a copy of the policy's trunk) "
+                                      "or 'reward_model' (a separate critic initialised from the RM); ppo and a2c "
+                                      "only; None: the algorithm's default ('separate')",
+                                choices=("head", "separate", "reward_model"))
     iterations: int = option(60, "RL iterations (a larger number continues a finished run)", ">= 1")
     out_dir: str | None = option(None, "output directory (default: runs/<config file name>)")
     prompts: str | None = option(None, "the reader's prompt file (JSONL with 'prompt', or one prompt per line); "
@@ -240,7 +243,7 @@ class PipelineConfig(Config):
     def check(self) -> None:
         if self.critic == "reward_model" and self.reward != "model":
             raise ValueError("[pipeline] critic = 'reward_model' needs reward = 'model'")
-        if self.critic != "head" and ALGORITHMS[self.algorithm].config_class is CriticFreeConfig:
+        if self.critic is not None and ALGORITHMS[self.algorithm].config_class is CriticFreeConfig:
             raise ValueError(f"[pipeline] critic = {self.critic!r}: {self.algorithm} has no critic (leave critic out)")
         resolve_model_name(self.preset)  # a typo of a preset fails here, before anything is built
         if self.reward == "model" and self.preset not in PRESETS:
@@ -282,8 +285,10 @@ LORA_KEYS = {"r": "rank (default 8)", "alpha": "lora_alpha (default 16)",
 class ModelConfig(Config):
     """The ``[model]`` table: the starting point (the book's preset or any local model directory)."""
 
-    path: str = option("cpu", "a preset of the book's world (tiny / cpu / gpu: built and cached on first use) or a "
-                              "local directory saved with save_pretrained (any causal LM)")
+    path: str = option("cpu", "a preset of the book's world (tiny / cpu / gpu: built and cached on first use), a "
+                              "world's policy 'WORLD:PRESET' (e.g. 'arithmetic:tiny', rlhf_book.worlds; its prompts "
+                              "are the default [data] prompts) or a local directory saved with save_pretrained (any "
+                              "causal LM)")
     dtype: str = option("auto", "dtype of the loaded weights: 'auto' (the checkpoint's own), 'float32', 'bfloat16', "
                                 "'float16' (trainable weights are held in fp32 unless [ALGO] trainable_dtype = 'keep')")
     lora: dict | None = option(None, "LoRA adapters instead of full-weight training, e.g. {r = 8, alpha = 16, "  # noqa: RUF009
@@ -291,7 +296,8 @@ class ModelConfig(Config):
                                      "reference is then the model with its adapters disabled")
 
     def check(self) -> None:
-        resolve_model_name(self.path)
+        if split_model_name(self.path) is None:  # 'WORLD:PRESET' is checked by the registry
+            resolve_model_name(self.path)
         resolve_dtype(self.dtype, "[model] dtype")
         if self.lora is not None:
             bad = sorted(set(self.lora) - set(LORA_KEYS))
@@ -693,6 +699,12 @@ class _Plan:
         """Whether the model is a preset of the book's world (its prompts, preference data and reward model exist)."""
         return self.model in PRESETS
 
+    @property
+    def world(self):
+        """The :class:`rlhf_book.worlds.World` of a model named 'WORLD:PRESET', else None."""
+        parts = split_model_name(self.model)
+        return get_world(parts[0]) if parts is not None else None
+
 
 def _plan(tables: dict, iterations: int | None = None, epochs: float | None = None, progress: bool = True) -> _Plan:
     """A :class:`_Plan` from :func:`load_config`'s tables (``iterations`` / ``epochs``: the command line's)."""
@@ -750,6 +762,18 @@ def _plan(tables: dict, iterations: int | None = None, epochs: float | None = No
 def _check_plan(plan: _Plan) -> None:
     """The rules between tables: each algorithm's data and reward exist for this starting point."""
     spec, where = plan.spec, "[pipeline]" if "pipeline" in plan.record else "[data]"
+    parts = split_model_name(plan.model)
+    if parts is not None and parts[0] == "reviews":  # 'reviews:cpu' is the preset 'cpu'
+        plan.model = parts[1]
+    if plan.world is not None:  # another world's policy: its prompts, its gold reward, no reward model
+        if plan.reward is None and spec.on_policy:
+            raise ValueError(f"[reward] source: {spec.name} on the {plan.world.name} world needs a reward: 'gold' "
+                             f"(the world's own) or a Python function 'module:function'")
+        if plan.reward == "model":
+            raise ValueError(f"[reward] source = 'model': the {plan.world.name} world has no reward model; use "
+                             f"'gold' (the world's own reward) or a Python function 'module:function'")
+        if spec.data == "prompts" and plan.prompts is None:
+            return
     if plan.reward is None and spec.on_policy:
         if not plan.book:
             raise ValueError(f"[reward] source: {spec.name} needs a reward: a reward-model directory or a Python "
@@ -823,6 +847,9 @@ def _prompts(plan: _Plan) -> tuple[list, list]:
     """(train, held-out) prompts: the reader's file split by ``split_seed``, or the book's split."""
     if plan.prompts is not None:
         return _train_eval_split(read_prompt_file(plan.prompts), plan.n_eval, plan.split_seed)
+    if plan.world is not None:  # a world's own train prompts and held-out prompts
+        return (plan.world.prompts("train", seed=plan.split_seed),
+                plan.world.prompts("eval", n=plan.n_eval, seed=plan.split_seed))
     return prompt_split(plan.split_seed, plan.n_eval)
 
 
@@ -886,11 +913,17 @@ def _reward_fn(plan: _Plan, device, progress: bool, own_prompts):
         rm, rm_tok = load_reward_model(plan.model, device=device, progress=progress, prompts=own_prompts)
         return reward_fn_from_model(rm, rm_tok), rm
     if kind == "gold":
-        return gold_reward_fn, None
+        return (plan.world.gold_fn if plan.world is not None else gold_reward_fn), None
     if kind == "dir":
         rm, rm_tok = load_reward_model(plan.reward, device=device)
         return reward_fn_from_model(rm, rm_tok, normalize=plan.normalize), rm
     return load_function(plan.reward), None
+
+
+def _load_lm(name: str, device=None, progress: bool = True, dtype="auto"):
+    """(model, tokenizer): a world's policy for 'WORLD:PRESET' (rlhf_book.worlds), else :func:`load_base_model`."""
+    load = load_world_model if split_model_name(name) is not None else load_base_model
+    return load(name, device=device, progress=progress, dtype=dtype)
 
 
 # ------------------------------------------------------------------ a run
@@ -926,7 +959,7 @@ def run(config: dict, iterations: int | None = None, epochs: float | None = None
     set_seed(plan.cfg.seed)
 
     say(f"[1/3] base LM ({plan.model})", flush=True)
-    policy, tok = load_base_model(plan.model, device=device, progress=progress and main, dtype=plan.dtype)
+    policy, tok = _load_lm(plan.model, device=device, progress=progress and main, dtype=plan.dtype)
     if spec.name == "reward":
         return _train_reward(plan, policy, tok, train, eval_set, say, progress and main)
     if spec.on_policy and plan.prompts is not None:  # before any prompt reaches the reward stage or a batch
@@ -935,11 +968,11 @@ def run(config: dict, iterations: int | None = None, epochs: float | None = None
         policy = _with_lora(policy, plan.lora)
     ref = None  # LoRA: the policy with its adapters disabled; SFT: none
     if spec.reference and plan.lora is None:
-        ref, _ = load_base_model(plan.model, device=device, progress=False, dtype=plan.dtype)
+        ref, _ = _load_lm(plan.model, device=device, progress=False, dtype=plan.dtype)
     own = prompt_texts(train) if spec.on_policy and plan.prompts is not None else None
     say(f"[2/3] reward: {plan.reward or 'none'}", flush=True)
     reward_fn, rm = _reward_fn(plan, device, progress and main, own)
-    gold_fn = gold_reward_fn if plan.gold else None
+    gold_fn = (plan.world.gold_fn if plan.world is not None else gold_reward_fn) if plan.gold else None
 
     trainer_cls, cfg = spec.trainer_class, plan.cfg
     resumed = (out / spec.checkpoint).exists()
@@ -1059,7 +1092,7 @@ def _train_reward(plan: _Plan, lm, tok, train: list, held: list, say, progress: 
     return summary
 # ------------------------------------------------------------------ the other commands
 def _build_base(args) -> None:
-    load_base_model(args.preset, device=args.device, progress=True)
+    _load_lm(args.preset, device=args.device, progress=True)
     print(f"base LM {args.preset!r} is built and cached")
 
 
@@ -1129,7 +1162,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("table", nargs="?", default="ppo", choices=OPTION_TABLES)
     for name, helptext in (("base", "build and cache the base LM"), ("reward", "build and cache the reward model")):
         q = sub.add_parser(name, help=helptext)
-        q.add_argument("--preset", default="cpu", help="tiny, cpu or gpu")
+        q.add_argument("--preset", default="cpu", help="tiny, cpu or gpu" + (" (or a world's 'WORLD:PRESET', e.g. "
+                                                                          "arithmetic:cpu)" if name == "base" else ""))
         q.add_argument("--device", default=None)
     from . import grade  # coursework (rlhf_book/grade.py): grading submitted notebooks, the student edition
 

@@ -244,18 +244,21 @@ def plot_seeds(
 # ---------------------------------------------------------------------------- the RLHF pipeline (the book's map)
 # box name -> (x, y, text); x, y: the centre in axes coordinates (0..1)
 _PIPELINE_BOXES = {
-    "pretrain": (0.12, 0.86, "1  Pretraining\nnext-token loss on text\n-> the base LM"),
-    "sft": (0.37, 0.86, r"2  Supervised fine-tuning" "\nimitate demonstrations\n" r"max $\log \pi_\theta(y_{\mathrm{demo}} \mid x)$"),
-    "rm": (0.62, 0.86, r"3  Reward model $r_\phi$" "\nBradley-Terry on\npreference pairs"),
-    "rl": (0.87, 0.86, r"4  RL fine-tuning" "\n" r"max $\mathbb{E}[r_\phi] - \beta\,\mathrm{KL}(\pi_\theta \Vert \pi_{\mathrm{ref}})$"),
-    "prompts": (0.07, 0.32, r"prompts $x$"),
-    "policy": (0.24, 0.32, r"policy $\pi_\theta$ (actor)" "\nsamples $y$"),
-    "reward": (0.49, 0.49, r"reward model" "\n" r"$r_\phi(x, y)$"),
-    "reference": (0.49, 0.32, r"reference $\pi_{\mathrm{ref}}$" "\nlog-probs -> KL"),
-    "critic": (0.49, 0.15, r"critic $V_\psi(s_t)$" "\n(none in ch. 7)"),
-    "advantages": (0.71, 0.32, r"per-token rewards" "\nand advantages $A_t$"),
-    "update": (0.90, 0.32, r"update $\theta$" "\n" r"(and $\psi$)"),
+    "pretrain": (0.125, 0.82, "1  Pretraining\nnext-token loss on text\n-> the base LM"),
+    "sft": (0.375, 0.82, r"2  Supervised fine-tuning" "\nimitate demonstrations\n" r"max $\log \pi_\theta(y_{\mathrm{demo}} \mid x)$"),
+    "rm": (0.625, 0.82, r"3  Reward model $r_\phi$" "\nBradley-Terry on\npreference pairs"),
+    "rl": (0.875, 0.82, r"4  RL fine-tuning" "\n" r"max $\mathbb{E}[r_\phi]$" "\n"
+           r"$-\ \beta\,\mathrm{KL}(\pi_\theta \Vert \pi_{\mathrm{ref}})$"),
+    "prompts": (0.06, 0.31, r"prompts $x$"),
+    "policy": (0.235, 0.31, r"policy $\pi_\theta$" "\n(actor)\nsamples $y$"),
+    "reward": (0.475, 0.475, r"reward model" "\n" r"$r_\phi(x, y)$"),
+    "reference": (0.475, 0.31, r"reference $\pi_{\mathrm{ref}}$" "\nlog-probs -> KL"),
+    "critic": (0.475, 0.145, r"critic $V_\psi(s_t)$" "\n(none in ch. 7)"),
+    "advantages": (0.72, 0.31, r"per-token rewards" "\nand advantages $A_t$"),
+    "update": (0.915, 0.31, r"update $\theta$" "\n" r"(and $\psi$)"),
 }
+_PIPELINE_SIZES = {"prompts": (0.1, 0.075), "policy": (0.15, 0.13), "reward": (0.2, 0.125), "reference": (0.2, 0.125),
+                   "critic": (0.2, 0.125), "advantages": (0.2, 0.125), "update": (0.14, 0.125)}  # (w, h); stages: 0.215 x 0.2
 _PIPELINE_CHAPTERS = {  # chapter -> the boxes it builds or studies
     1: ("pretrain", "sft", "policy"), 2: ("rm", "reward"), 3: ("rl", "policy", "critic", "advantages", "update"),
     4: ("critic", "advantages"), 5: ("rl", "reference", "update"), 6: ("sft", "rm", "dpo"),
@@ -263,6 +266,10 @@ _PIPELINE_CHAPTERS = {  # chapter -> the boxes it builds or studies
 }
 _PIPELINE_LABELS = {"pretrain": "ch. 1", "sft": "ch. 1", "rm": "ch. 2, 8", "rl": "ch. 3-5, 7, 8", "reward": "ch. 2",
                     "reference": "ch. 5", "critic": "ch. 3, 4", "advantages": "ch. 3, 4, 7", "update": "ch. 3, 5, 7"}
+# The figure is drawn at about the width of the book site's column (~900 px at the inline backend's 100 dpi), so
+# that it is shown unscaled there: its smallest text (8.5 pt) is then ~12 px on screen (tests/test_site.py checks).
+PIPELINE_FIGSIZE = (8.8, 6.4)
+PIPELINE_FONTS = {"title": 12, "box": 10, "note": 9.5, "chapter": 8.5}  # points
 
 
 def plot_pipeline(chapter: int | None = None):
@@ -276,24 +283,26 @@ def plot_pipeline(chapter: int | None = None):
     if chapter is not None and chapter not in _PIPELINE_CHAPTERS:
         raise ValueError(f"chapter must be one of {sorted(_PIPELINE_CHAPTERS)} or None, got {chapter!r}")
     lit = set(_PIPELINE_CHAPTERS.get(chapter, ()))
-    fig, ax = plt.subplots(figsize=(11, 5.6))
-    ax.set(xlim=(0, 1), ylim=(-0.03, 1.09))
+    fonts = PIPELINE_FONTS
+    fig, ax = plt.subplots(figsize=PIPELINE_FIGSIZE)
+    ax.set(xlim=(0, 1), ylim=(-0.03, 1.06))
     ax.axis("off")
     sizes = {}
     for name, (x, y, text) in _PIPELINE_BOXES.items():
-        w, h = (0.21, 0.2) if y > 0.7 else (0.15, 0.11) if name not in ("prompts",) else (0.09, 0.07)
-        sizes[name] = (w, h)
+        w, h = sizes[name] = _PIPELINE_SIZES.get(name, (0.215, 0.2))
         face = "#fde68a" if name in lit else ("#e0ecf8" if y > 0.7 else "#f3f4f6")
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01", fc=face, ec="#374151",
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.006", fc=face, ec="#374151",
                                     lw=1.6 if name in lit else 0.8))
-        ax.text(x, y + 0.012, text, ha="center", va="center", fontsize=8.5)
-        if name in _PIPELINE_LABELS:
-            ax.text(x + w / 2 - 0.006, y - h / 2 + 0.008, _PIPELINE_LABELS[name], ha="right", va="bottom",
-                    fontsize=7, color="#6b7280", style="italic")
+        labelled = name in _PIPELINE_LABELS
+        ax.text(x, y + (0.014 if labelled else 0.0), text, ha="center", va="center", fontsize=fonts["box"],
+                linespacing=1.25)
+        if labelled:
+            ax.text(x + w / 2 - 0.006, y - h / 2 + 0.006, _PIPELINE_LABELS[name], ha="right", va="bottom",
+                    fontsize=fonts["chapter"], color="#4b5563", style="italic")
 
     def arrow(a, b, rad=0.0, **kw):
         (xa, ya, _), (xb, yb, _) = _PIPELINE_BOXES[a], _PIPELINE_BOXES[b]
-        (wa, ha), (wb, hb) = sizes[a], sizes[b]
+        (wa, _), (wb, _) = sizes[a], sizes[b]
         if abs(ya - yb) < 1e-9:
             start, end = (xa + wa / 2, ya), (xb - wb / 2, yb)
         else:
@@ -307,25 +316,27 @@ def plot_pipeline(chapter: int | None = None):
                  ("critic", "advantages"), ("advantages", "update")):
         arrow(a, b)
     # the update changes the policy that samples the next batch
-    low = 0.03
-    ax.plot([0.90, 0.90, 0.24], [0.32 - 0.055, low, low], color="#374151", lw=1.0)
-    ax.annotate("", xy=(0.24, 0.32 - 0.055), xytext=(0.24, low), arrowprops=dict(arrowstyle="-|>", color="#374151", lw=1.0))
-    ax.text(0.71, low + 0.012, "next iteration: the updated policy samples again", ha="center", va="bottom",
-            fontsize=8, color="#374151")
+    low, (x_update, y_loop, _), (x_policy, _, _) = 0.03, _PIPELINE_BOXES["update"], _PIPELINE_BOXES["policy"]
+    ax.plot([x_update, x_update, x_policy], [y_loop - sizes["update"][1] / 2, low, low], color="#374151", lw=1.0)
+    ax.annotate("", xy=(x_policy, y_loop - sizes["policy"][1] / 2), xytext=(x_policy, low),
+                arrowprops=dict(arrowstyle="-|>", color="#374151", lw=1.0))
+    ax.text(0.72, low + 0.012, "next iteration: the updated policy samples again", ha="center", va="bottom",
+            fontsize=fonts["note"], color="#374151")
     # DPO: from the preference data straight to the policy, no reward model, no RL
     dpo_lit = "dpo" in lit
-    ax.annotate("", xy=(0.87, 0.86 + 0.10), xytext=(0.37, 0.86 + 0.10), arrowprops=dict(
+    top = 0.82 + 0.1
+    ax.annotate("", xy=(0.875, top), xytext=(0.375, top), arrowprops=dict(
         arrowstyle="-|>", color="#b45309" if dpo_lit else "#9ca3af", lw=1.6 if dpo_lit else 1.0, ls="--",
-        connectionstyle="arc3,rad=-0.08"))
-    ax.text(0.62, 1.045, "DPO (ch. 6): from preference pairs to the policy directly, no reward model, no sampling",
-            ha="center", va="bottom", fontsize=8, color="#b45309" if dpo_lit else "#6b7280")
+        connectionstyle="arc3,rad=-0.1"))
+    ax.text(0.5, 1.0, "DPO (ch. 6): from preference pairs to the policy directly,\nno reward model, no sampling",
+            ha="center", va="bottom", fontsize=fonts["note"], color="#b45309" if dpo_lit else "#4b5563", linespacing=1.2)
     # stage 4 is the loop below
-    ax.plot([0.87, 0.87], [0.86 - 0.10, 0.63], color="#9ca3af", lw=0.8, ls=":")
-    ax.add_patch(FancyBboxPatch((0.015, -0.01), 0.97, 0.64, boxstyle="round,pad=0.005", fc="none", ec="#9ca3af",
+    ax.plot([0.875, 0.875], [0.82 - 0.1, 0.64], color="#9ca3af", lw=0.8, ls=":")
+    ax.add_patch(FancyBboxPatch((0.005, -0.01), 0.99, 0.65, boxstyle="round,pad=0.005", fc="none", ec="#9ca3af",
                                 lw=0.8, ls=":"))
-    ax.text(0.025, 0.615, "one iteration of stage 4: the four models of the RL stage (policy, reference, reward "
-            "model, critic)", fontsize=8.5, va="top", color="#374151")
+    ax.text(0.015, 0.625, "one iteration of stage 4: the four models of the RL stage\n(policy, reference, reward "
+            "model, critic)", fontsize=fonts["note"], va="top", color="#374151", linespacing=1.2)
     title = "The RLHF pipeline" + (f" (highlighted: what chapter {chapter} builds or studies)" if chapter else "")
-    ax.set_title(title, fontsize=11, pad=4)
+    ax.set_title(title, fontsize=fonts["title"], pad=4)
     fig.tight_layout()
     return fig

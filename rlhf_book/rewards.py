@@ -21,7 +21,7 @@ import torch
 from .advantage import last_token_index
 from .kl import kl_k1
 
-__all__ = ["per_token_rewards", "apply_missing_eos_score", "check_scores"]
+__all__ = ["per_token_rewards", "apply_missing_eos_score", "check_scores", "reward_fn_from_verifier"]
 
 
 def _fn_name(fn) -> str:
@@ -58,6 +58,32 @@ def check_scores(values, n: int, name: str = "reward_fn", fn=None, device=None) 
                              f"infinity would reach the weights and every checkpoint after)")
     out = torch.tensor([float(x) for x in rows], dtype=torch.float32)
     return out if device is None else out.to(device)
+
+
+def reward_fn_from_verifier(verify, name: str | None = None, require_eos: bool = False):
+    """A reward function ``(prompts, responses, terminated) -> (B,)`` from a check of one reply: a verifiable reward.
+
+    ``verify(prompt, response) -> bool or number`` (True: 1.0, False: 0.0) is called per row, with
+    the prompt as the trainer has it (a string or chat messages). ``require_eos``: a reply cut off
+    before EOS (``terminated`` False) scores 0 without being checked. The scores pass
+    :func:`check_scores` (a NaN or a string from ``verify`` raises, naming the row).
+    """
+    if not callable(verify):
+        raise ValueError(f"verify must be a function (prompt, response) -> bool or number, got {verify!r}")
+    label = name or f"{_fn_name(verify)}_reward"
+
+    def reward_fn(prompts, responses, terminated=None) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{label}: {len(prompts)} prompts but {len(responses)} responses")
+        ended = [True] * len(responses) if terminated is None else [
+            bool(t) for t in (terminated.tolist() if hasattr(terminated, "tolist") else terminated)]
+        if len(ended) != len(responses):
+            raise ValueError(f"{label}: {len(ended)} terminated flags for {len(responses)} responses")
+        scores = [verify(p, r) if (t or not require_eos) else 0.0 for p, r, t in zip(prompts, responses, ended)]
+        return check_scores(scores, len(responses), label, verify)
+
+    reward_fn.__name__ = reward_fn.__qualname__ = label
+    return reward_fn
 
 
 def apply_missing_eos_score(scores: torch.Tensor, terminated: torch.Tensor, missing_eos_score: float | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ suppress_warnings = ["myst.header"]  # chapters start at "#" and number their ow
 html_theme = "sphinx_book_theme"
 html_title = "rlhf-book"
 html_static_path = ["_static"]
+html_css_files = ["book.css"]  # a column wide enough for the code (the sidebars narrower), long lines wrapped
 html_theme_options = {
     "use_download_button": True,  # each chapter's notebook, as executed
     "use_fullscreen_button": False,

@@ -29,12 +29,16 @@ def best_of_n_probs(p, rewards, n):
 # mean gives the exploit (0 + 0 + 0 + 5)/4 = 1.25 > 0: it rises with any one member's error and does not penalise
 # disagreement. min gives 0 and mean - std gives 1.25 - 2.17 < 0: the exploit stops paying (Coste et al. 2023: worst
 # case and uncertainty-weighted optimisation both reduce over-optimisation); "mean + std" rewards the disagreement.
-answer_ensemble = "B"
+answer_ensemble = "A"
 
 # proxy and gold rise together to iteration ~300 (KL ~3), then the proxy keeps rising while the gold falls: the policy
 # over-optimises the proxy; stop at the gold peak, raise the KL coefficient, or use an ensemble
-answer_diagnosis = "B"
+answer_diagnosis = "D"
 
 # bon: d (alpha - beta d) = 0 at d = alpha/beta; rl: alpha - beta log d = 0 at d = exp(alpha/beta); the bound depends on
 # n alone and grows like log n; the exact KL of a 0/1 reward tends to log(1/q) (pi_n -> p given "right") and stays below
 answer_forms = {"bon_fit": "c", "rl_fit": "d", "kl_bound": "a", "kl_exact": "b"}
+
+# 8.8  the gold lost by picking with the reward model rather than the gold grows with n': about 0.03 at n' = 2,
+#      0.05-0.11 at n' = 64; the more candidates, the likelier the top proxy score is a reply the proxy overrates
+answer_selection_experiment = "B"

@@ -33,6 +33,23 @@ def tmp_cache(tmp_path, monkeypatch):
     return d
 
 
+@pytest.fixture
+def kill_before_rename(monkeypatch):
+    """The cache's ``os.rename`` raises KeyboardInterrupt on a finished build's ``.partial`` folder (a kill after the
+    build saved everything, before it is renamed into place); call the returned function to undo it."""
+    from rlhf_book import cache as cache_mod
+
+    real_rename = cache_mod.os.rename
+
+    def die(src, dst):
+        if str(src).endswith(".partial"):
+            raise KeyboardInterrupt("killed just before the finished build is renamed into place")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "rename", die)
+    return lambda: monkeypatch.setattr(cache_mod.os, "rename", real_rename)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory):
     """A private cache directory shared by the session's tiny artifacts."""

@@ -18,7 +18,7 @@ from rlhf_book.exercises import reset_attempts
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in (ROOT / "rlhf_book" / "exercises").glob("ch[0-9][0-9].py"))
-GRADED = ("ch01", "ch02", "ch03", "ch04", "ch05")  # chapters whose every exercise has a first and a stronger hint
+GRADED = MODULES  # every chapter: each exercise has a first, gentle hint and a different, stronger one
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,8 @@ def test_ch07_checks_catch_typical_bugs():
                          (ch07.check_rloo_by_hand, "0, -4/3, -4/3, 8/3"),  # a string: a FAIL, not an exception
                          (ch07.check_grpo_by_hand, 2 / 1.5 ** 0.5),  # biased std
                          (ch07.check_pass_at_k_by_hand, 1 - 0.6 ** 2),  # with replacement
-                         (ch07.check_loss_aggregation_choice, "C"),
+                         (ch07.check_loss_aggregation_choice, "B"),
+                         (ch07.check_group_size_experiment, "C"),
                          (ch07.check_sharpen_or_widen, {"run_a": "sharpens", "run_b": "sharpens", "run_c": "neither"})):
         ok, out = _run(check, wrong)
         assert ok is False and "hint:" in out, out
@@ -273,8 +274,63 @@ def test_ch08_checks_catch_typical_bugs():
                          (ch08.check_gao_peak, {"d_peak": 1.8, "kl_peak": 3.24, "gain": 0.81, "n": 70}),  # e^(KL+1)
                          (ch08.check_gao_peak, {"d_peak": 3.6, "kl_peak": 12.96, "gain": 0.0, "n": 1000}),
                          (ch08.check_gao_peak, [1.8, 3.24, 0.81, 69]),
-                         (ch08.check_ensemble_choice, "A"),
+                         (ch08.check_ensemble_choice, "D"),  # mean + std: optimism rewards the exploit
                          (ch08.check_overoptimization_diagnosis, "A"),
+                         (ch08.check_selection_experiment, "D"),
                          (ch08.check_forms_matching, {"bon_fit": "d", "rl_fit": "c", "kl_bound": "a", "kl_exact": "b"})):
         ok, out = _run(check, wrong)
         assert ok is False and "hint:" in out, out
+
+
+def test_ch06_checks_catch_typical_bugs():
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from rlhf_book.exercises import ch06
+
+    def seq_masked_by_product(x, m):  # NaN * 0 = NaN: the padding leaks into the sum
+        return (x * m).sum(-1)
+
+    def multiplied(lp_c, ref_c, m_c, lp_r, ref_r, m_r, beta):
+        margin = (seq_masked_by_product(lp_c, m_c) - seq_masked_by_product(ref_c, m_c)) - (
+            seq_masked_by_product(lp_r, m_r) - seq_masked_by_product(ref_r, m_r))
+        return -F.logsigmoid(beta * margin)
+
+    def averaged(lp_c, ref_c, m_c, lp_r, ref_r, m_r, beta):  # the batch mean, not one loss per pair
+        return ch06._reference_dpo(lp_c, ref_c, m_c, lp_r, ref_r, m_r, beta).mean()
+
+    for bug in (multiplied, averaged):
+        ok, out = _run(ch06.check_dpo_loss_fn, bug)
+        assert ok is False and "hint:" in out, (bug.__name__, out)
+    for check, wrong in ((ch06.check_dpo_loss_by_hand, math.log1p(math.exp(-2.0))),  # beta left out
+                         (ch06.check_gradient_weight, 1 / (1 + math.exp(-0.6))),  # sigma(r_w - r_l): the wrong order
+                         (ch06.check_gradient_weight, 1 / (1 + math.exp(6.0))),  # beta left out
+                         (ch06.check_gradient_weight, 0.3),  # an implicit reward, not the weight
+                         (ch06.check_loss_matching, {"sigmoid": "c", "hinge": "d", "ipo": "a", "simpo": "b"}),
+                         (ch06.check_diagnosis, "C"),
+                         (ch06.check_beta_choice, "D"),  # beta = 300 freezes the policy
+                         (ch06.check_beta_experiment, "B")):
+        ok, out = _run(check, wrong)
+        assert ok is False and "hint:" in out, out
+    for check, right in ((ch06.check_gradient_weight, torch.sigmoid(torch.tensor(-0.6)).item()),
+                         (ch06.check_diagnosis, " d "), (ch06.check_beta_experiment, "a")):
+        assert _run(check, right)[0] is True, (check.__name__, right)
+
+
+def test_chapters_6_to_8_first_hints_do_not_give_the_recipe_away():
+    """The first hint of the code exercises points at what to get right; the recipe is kept for the stronger one."""
+    import torch
+
+    from rlhf_book.exercises import ch06, ch07, ch08
+
+    cases = ((ch06.check_dpo_loss_fn, ("torch.where", "logsigmoid")),
+             (ch07.check_group_advantage_fn, ("amax", "keepdim", "torch.where")),
+             (ch08.check_best_of_n_probs_fn, ("argsort", "cumsum")))
+    for check, recipe in cases:
+        wrong = lambda *args: torch.full((1,), 12345.0)  # noqa: E731
+        first = _run(check, wrong)[1]
+        second = _run(check, wrong)[1]
+        assert "\n       hint: " in first and not any(r in first for r in recipe), first
+        assert "stronger hint: " in second and any(r in second for r in recipe), second

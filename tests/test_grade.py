@@ -57,6 +57,12 @@ RUNS = {
     "ch05": {"lr": 1e-3, "runs": {"beta=0.05": [{"step": i, "clipfrac": 0.01, "approx_kl": 0.0004, "kl": 0.1}
                                                 for i in range(40)]},
              "history_lr": [{"step": i, "clipfrac": 0.3, "approx_kl": 0.02, "kl": 3.0} for i in range(10)]},
+    "ch06": {"beta_small": 0.1, "beta_large": 1.0,
+             "dpo_drift": {0.1: {s: {"margin": 25.0 + s, "kl": 4.0} for s in range(3)},
+                           1.0: {s: {"margin": 11.0, "kl": 1.1 + 0.1 * s} for s in range(3)}}},
+    "ch07": {"kappa": 0.75, "degenerate": {0: {2: 0.66, 8: 0.2}, 1: {2: 0.58, 8: 0.07}, 2: {2: 0.73, 8: 0.17}}},
+    "ch08": {"n_max": 64, "bon_gap": {s: {1: 0.0, 2: 0.03, 4: 0.045, 8: 0.05, 16: 0.06, 32: 0.075, 64: 0.09}
+                                      for s in range(3)}},
 }
 
 
@@ -165,6 +171,41 @@ def test_experiments_are_checked_against_the_notebooks_own_run():
     same = {**RUNS["ch05"], "history_lr": RUNS["ch05"]["runs"]["beta=0.05"][:10]}
     ok, detail = ch05.hidden_check_answer_lr_experiment("B", SEED, same)
     assert not ok and "does not show" in detail
+
+
+def test_experiments_of_chapters_6_to_8_are_checked_against_the_notebooks_own_run():
+    from rlhf_book.exercises import ch06, ch07, ch08
+
+    cases = (  # (hidden check, the right letter, the knob and a wrong value of it, the run's name in the notebook)
+        (ch06.hidden_check_answer_beta_experiment, "A", "beta_large", 10.0, "dpo_drift"),
+        (ch07.hidden_check_answer_group_size_experiment, "B", "kappa", 0.5, "degenerate"),
+        (ch08.hidden_check_answer_selection_experiment, "B", "n_max", 16, "bon_gap"),
+    )
+    for (check, right, knob, other, run), chapter in zip(cases, ("ch06", "ch07", "ch08")):
+        ns = RUNS[chapter]
+        assert check(right, SEED, ns)[0] is True, check(right, SEED, ns)
+        ok, detail = check("C", SEED, ns)
+        assert not ok and "do not show your answer" in detail, detail
+        ok, detail = check(right, SEED, {})
+        assert not ok and "not in the notebook" in detail, detail
+        ok, detail = check(right, SEED, {**ns, knob: other})
+        assert not ok and "the question is about" in detail, detail
+        fewer = dict(list(ns[run].items())[:2]) if chapter != "ch06" else {b: dict(list(v.items())[:2])
+                                                                          for b, v in ns[run].items()}
+        ok, detail = check(right, SEED, {**ns, run: fewer})
+        assert not ok and "fewer than three" in detail, detail
+    # runs that show another reading
+    flat = {b: {s: {"margin": 12.0, "kl": 1.0} for s in range(3)} for b in (0.1, 1.0)}
+    ok, detail = ch06.hidden_check_answer_beta_experiment("A", SEED, {**RUNS["ch06"], "dpo_drift": flat})
+    assert not ok and "do not show" in detail
+    assert ch06.hidden_check_answer_beta_experiment("C", SEED, {**RUNS["ch06"], "dpo_drift": flat})[0] is True
+    alike = {s: {2: 0.3, 8: 0.25} for s in range(3)}
+    ok, detail = ch07.hidden_check_answer_group_size_experiment("B", SEED, {**RUNS["ch07"], "degenerate": alike})
+    assert not ok and "do not show" in detail
+    level = {s: {1: 0.0, 2: 0.05, 64: 0.051} for s in range(3)}
+    ok, detail = ch08.hidden_check_answer_selection_experiment("B", SEED, {**RUNS["ch08"], "bon_gap": level})
+    assert not ok and "do not show" in detail
+    assert ch08.hidden_check_answer_selection_experiment("C", SEED, {**RUNS["ch08"], "bon_gap": level})[0] is True
 
 
 def test_grader_cell_stops_a_check_that_never_returns():
@@ -304,7 +345,7 @@ def test_reference_solutions_get_full_marks_and_the_stubs_zero_on_a_real_chapter
     records = {r["notebook"]: r for r in grade.grade([subs], out=tmp_path / "grading", seed=SEED, timeout=900,
                                                      cell_timeout=600, say=lambda s: None)}
     sol, stub = records["solutions_08.ipynb"], records["stubs_08.ipynb"]
-    assert sol["total"] == sol["max_total"] == 16, sol["results"]
+    assert sol["total"] == sol["max_total"] == 19, sol["results"]
     assert all(r["status"] == "correct" for r in sol["results"])
     assert [r["hidden"] for r in sol["results"] if r["exercise"] == "best_of_n_probs"] == ["passed"]
     assert stub["total"] == 0 and {r["status"] for r in stub["results"]} == {"not answered"}, stub["results"]

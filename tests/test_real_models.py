@@ -231,7 +231,7 @@ def test_lora_export_equals_live_policy_in_fp32(checkpoints, tmp_path):
 
 def test_pure_bf16_training_keeps_the_dtype(checkpoints):
     policy, ref, tok = _policy(checkpoints["llama"], lora=False)
-    cfg = PPOConfig(batch_size=4, minibatch_size=4, ppo_epochs=1, trainable_dtype="keep", **COMMON)
+    cfg = PPOConfig(batch_size=4, minibatch_size=4, ppo_epochs=1, trainable_dtype="keep", critic="head", **COMMON)
     trainer = PPOTrainer(policy, ref, tok, vowel_reward, config=cfg)
     assert trainer.model.value_head.linear.weight.dtype == torch.bfloat16  # follows the trunk
     stats = trainer.step(PROMPTS[:4])

@@ -99,18 +99,10 @@ def test_a_truncated_build_checkpoint_is_discarded(tmp_cache, monkeypatch, refer
     assert torch.equal(_weights(model), reference_weights)
 
 
-def test_killed_after_saving_before_the_marker_does_not_retrain(tmp_cache, monkeypatch):
-    real_rename = cache_mod.os.rename
-
-    def die(src, dst):
-        if str(src).endswith(".partial"):
-            raise KeyboardInterrupt("killed just before the finished build is renamed into place")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(cache_mod.os, "rename", die)
+def test_killed_after_saving_before_the_marker_does_not_retrain(tmp_cache, monkeypatch, kill_before_rename):
     with pytest.raises(KeyboardInterrupt):
         load_base_model("tiny", device="cpu", progress=False)
-    monkeypatch.setattr(cache_mod.os, "rename", real_rename)
+    kill_before_rename()  # undone: the next call may rename
     monkeypatch.setattr(bm, "lm_loss", lambda *a, **k: pytest.fail("the finished model was trained again"))
     model, tok = load_base_model("tiny", device="cpu", progress=False)
     assert (bm.base_model_path("tiny") / "COMPLETE.json").is_file() and tok.padding_side == "left"

@@ -110,7 +110,8 @@ def test_make_experience_is_the_trainers_experience_step(tiny_world):
     ro = generate(tr.lm, tok, PROMPTS, 8, generator=torch.Generator().manual_seed(0))
     exp = tr.make_experience(ro)
     cfg = tr.config
-    direct = make_experience(ro, gold_reward_fn, tr.ref, tr.model, kl_coef=cfg.kl_coef, gamma=cfg.gamma, lam=cfg.lam,
+    critic = tr.critic if tr.critic is not None else tr.model  # PPO's default: a separate critic
+    direct = make_experience(ro, gold_reward_fn, tr.ref, critic, kl_coef=cfg.kl_coef, gamma=cfg.gamma, lam=cfg.lam,
                              missing_eos_score=-2.0, whiten_advantages=True, gold_fn=gold_reward_fn)
     for name in ("scores", "ref_logprobs", "values", "rewards", "advantages", "returns", "gold"):
         torch.testing.assert_close(getattr(exp, name), getattr(direct, name), msg=name)

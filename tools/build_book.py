@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 # an attribute that makes the browser fetch something: scripts, styles, fonts, images, frames
 _FETCH = re.compile(r"""<(script|link|img|iframe|source|video|audio)\b[^>]*?\b(src|href)\s*=\s*["']([^"']+)["']""", re.I)
 _CSS_URL = re.compile(r"""url\(\s*["']?(https?:)?//""", re.I)
+_NBVAL = re.compile(r"^[ \t]*#[ \t]*NBVAL_\w*.*(?:\n|$)", re.M)  # nbval's markers: "# NBVAL_CHECK_OUTPUT" etc.
+CLAIMS = "claims"  # the tag of hidden cells that check the prose's numbers against computed values
 POINTS_TABLE = "points_table.txt"  # generated into the site's sources; site/instructors.md includes it
 
 
@@ -46,18 +49,44 @@ def execute(paths: list[Path], out: Path, timeout: int) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     resolve_cache_env()  # the kernels inherit an absolute $RLHF_BOOK_CACHE (they run in chapters/)
     failed = 0
-    for path in paths:
-        nb = nbformat.read(path, as_version=4)
-        t0, status = time.time(), "ok"
-        try:
-            NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-        except Exception as e:  # keep the partial notebook: it shows where it failed
-            status, failed = f"FAILED: {type(e).__name__}", failed + 1
-        if clean_outputs(nb):  # e.g. the progress bars of an artifact built on first use
-            status += " (widget / stderr outputs dropped)"
-        nbformat.write(nb, out / path.name)
-        print(f"{path.name:<32} {time.time() - t0:7.1f} s  {status}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rlhf-book-kernels-") as sockets:
+        for path in paths:
+            nb = nbformat.read(path, as_version=4)
+            t0, status = time.time(), "ok"
+            try:
+                NotebookClient(nb, timeout=timeout, kernel_name="python3", config=kernel_config(Path(sockets)),
+                               resources={"metadata": {"path": str(path.parent)}}).execute()
+            except Exception as e:  # keep the partial notebook: it shows where it failed
+                status, failed = f"FAILED: {why(e)}", failed + 1
+            if clean_outputs(nb):  # e.g. the progress bars of an artifact built on first use
+                status += " (widget / stderr outputs dropped)"
+            nbformat.write(nb, out / path.name)
+            print(f"{path.name:<32} {time.time() - t0:7.1f} s  {status}", flush=True)
     return failed
+
+
+def kernel_config(sockets: Path):
+    """The kernels' configuration: they talk to the build over local (IPC) sockets in ``sockets``, not over TCP.
+
+    Over TCP, ipykernel >= 7 logs "Kernel is running over TCP without encryption" once per chapter to the build's
+    console. IPC sockets are files in a directory only this user can open (``tempfile``'s), so there is nothing to
+    warn about, and the console shows no warning. Their path is absolute: a relative one would resolve against
+    the kernel's working directory (chapters/) on one side and the build's on the other. On Windows, where ZeroMQ's
+    IPC sockets need a recent libzmq, the kernels keep TCP on localhost, and the warning.
+    """
+    from traitlets.config import Config
+
+    if os.name == "nt":
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(sockets.resolve() / "kernel")}})
+
+
+def why(error: Exception, width: int = 160) -> str:
+    """Why a chapter failed, in one line: a cell's exception (nbclient's ``ename: evalue``), else the error's first line."""
+    if getattr(error, "ename", None):  # CellExecutionError: its message is the whole traceback
+        return f"{error.ename}: {error.evalue}"[:width]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:width]
 
 
 def clean_outputs(nb) -> int:
@@ -75,6 +104,30 @@ def clean_outputs(nb) -> int:
         cell["outputs"] = keep
     nb.metadata.pop("widgets", None)
     return dropped
+
+
+def clean_sources(nb) -> int:
+    """Hide the test machinery from the site: nbval's ``# NBVAL_...`` lines, and ``claims`` cells (tagged ``remove-cell``,
+    which MyST-NB leaves out, input and output); returns how many cells changed. The chapters keep both."""
+    changed = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        before = (cell.source, list(cell.metadata.get("tags", [])))
+        cell.source = _NBVAL.sub("", cell.source)
+        if CLAIMS in before[1]:
+            add_tag(cell, "remove-cell")
+        elif before[0].strip() and not cell.source.strip():  # nothing but markers: show the output alone
+            add_tag(cell, "remove-input")
+        changed += (cell.source, cell.metadata.get("tags", [])) != before
+    return changed
+
+
+def add_tag(cell, tag: str) -> None:
+    """Give ``cell`` the tag ``tag`` (MyST-NB reads ``remove-cell``, ``remove-input`` from the cell's tags) once."""
+    tags = cell.metadata.setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
 
 
 def chapter_cpu_times(readme: Path = ROOT / "README.md") -> dict[str, str]:
@@ -110,6 +163,7 @@ def build_site(notebooks: list[Path], out: Path) -> Path:
         nb = nbformat.read(path, as_version=4)
         if clean_outputs(nb):
             print(f"{path.name}: dropped widget and stderr outputs from the site", flush=True)
+        clean_sources(nb)  # every chapter has them: nothing to report
         nbformat.write(nb, src / "chapters" / path.name)
     shutil.rmtree(out, ignore_errors=True)
     status = build_main(["-b", "html", "-q", "-W", "--keep-going", str(src), str(out)])

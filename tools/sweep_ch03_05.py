@@ -15,6 +15,9 @@ iterations), with two changes so that differences stand above the noise: ``eval_
   iteration (``value_updates``): proxy, gold, response length and the critic's explained variance;
 * ``ch5``: PPO (chapter 5's ``base_config``, 40 iterations) at each of its ``BETAS`` = 0, 0.05, 0.2:
   reward hacking at beta = 0 (proxy up, gold down, KL tens of nats) against the penalised runs;
+* ``ch5_head``: the same PPO runs with the critic that was PPO's default until 0.2.0, a linear value head on the
+  policy's detached features at the policy's learning rate (``critic="head"``): what a critic that does not
+  learn costs (its explained variance stays near 0; the separate critic's, PPO's default now, well above);
 * ``adaptive``: PPO with the adaptive KL controller (``ADAPTIVE``: Ziegler et al.'s rule with a short
   horizon, so that beta can move enough within the run), ``ADAPTIVE_ITERATIONS``; the claim is that
   the KL settles near ``kl_target``.
@@ -56,7 +59,8 @@ CH5_ITERATIONS, CH5_BETAS = 40, (0.0, 0.05, 0.2)
 # the chapters' A2C runs keep A2CConfig's default before 0.2.0 (no missing-EOS score), which the recorded runs used
 A2C_BASE = {"missing_eos_score": None}
 PPO_BASE = {"batch_size": 32, "minibatch_size": 16, "ppo_epochs": 4, "lr": 1e-4, "clip_range": 0.2,
-            "max_new_tokens": 40, "eval_samples": 4}
+            "max_new_tokens": 40, "eval_samples": 4, "critic": "separate", "critic_lr": 1e-3}
+HEAD = {"critic": "head", "critic_lr": None}  # PPO's default critic before 0.2.0
 # the adaptive controller: beta <- beta (1 + clip(KL / target - 1, +-0.2) * 32 / horizon), at most 6.4% a batch
 # with horizon 100 (0.064% with the paper's 10,000: beta would not move in a run this short); from the chapter's
 # middle beta, whose fixed run overshoots the target (5-10 nats at iteration 40)
@@ -98,6 +102,9 @@ def plan(parts: list[str], seeds: list[int]) -> list[tuple]:
         if "ch5" in parts:
             out += [(f"ch5/ppo/beta={b}/seed={seed}", "ch5", "ppo", {"kl_coef": b}, CH5_ITERATIONS, seed)
                     for b in CH5_BETAS]
+        if "ch5_head" in parts:
+            out += [(f"ch5/ppo_head/beta={b}/seed={seed}", "ch5_head", "ppo", {"kl_coef": b, **HEAD}, CH5_ITERATIONS,
+                     seed) for b in CH5_BETAS]
         if "adaptive" in parts:
             name = "ch5/ppo_adaptive/" + ",".join(f"{k}={v:g}" for k, v in ADAPTIVE.items()) + f"/seed={seed}"
             out.append((name, "adaptive", "ppo", dict(ADAPTIVE), ADAPTIVE_ITERATIONS, seed))
@@ -106,14 +113,15 @@ def plan(parts: list[str], seeds: list[int]) -> list[tuple]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("ch3", "ch4", "ch5", "adaptive"), action="append", help="run only these parts")
+    ap.add_argument("--only", choices=("ch3", "ch4", "ch5", "ch5_head", "adaptive"), action="append",
+                    help="run only these parts")
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     configure_threads()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args.out)
-    for run, *spec in plan(args.only or ["ch3", "ch4", "ch5", "adaptive"], args.seeds):
+    for run, *spec in plan(args.only or ["ch3", "ch4", "ch5", "ch5_head", "adaptive"], args.seeds):
         if run not in sweep.done:
             sweep.run(run, *spec)
     return 0

@@ -14,7 +14,13 @@ GRPO and Dr. GRPO: k3 in the loss, as their papers and TRL do). Runs:
 * ``rm``: against chapter 2's learned reward model (the gold reward only logged);
 * ``gold``: against the gold reward itself (the best a reward model could be);
 * ``hack``: GRPO with beta = 0 against the reward model (chapter 5's reward hacking, without a critic);
-* ``ref``: pass@k of pi_ref, once per seed, the "before" of every run's pass@k.
+* ``ref``: pass@k of pi_ref, once per seed, the "before" of every run's pass@k;
+* ``controls`` (against the reward model): ``grpo_unscaled`` (GRPO's loss without the std scaling: one switch
+  from GRPO, one from Dr. GRPO) and ``reinforce`` (a running-mean baseline, 32 prompts x 1 reply).
+
+PPO's critic is a separate copy of the trunk trained at 1e-3 (``PPOConfig``'s default since 0.2.0); ``ppo_head``
+(``--methods ppo_head``) is PPO with the value head on detached features, the default before it, whose explained
+variance never beat a constant baseline (chapter 5): the runs recorded before 0.2.0.
 
 Every run is evaluated the same way: ``EVAL_REPEATS`` replies to each of the 30 held-out prompts
 (fixed seed), proxy and gold scored, KL by k1; at the end pass@k on the gold reward thresholded at
@@ -45,7 +51,8 @@ TAU, PASS_N, PASS_KS = 0.75, 16, (1, 2, 4, 8, 16)
 BETA = 0.05
 COMMON = {"max_new_tokens": 40, "lr": 1e-4, "minibatch_size": 16, "eval_every": 8, "eval_samples": 3,
           "progress": False}
-PPO = {**COMMON, "batch_size": 32, "ppo_epochs": 4, "clip_range": 0.2}  # chapter 5's base_config
+PPO = {**COMMON, "batch_size": 32, "ppo_epochs": 4, "clip_range": 0.2, "critic": "separate",
+       "critic_lr": 1e-3}  # chapter 5's base_config
 GROUP = {**COMMON, "batch_size": 8, "num_generations": 4, "num_iterations": 4, "epsilon": 0.2}
 METHODS = {
     "ppo": None,
@@ -53,9 +60,17 @@ METHODS = {
     "grpo": {"advantage": "grpo", "scale_rewards": "group", "kl_penalty": "loss", "loss_type": "grpo"},
     "dr_grpo": {"advantage": "grpo", "scale_rewards": "none", "kl_penalty": "loss", "loss_type": "dr_grpo"},
 }
+HEAD = {"critic": "head", "critic_lr": None}  # "ppo_head": PPO with the critic that was its default before 0.2.0
+# controls, against the reward model only: one switch at a time between GRPO and Dr. GRPO (GRPO's loss, no std
+# scaling), and REINFORCE with a running-mean baseline (32 prompts x 1 reply, PPO's batch, beta in the reward)
+CONTROLS = {
+    "grpo_unscaled": {"advantage": "grpo", "scale_rewards": "none", "kl_penalty": "loss", "loss_type": "grpo"},
+    "reinforce": {"advantage": "reinforce", "baseline_decay": 0.9, "kl_penalty": "reward", "loss_type": "dapo",
+                  "batch_size": 32, "num_generations": 1},
+}
 ROW_KEYS = ("step", "proxy_reward", "gold_reward", "kl", "response_length", "terminated", "grad_norm", "entropy",
             "clipfrac", "reward_std", "advantage_std", "degenerate_groups", "generate_seconds", "experience_seconds",
-            "update_seconds", "eval_proxy_reward", "eval_gold_reward", "eval_kl", "eval_kl_k3",
+            "update_seconds", "explained_variance", "eval_proxy_reward", "eval_gold_reward", "eval_kl", "eval_kl_k3",
             "eval_response_length", "eval_terminated")
 
 
@@ -77,11 +92,11 @@ class Sweep(Results):
         train_prompts, eval_prompts = prompt_split(0)
         policy, tok = load_base_model("cpu", progress=False)
         ref, _ = load_base_model("cpu", progress=False)
-        if method == "ppo":
-            cfg = {**PPO, "kl_coef": beta, "seed": seed}
+        if method in ("ppo", "ppo_head"):
+            cfg = {**PPO, **(HEAD if method == "ppo_head" else {}), "kl_coef": beta, "seed": seed}
             trainer = PPOTrainer(policy, ref, tok, self.reward_fn(reward), PPOConfig(**cfg), gold_fn=gold_reward_fn)
         else:
-            cfg = {**GROUP, **METHODS[method], "kl_coef": beta, "seed": seed}
+            cfg = {**GROUP, **{**METHODS, **CONTROLS}[method], "kl_coef": beta, "seed": seed}
             trainer = CriticFreeTrainer(policy, ref, tok, self.reward_fn(reward), CriticFreeConfig(**cfg),
                                         gold_fn=gold_reward_fn)
         history = trainer.train(train_prompts, ITERATIONS, checkpoint_dir=self.scratch(run),
@@ -97,14 +112,15 @@ class Sweep(Results):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("ref", "rm", "gold", "hack"), action="append", help="run only these parts")
+    ap.add_argument("--only", choices=("ref", "rm", "gold", "hack", "controls"), action="append",
+                    help="run only these parts")
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
-    ap.add_argument("--methods", nargs="*", choices=tuple(METHODS), default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", choices=(*METHODS, "ppo_head"), default=list(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     configure_threads()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sweep, parts = Sweep(args.out), args.only or ["ref", "rm", "gold", "hack"]
+    sweep, parts = Sweep(args.out), args.only or ["ref", "rm", "gold", "hack", "controls"]
     for seed in args.seeds:
         if "ref" in parts and f"ref/seed={seed}" not in sweep.done:
             sweep.reference(f"ref/seed={seed}", seed)
@@ -116,6 +132,9 @@ def main(argv=None) -> int:
                         sweep.run(run, method, reward, BETA, seed)
         if "hack" in parts and f"hack/grpo/seed={seed}" not in sweep.done:
             sweep.run(f"hack/grpo/seed={seed}", "grpo", "rm", 0.0, seed)
+        for method in CONTROLS if "controls" in parts else ():
+            if f"rm/{method}/seed={seed}" not in sweep.done:
+                sweep.run(f"rm/{method}/seed={seed}", method, "rm", BETA, seed)
     return 0
 
 

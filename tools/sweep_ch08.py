@@ -18,7 +18,15 @@ finished. Runs:
 * ``razin/<proxy>/seed=s``: PPO (chapter 5's config, beta = 0.05, ``PPO_ITERATIONS``) against the book's
   reward model r and against ``flat(r) = softplus(4 (r - 1.5)) / 4``, a strictly increasing transform
   of it: the same ranking of every pair (the same accuracy), but nearly flat where the base model's
-  replies lie (Razin et al. 2025: accuracy does not make a good teacher).
+  replies lie (Razin et al. 2025: accuracy does not make a good teacher); ``flat_rm_matched`` is flat(r) at
+  ``RAZIN_MATCHED_BETA``, beta divided by the ratio of the two rewards' spreads, which removes the larger
+  effective beta that a flatter reward has under whitened advantages;
+* ``coste/<proxy>/seed=s``: PPO at beta = ``COSTE_BETA`` against one noisy reward model and against the
+  ensemble's mean - 1 std (Coste et al. 2023: ensembles with a small KL penalty).
+
+Every PPO run here uses the value head on detached features (``critic="head"``), PPO's default before 0.2.0 and
+the critic the committed runs were recorded with; at beta = 0 no critic's explained variance means much (the
+returns' spread collapses, chapter 5), and a rerun of the beta > 0 arms with the separate critic is pending.
 
 Reward models (all chapter 2's recipe on chapter 2's pairs, normalised on the same base-model replies):
 ``rm_3000`` (the book's), ``rm_1000`` and ``rm_300`` (a random third and tenth of the 2,999 pairs),
@@ -40,7 +48,7 @@ from rlhf_book import best_of_n, ensemble_reward_fn, gold_reward_fn, load_base_m
 from rlhf_book.ppo import PPOConfig, PPOTrainer
 from rlhf_book.reward_model import load_reward_ensemble, load_reward_model, reward_fn_from_model
 from rlhf_book.runtime import configure_threads
-from sweep_common import Results
+from sweep_common import Results, ev_trace
 
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "ch08_overoptimization.jsonl"
 SEEDS = (0, 1, 2)
@@ -48,10 +56,20 @@ BON_N = 256
 MAX_NEW_TOKENS = 40
 LABEL_NOISE, K = 0.25, 4
 PPO_ITERATIONS = 80
+# chapter 5's config at beta 0, with the critic these runs were recorded with: the value head on detached features
+# that was PPOConfig's default before 0.2.0 (a rerun with the separate critic, the default now, is pending)
 PPO = {"batch_size": 32, "minibatch_size": 16, "ppo_epochs": 4, "lr": 1e-4, "clip_range": 0.2, "kl_coef": 0.0,
-       "max_new_tokens": MAX_NEW_TOKENS, "eval_every": 4, "eval_samples": 3, "progress": False}  # chapter 5's, beta 0
+       "max_new_tokens": MAX_NEW_TOKENS, "eval_every": 4, "eval_samples": 3, "progress": False, "critic": "head",
+       "critic_lr": None}
 EVAL_REPEATS = 4
 RAZIN_BETA = 0.05
+# flat(r)'s spread on the base model's replies is ~0.052 of r's 0.988 (chapter 8, section 8.7): with whitened
+# advantages, scaling a reward by c is dividing beta by c, so flat(r) at beta = 0.05 is r at beta ~ 1. The
+# matched arm divides beta by the same ratio, so the two runs weigh the KL against the reward's spread alike.
+RAZIN_MATCHED_BETA = RAZIN_BETA * 0.052 / 0.988
+# Coste et al.: the ensemble's conservative objective with a small KL penalty, against one member with it
+COSTE_BETA = 0.01
+COSTE = ("noisy_single", "noisy_mean_minus_std")
 PROXIES = {"noisy_single": None, "noisy_mean": "mean", "noisy_min": "min", "noisy_mean_minus_std": "mean_minus_std"}
 EVAL_KEYS = ("step", "eval_proxy_reward", "eval_gold_reward", "eval_kl", "eval_kl_k3", "eval_response_length",
              "proxy_reward", "gold_reward", "kl")
@@ -110,13 +128,13 @@ class Sweep(Results):
     def ppo(self, run: str, proxy: str, seed: int) -> None:
         t0 = time.time()
         train_prompts, eval_prompts = prompt_split(0)
-        if proxy in ("rm", "flat_rm"):  # the Razin et al. pair, at beta = RAZIN_BETA
+        if proxy in ("rm", "flat_rm", "flat_rm_matched"):  # the Razin et al. pair, at beta = RAZIN_BETA (or matched)
             reward = self.fns["rm_3000"] if proxy == "rm" else flat(self.fns["rm_3000"])
-            config = {**PPO, "kl_coef": RAZIN_BETA}
+            config = {**PPO, "kl_coef": RAZIN_MATCHED_BETA if proxy == "flat_rm_matched" else RAZIN_BETA}
         else:
             members = [self.fns[f"noisy_{i}"] for i in range(K)]
             reward = members[0] if PROXIES[proxy] is None else ensemble_reward_fn(members, PROXIES[proxy], lam=1.0)
-            config = PPO
+            config = {**PPO, "kl_coef": COSTE_BETA} if run.startswith("coste/") else PPO
         policy, tok = load_base_model("cpu", progress=False)
         ref, _ = load_base_model("cpu", progress=False)
         trainer = PPOTrainer(policy, ref, tok, reward, PPOConfig(seed=seed, **config), gold_fn=gold_reward_fn)
@@ -125,18 +143,18 @@ class Sweep(Results):
         rows = [{k: h[k] for k in EVAL_KEYS if k in h} for h in history if "eval_kl" in h]
         rows[-1]["eval_samples"] = history[-1].get("eval_samples")
         self.record(run, t0, part=run.split("/")[0], proxy=proxy, seed=seed, iterations=PPO_ITERATIONS, config=config,
-                    history=rows)
+                    history=rows, explained_variance=ev_trace(history))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("bon", "ppo", "razin"), action="append", help="run only these parts")
+    ap.add_argument("--only", choices=("bon", "ppo", "razin", "coste"), action="append", help="run only these parts")
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     configure_threads()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sweep, parts = Sweep(args.out), args.only or ["bon", "ppo", "razin"]
+    sweep, parts = Sweep(args.out), args.only or ["bon", "ppo", "razin", "coste"]
     for seed in args.seeds:
         if "bon" in parts and f"bon/seed={seed}" not in sweep.done:
             sweep.bon(f"bon/seed={seed}", seed)
@@ -146,9 +164,14 @@ def main(argv=None) -> int:
             if "ppo" in parts and run not in sweep.done:
                 sweep.ppo(run, proxy, seed)
     for seed in args.seeds:
-        for proxy in ("rm", "flat_rm"):
+        for proxy in ("rm", "flat_rm", "flat_rm_matched"):
             run = f"razin/{proxy}/seed={seed}"
             if "razin" in parts and run not in sweep.done:
+                sweep.ppo(run, proxy, seed)
+    for seed in args.seeds:
+        for proxy in COSTE:
+            run = f"coste/{proxy}/seed={seed}"
+            if "coste" in parts and run not in sweep.done:
                 sweep.ppo(run, proxy, seed)
     return 0
 

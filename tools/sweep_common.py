@@ -25,6 +25,12 @@ def compact(history: list[dict], keys, digits: int | None = 4, only: str | None 
     return rows
 
 
+def ev_trace(history: list[dict]) -> list[float]:
+    """The critic's explained variance at every iteration (3 decimals): its median over the run is the check that
+    the critic learnt (> 0 beats a constant baseline)."""
+    return [round(h["explained_variance"], 3) for h in history if "explained_variance" in h]
+
+
 class Results:
     """The runs recorded in ``path`` (``done``), a scratch folder per run, :meth:`record`, and the book's reward model."""
 

@@ -1,5 +1,6 @@
 """Chapter 7 exercises: RLOO and GRPO advantages by hand, a group advantage with degenerate groups, the length
-bias of the loss aggregation, pass@k by hand, and telling a run that sharpens from one that widens."""
+bias of the loss aggregation, pass@k by hand, telling a run that sharpens from one that widens, and a short
+experiment with the group size."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 
 from . import check_function, check_numbers, check_value, exercise, hidden_function_check, report
 
-__all__ = ["EXERCISES", "check_group_advantage_fn", "check_grpo_by_hand", "check_loss_aggregation_choice",
-           "check_pass_at_k_by_hand", "check_rloo_by_hand", "check_sharpen_or_widen"]
+__all__ = ["EXERCISES", "check_group_advantage_fn", "check_group_size_experiment", "check_grpo_by_hand",
+           "check_loss_aggregation_choice", "check_pass_at_k_by_hand", "check_rloo_by_hand", "check_sharpen_or_widen"]
 
 _GROUP = [1.0, 0.0, 0.0, 3.0]  # the group of exercises 7.1 and 7.2: K = 4 rewards of one prompt
 
@@ -19,9 +20,11 @@ def check_rloo_by_hand(answer) -> bool:
     from ..critic_free import rloo_advantages
 
     # baseline of reply i: the mean of the other three, (4 - r_i) / 3 -> [1, 4/3, 4/3, 1/3]; A = [0, -4/3, -4/3, 8/3]
-    hint = ("each reply's baseline is the mean of the *other* K - 1 rewards of its group, not of all K, so that it "
-            "does not depend on the reply it judges; one advantage per reply, in the order of the rewards.")
-    return check_numbers("rloo_by_hand", answer, rloo_advantages(torch.tensor([_GROUP]))[0], "one per reply", hint)
+    hint = ("RLOO's baseline for a reply must not depend on that reply (§7.1): which rewards of the group does that "
+            "leave to average? One advantage per reply, in the order of the rewards.",
+            "reply i's baseline is the mean of the other three rewards, (4 - r_i) / 3 = [1, 4/3, 4/3, 1/3]; its "
+            "advantage is r_i minus that baseline (not r_i minus the mean of all four).")
+    return check_numbers("answer_rloo", answer, rloo_advantages(torch.tensor([_GROUP]))[0], "one per reply", hint)
 
 
 @exercise("answer_grpo", points=2, difficulty="medium", minutes=10, kind="numeric")
@@ -32,9 +35,11 @@ def check_grpo_by_hand(answer) -> bool:
 
     # mean 1; deviations [0, -1, -1, 2], squares sum to 6; unbiased var 6/3 = 2, std sqrt(2); 2 / (sqrt(2) + 1e-4)
     return check_value(
-        "grpo_by_hand", answer, grpo_advantages(torch.tensor([_GROUP]))[0, 3].item(),
-        hint="subtract the group mean, then divide by the group std; torch.std, like the library, divides the "
-        "sum of squared deviations by K - 1, not by K.",
+        "answer_grpo", answer, grpo_advantages(torch.tensor([_GROUP]))[0, 3].item(),
+        hint=("centre the 4th reward on the group mean, then scale it by the group's spread. Which std does the "
+              "question ask for: the sum of squared deviations divided by K, or by K - 1?",
+              "the mean is 1, the deviations (0, -1, -1, 2), their squares sum to 6; the unbiased std is "
+              "sqrt(6 / 3) = sqrt(2) (torch.std's default), so the 4th reply gets 2 / (sqrt(2) + 1e-4)."),
     )
 
 
@@ -73,13 +78,19 @@ def check_group_advantage_fn(fn) -> bool:
     name = "group_advantages"
     if not check_function(
         name, fn, grpo_advantages, _group_rewards,
-        hint="mean and std over each group's K rewards (dim 1, keepdim=True); torch.std divides by K - 1, as the "
-        "library does; add 1e-4 to the std; a group whose rewards are all equal must give 0, not 0/0.",
+        hint=("three things to get right: the statistics belong to each group (one row of K rewards), the std is "
+              "the unbiased one the question names, and a group whose rewards are all equal must come out as 0.0, "
+              "not as 0/0.",
+              "mean and std over dim 1 with keepdim=True; (r - mean) / (r.std(1, keepdim=True) + 1e-4) (torch.std "
+              "divides by K - 1); then torch.where(degenerate, 0.0, adv) with degenerate = "
+              "r.amax(1, keepdim=True) == r.amin(1, keepdim=True)."),
     ):
         return False
-    hint = ("the float mean of seven copies of 0.9 is not exactly 0.9, so r - mean and the std come out ~1e-8 and "
-            "(r - mean) / (std + 1e-4) leaves a spurious advantage of ~1e-4 (and a test std == 0 can miss them). "
-            "Decide which groups are degenerate from the rewards themselves, and set their advantages to 0.")
+    hint = ("a group of K equal rewards such as 0.9 still gets a small nonzero advantage from your function. Floats "
+            "round: can you tell that a group is degenerate without computing its mean or its std?",
+            "the float mean of seven copies of 0.9 is not exactly 0.9, so r - mean and the std come out ~1e-8 and "
+            "(r - mean) / (std + 1e-4) leaves a spurious advantage of ~1e-4 (a test std == 0 misses them). Find the "
+            "groups with r.amax(1) == r.amin(1), from the rewards themselves, and set their advantages to 0.0.")
     for K, x, rows in _ROUNDING:
         r = torch.full((rows, K), x)
         r[1:] = torch.linspace(0.0, 1.0, K)  # with two rows, an ordinary group next to it (torch reduces differently)
@@ -97,10 +108,13 @@ def check_group_advantage_fn(fn) -> bool:
 def check_loss_aggregation_choice(answer) -> bool:
     """Under loss_type="grpo" the replies with negative advantage grow longer: why, and what removes it (A-D)?"""
     return check_value(
-        "loss_aggregation", answer, "B",
-        hint="write the weight that one token of reply i gets in 1/N sum_i (1/|y_i| sum_t l_it). How does it "
-        "change with |y_i|, and for a reply with A < 0, what does a longer reply buy? The fix is a normaliser "
-        "that does not depend on the reply's own length.",
+        "answer_aggregation", answer, "C",
+        hint=("write the weight that one token of reply i gets in 1/N sum_i (1/|y_i| sum_t l_it). How does it "
+              "change with |y_i|?",
+              "one token of reply i weighs 1/(N |y_i|): for a reply with A < 0, every extra token dilutes the push "
+              "down on all of its tokens, so long wrong replies are penalised less per token, and the gradient "
+              "lengthens them. A normaliser that does not depend on |y_i| (dr_grpo's constant N L, or a token "
+              "mean) weighs every token alike (§7.3)."),
     )
 
 
@@ -111,10 +125,11 @@ def check_pass_at_k_by_hand(answer) -> bool:
 
     # 1 - C(n - c, k) / C(n, k) = 1 - C(3, 2) / C(5, 2) = 1 - 3/10
     return check_value(
-        "pass_at_k_by_hand", answer, pass_at_k(5, 2, 2),
-        hint="pass@k is the probability that k replies drawn *without replacement* from the n include a correct "
-        "one: 1 minus the chance that all k come from the n - c wrong ones, counted with binomial coefficients. "
-        "1 - (1 - c/n)^k draws with replacement and is biased.",
+        "answer_pass_at_k", answer, pass_at_k(5, 2, 2),
+        hint=("pass@k asks whether at least one of k replies, drawn from the n samples without putting any back, "
+              "is correct. It is easier to count the ways this fails.",
+              "1 - C(n - c, k) / C(n, k) = 1 - C(3, 2) / C(5, 2): 3 of the 10 pairs of samples are both wrong. "
+              "1 - (1 - c/n)^k draws with replacement and is biased."),
     )
 
 
@@ -126,17 +141,41 @@ _SHARPENING = {"run_a": "widens", "run_b": "sharpens", "run_c": "neither"}
 def check_sharpen_or_widen(answer) -> bool:
     """run_a: pass@1 0.30 -> 0.42, pass@16 0.80 -> 0.91; run_b: 0.30 -> 0.55, 0.80 -> 0.78; run_c: 0.30 -> 0.27,
     0.80 -> 0.70. Each: "sharpens", "widens" or "neither"."""
-    name = "sharpen_or_widen"
+    name = "answer_sharpening"
     if answer is None or answer is ...:
         return report(name, False, "not answered yet")
     if not isinstance(answer, dict) or set(answer) != set(_SHARPENING):
         return report(name, False, f"expected a dict with the keys {sorted(_SHARPENING)}, got {answer!r}",
                       'one word per run, e.g. {"run_a": "sharpens", ...}')
     wrong = sorted(k for k, v in answer.items() if str(v).strip().lower() != _SHARPENING[k])
-    return report(name, not wrong, "" if not wrong else f"{len(wrong)} of {len(_SHARPENING)} not right",
-                  "pass@16 asks whether a prompt can be solved at all in 16 tries. A policy that only puts more "
-                  "probability on answers it could already find raises pass@1 but not pass@16; one that learns to "
-                  "solve new prompts raises both. Did every run raise pass@1?")
+    return report(
+        name, not wrong, "" if not wrong else f"{len(wrong)} of {len(_SHARPENING)} not right",
+        hint=("pass@16 asks whether a prompt can be solved at all in 16 tries, pass@1 how often one try is right. "
+              "What must happen to each for a policy that only concentrates on answers it could already find?",
+              "sharpening raises pass@1 but not pass@16 (more probability on answers already within reach); "
+              "widening raises both (prompts solved that were not before); a run that does not raise pass@1 is "
+              "neither. Read each run's two columns against that."),
+    )
+
+
+_KAPPA = 0.75  # exercise 7.7: a reply is correct when its gold reward is at least this
+
+
+@exercise("answer_group_size_experiment", points=3, difficulty="medium", minutes=15, kind="experiment")
+def check_group_size_experiment(answer) -> bool:
+    """The experiment of exercise 7.7: degenerate groups of a pass/fail reward (gold >= 0.75) among the same 240
+    replies of the base model, grouped by K = 2 and by K = 8 (3 seeds)."""
+    # measured with seeds 0-9: 19-24% of the replies correct; 58-74% of the 120 groups of 2 degenerate against
+    # 7-23% of the 30 groups of 8 (at least 0.4 apart in every seed); no group of 8 all correct
+    return check_value(
+        "answer_group_size_experiment", answer, "B",
+        hint=("compare the two shares seed by seed. Then work out, for a prompt whose replies are correct with "
+              "probability p, the chance that K independent replies all agree.",
+              "a group is degenerate when its K replies are all wrong or all right: (1 - p)^K + p^K. With about one "
+              "reply in five correct, two replies are both wrong about two times in three, eight replies all wrong "
+              "far less often (easy and hard prompts differ, so not exactly (1 - p)^8). The same 240 replies in "
+              "groups of 8 leave far fewer of them without a learning signal."),
+    )
 
 
 EXERCISES = {
@@ -146,6 +185,7 @@ EXERCISES = {
     "group_advantages": check_group_advantage_fn,
     "answer_aggregation": check_loss_aggregation_choice,
     "answer_sharpening": check_sharpen_or_widen,
+    "answer_group_size_experiment": check_group_size_experiment,
 }
 
 
@@ -157,3 +197,39 @@ def hidden_check_group_advantages(fn, seed: int, ns: dict | None = None) -> tupl
     from ..critic_free import grpo_advantages
 
     return hidden_function_check(fn, grpo_advantages, _group_rewards, seed)
+
+
+def _group_size_reading(shares: dict) -> tuple[str | None, str]:
+    """The letter of exercise 7.7 that ``{seed: {2: share, 8: share}}`` shows, and a summary of it."""
+    rows = [(s, float(v[2]), float(v[8])) for s, v in sorted(shares.items())]
+    shown = None
+    if all(max(a, b) == 0.0 for _, a, b in rows):
+        shown = "D"  # nothing degenerate
+    elif all(a >= 0.5 and b <= a - 0.2 for _, a, b in rows):
+        shown = "B"  # most pairs degenerate, far fewer groups of 8
+    elif all(b > a for _, a, b in rows):
+        shown = "C"
+    elif all(abs(a - b) < 0.1 for _, a, b in rows):
+        shown = "A"
+    summary = "; ".join(f"seed {s}: K = 2 {a:.0%}, K = 8 {b:.0%}" for s, a, b in rows)
+    return shown, summary
+
+
+def hidden_check_answer_group_size_experiment(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    """The experiment of 7.7, against the student's own run: it must be in the notebook, at kappa = 0.75, over three
+    seeds, and show the reading answered (B: most groups of 2 degenerate, far fewer groups of 8)."""
+    ns = ns or {}
+    shares = ns.get("degenerate")
+    if not isinstance(shares, dict) or not shares:
+        return False, "the experiment's counts (degenerate) are not in the notebook: run its cell"
+    if ns.get("kappa") != _KAPPA:
+        return False, f"the notebook's run is at kappa = {ns.get('kappa')!r}; the question is about kappa = {_KAPPA}"
+    if len(shares) < 3:
+        return False, "the experiment has fewer than three seeds: run its whole cell"
+    try:
+        shown, summary = _group_size_reading(shares)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return False, "the experiment's counts have no share for K = 2 and K = 8"
+    if shown is None or str(answer).strip().upper() != shown:
+        return False, f"your run's degenerate groups ({summary}) do not show your answer"
+    return True, f"consistent with your run ({summary})"

@@ -1,6 +1,7 @@
 """Chapter 8 exercises: the best-of-n KL bound and an exact KL by hand, reading the peak off a Gao et al. fit, the
 best-of-n distribution of a categorical policy, an ensemble aggregation for a miscalibrated member, diagnosing
-over-optimisation from a training log, and matching the chapter's curves to their properties."""
+over-optimisation from a training log, matching the chapter's curves to their properties, and a short experiment
+with best-of-n and an oracle."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from . import check_function, check_numbers, check_value, exercise, hidden_function_check, report
 
 __all__ = ["EXERCISES", "check_best_of_n_probs_fn", "check_ensemble_choice", "check_forms_matching",
-           "check_gao_peak", "check_kl_bound", "check_kl_coin", "check_overoptimization_diagnosis"]
+           "check_gao_peak", "check_kl_bound", "check_kl_coin", "check_overoptimization_diagnosis",
+           "check_selection_experiment"]
 
 _BOUND_NS = (4, 16)  # exercise 8.1
 _ALPHA, _BETA = 0.9, 0.25  # exercise 8.3: a best-of-n fit R(d) = d (alpha - beta d), d = sqrt(KL)
@@ -23,10 +25,12 @@ def check_kl_bound(answer) -> bool:
     from ..overoptimization import best_of_n_kl_bound
 
     # log 4 - 3/4 = 0.636; log 16 - 15/16 = 1.835
-    hint = ("KL is in nats: the natural log, not log2 or log10; and the bound subtracts (n - 1)/n, which is near 1 "
-            "for large n but not 1. One number per n, in the order n = 4, n = 16.")
+    hint = ("KL here is measured in nats, and the bound has two terms. One number per n, in the order n = 4, "
+            "n = 16.",
+            "nats mean the natural log (math.log, not log2 or log10): log 4 - 3/4 and log 16 - 15/16; the "
+            "subtracted (n - 1)/n is near 1 for large n, but not 1.")
     expected = torch.tensor([best_of_n_kl_bound(n) for n in _BOUND_NS], dtype=torch.float64)
-    return check_numbers("kl_bound", answer, expected, "n = 4, then n = 16", hint)
+    return check_numbers("answer_kl_bound", answer, expected, "n = 4, then n = 16", hint)
 
 
 @exercise("answer_kl_coin", points=2, difficulty="medium", minutes=10, kind="numeric")
@@ -37,10 +41,12 @@ def check_kl_coin(answer) -> bool:
     # best-of-2 keeps reward 0 only if both draws are 0: pi_2 = (1/4, 3/4); KL = 1/4 log(1/2) + 3/4 log(3/2) = 0.131
     # (the bound log 2 - 1/2 = 0.193 is loose: two atoms are far from a continuous reward)
     return check_value(
-        "kl_coin", answer, best_of_n_kl_exact([0.5, 0.5], [0.0, 1.0], 2),
-        hint="first find pi_2: best-of-2 ends with the reward-0 reply only when both draws are it. Then "
-        "KL(pi_2 || p) = sum_y pi_2(y) log(pi_2(y) / p(y)), with the natural log and pi_2 (not p) outside the log. "
-        "The bound log n - (n-1)/n is only an upper bound here.",
+        "answer_kl_coin", answer, best_of_n_kl_exact([0.5, 0.5], [0.0, 1.0], 2),
+        hint=("first find pi_2, the distribution of the reply best-of-2 keeps: when does it end with the wrong "
+              "reply? Then the KL of pi_2 to p, in nats. The bound of 8.1 is not the answer here.",
+              "best-of-2 keeps the wrong reply only when both draws are it: pi_2 = (1/4, 3/4). KL(pi_2 || p) = "
+              "sum_y pi_2(y) log(pi_2(y) / p(y)), natural log, pi_2 (not p) outside the log. The bound is only an "
+              "upper bound: two atoms are far from a continuous reward."),
     )
 
 
@@ -59,14 +65,18 @@ def check_gao_peak(answer) -> bool:
     while best_of_n_kl_bound(n) < fit.kl_peak:
         n += 1
     expected = {"d_peak": d_peak, "kl_peak": fit.kl_peak, "gain": float(fit.predict(fit.kl_peak)), "n": n}
-    hints = {
-        "d_peak": "the gain is a quadratic in d; set its derivative in d to zero.",
-        "kl_peak": "d is sqrt(KL), not KL.",
-        "gain": "put d_peak back into R(d) = d (alpha - beta d).",
-        "n": "the bound grows with n, so try integers near your estimate and keep the smallest that reaches kl_peak; "
-             "solving log n = KL + 1 drops the + 1/n.",
+    hints = {  # per key: (first hint, stronger hint)
+        "d_peak": ("the gain is a quadratic in d: where is its maximum?",
+                   "R'(d) = alpha - 2 beta d = 0 at d* = alpha / (2 beta)."),
+        "kl_peak": ("how are d and the KL related?", "d is sqrt(KL), so KL = d_peak ** 2, not d_peak."),
+        "gain": ("evaluate the fit at its peak.",
+                 "put d_peak back into R(d) = d (alpha - beta d): alpha^2 / (4 beta)."),
+        "n": ("the bound grows with n, so try the integers near your estimate and keep the smallest that reaches "
+              "kl_peak.",
+              "solving log n = KL + 1 drops the + 1/n term of the bound: compute log n - (n - 1)/n for the integers "
+              "just below e^(kl_peak + 1) and keep the smallest whose bound is >= kl_peak."),
     }
-    name = "gao_peak"
+    name = "answer_gao_peak"
     if answer is None or answer is ...:
         return report(name, False, "not answered yet")
     if not isinstance(answer, dict) or set(answer) != set(expected):
@@ -81,9 +91,9 @@ def check_gao_peak(answer) -> bool:
         if not ok:
             wrong.append(key)
     if "d_peak" in wrong:  # the other three follow from d_peak: one thing to fix first
-        hint = f"d_peak: {hints['d_peak']} kl_peak, gain and n follow from it."
+        hint = tuple(f"d_peak: {h} kl_peak, gain and n follow from it." for h in hints["d_peak"])
     else:
-        hint = " ".join(f"{k}: {hints[k]}" for k in wrong)
+        hint = tuple(" ".join(f"{k}: {hints[k][level]}" for k in wrong) for level in (0, 1))
     return report(name, not wrong, "" if not wrong else f"{', '.join(wrong)} not right", hint)
 
 
@@ -112,9 +122,11 @@ def check_best_of_n_probs_fn(fn) -> bool:
     one atom of probability 0, against best_of_n_distribution."""
     return check_function(
         "best_of_n_probs", fn, _reference_probs, _distinct_categorical,
-        hint="F(r(y)) is the probability of drawing a reply whose reward is <= r(y), and F(r(y)^-) of one whose "
-        "reward is < r(y): accumulate p in the order of the rewards, not in the order the atoms are given, and "
-        "return the answer in the given order. The result is a probability vector: it sums to 1.",
+        hint=("F(r(y)) is the probability that one draw scores at most r(y), F(r(y)^-) that it scores below r(y). "
+              "The atoms come in no particular order: what must you do to p before adding it up, and in which "
+              "order must the answer come back? The result is a probability vector: it sums to 1.",
+              "order = torch.argsort(rewards); F = torch.cumsum(p[order], 0); F_below = F - p[order]; then "
+              "pi[order] = F ** n - F_below ** n, so each atom gets its own value back in the order of p."),
     )
 
 
@@ -123,10 +135,13 @@ def check_ensemble_choice(answer) -> bool:
     """Ensemble of 4 normalised reward models, aggregate="mean"; the policy finds replies that member 4 scores +5
     while members 1-3 score about 0: which change targets this (A-D)?"""
     return check_value(
-        "ensemble_choice", answer, "B",
-        hint="work out what each aggregation gives the exploited reply, member scores (0, 0, 0, 5), against an "
-        "ordinary reply the four agree on, (0, 0, 0, 0). Which ones make the exploit stop paying? The reward is "
-        "what the policy optimises, so what should a disagreement between the members do to it?",
+        "answer_ensemble", answer, "A",
+        hint=("work out what each aggregation gives the exploited reply, member scores (0, 0, 0, 5), and an "
+              "ordinary reply the four agree on, (0, 0, 0, 0). The policy maximises that number: which options "
+              "stop the exploit from paying?",
+              "the mean gives the exploit 1.25 > 0: one member's error is diluted, not removed, and it still pays. "
+              "min gives 0 and mean - std less than 0: disagreement no longer pays (Coste et al. 2023). Adding the "
+              "std rewards the disagreement; one bigger reward model still has errors for the policy to find."),
     )
 
 
@@ -135,10 +150,13 @@ def check_overoptimization_diagnosis(answer) -> bool:
     """PPO log over iterations 0-600: KL 0, 0.5, 1.5, 3, 5, 8, 12; proxy 0, 0.73, 1.20, 1.64, 2.06, 2.55, 3.06;
     gold 0, 0.69, 0.86, 0.91, 0.89, 0.79, 0.62: the diagnosis and the fix (A-D)."""
     return check_value(
-        "overoptimization_diagnosis", answer, "B",
-        hint="the gold reward is the one you care about: follow it and the proxy column side by side. Over which "
-        "iterations do they agree, and where do they part? A learning rate, an underfit reward model or a "
-        "KL estimator would each show in the proxy or the KL column; what does the proxy column show?",
+        "answer_diagnosis", answer, "D",
+        hint=("the gold reward is the one you care about: follow it and the proxy column side by side. Over which "
+              "iterations do they agree, and where do they part?",
+              "proxy and gold rise together to iteration 300 (KL 3); then the proxy keeps rising while the gold "
+              "falls: the policy gains proxy reward from the reward model's errors (over-optimisation, §8.4). A "
+              "low learning rate, an underfit reward model or a biased KL estimator would show in the proxy or KL "
+              "columns, and both look healthy."),
     )
 
 
@@ -151,16 +169,42 @@ def check_forms_matching(answer) -> bool:
     """bon_fit d (alpha - beta d), rl_fit d (alpha - beta log d), kl_bound log n - (n-1)/n, kl_exact (ties) to
     (a) a function of n alone, unbounded like log n; (b) never above log(1/q) for a 0/1 reward right with
     probability q; (c) back to zero gain at d = alpha/beta; (d) back to zero gain at d = exp(alpha/beta)."""
-    name = "forms_matching"
+    name = "answer_forms"
     if answer is None or answer is ...:
         return report(name, False, "not answered yet")
     if not isinstance(answer, dict) or set(answer) != set(_FORMS):
         return report(name, False, f"expected a dict with the keys {sorted(_FORMS)}, got {answer!r}",
                       'one letter per form, e.g. {"bon_fit": "a", ...}')
     wrong = sorted(k for k, v in answer.items() if str(v).strip().lower() != _FORMS[k])
-    return report(name, not wrong, "" if not wrong else f"{len(wrong)} of {len(_FORMS)} not right",
-                  "solve R(d) = 0 for d > 0 in each fit. For the KL: which formula involves the rewards at all? "
-                  "With a 0/1 reward, what does best-of-n converge to as n grows, and what is its KL to p then?")
+    return report(
+        name, not wrong, "" if not wrong else f"{len(wrong)} of {len(_FORMS)} not right",
+        hint=("solve R(d) = 0 for d > 0 in each fit. For the two KL formulas: which one involves the rewards at all?",
+              "bon_fit: d (alpha - beta d) = 0 at d = alpha/beta (c); rl_fit: alpha - beta log d = 0 at "
+              "d = e^(alpha/beta) (d); the bound depends on n alone and grows like log n (a); with a 0/1 reward, "
+              "best-of-n tends to p restricted to the right replies, whose KL to p is log(1/q), and the exact KL "
+              "stays below it (b)."),
+    )
+
+
+_SELECTION_N = 64  # exercise 8.8: replies drawn per prompt
+
+
+@exercise("answer_selection_experiment", points=3, difficulty="medium", minutes=15, kind="experiment")
+def check_selection_experiment(answer) -> bool:
+    """The experiment of exercise 8.8: best-of-n' (n' = 1..64) picked by the reward model and by the gold itself,
+    and the gold between the two picks (3 draws)."""
+    # measured with draws 0-7 (64 replies to each of the 30 held-out prompts): the gap is 0.029-0.036 at n' = 2 and
+    # 0.051-0.107 at n' = 64 (at least 1.6 times as wide in every draw), 0.061-0.087 at n' = 32; up to n' = 32 it
+    # grows with n' in every draw
+    return check_value(
+        "answer_selection_experiment", answer, "B",
+        hint=("compare each draw's gap at n' = 2 with its gap at n' = 64. Then ask what a reply's proxy score is "
+              "made of, besides its gold, and which replies come out on top when many compete.",
+              "the reply best-of-n' keeps is the one with the largest proxy score, and the proxy is the gold plus "
+              "the reward model's error. Among many candidates the largest score increasingly belongs to a reply "
+              "whose error is large and positive (Goodhart's law, in its regressional form), so the gold lost to "
+              "the error grows with n': from about 0.03 at n' = 2 to 0.05-0.11 at n' = 64, in every draw."),
+    )
 
 
 EXERCISES = {
@@ -171,6 +215,7 @@ EXERCISES = {
     "answer_ensemble": check_ensemble_choice,
     "answer_diagnosis": check_overoptimization_diagnosis,
     "answer_forms": check_forms_matching,
+    "answer_selection_experiment": check_selection_experiment,
 }
 
 
@@ -180,3 +225,44 @@ EXERCISES = {
 
 def hidden_check_best_of_n_probs(fn, seed: int, ns: dict | None = None) -> tuple[bool, str]:
     return hidden_function_check(fn, _reference_probs, _distinct_categorical, seed)
+
+
+def _selection_reading(gaps: dict) -> tuple[str | None, str]:
+    """The letter of exercise 8.8 that ``{seed: {n': gap}}`` shows (n' = 2 against the largest n'), and a summary."""
+    rows = []
+    for s, by_n in sorted(gaps.items()):
+        by_n = {int(k): float(v) for k, v in by_n.items()}
+        top = max(by_n)
+        rows.append((s, by_n[2], top, by_n[top]))
+    shown = None
+    if all(max(abs(a), abs(b)) < 0.01 for _, a, _, b in rows):
+        shown = "A"  # no gap anywhere
+    elif all(b >= 1.2 * a and b > 0.01 for _, a, _, b in rows):
+        shown = "B"  # widens
+    elif all(b <= 0.8 * a for _, a, _, b in rows):
+        shown = "D"
+    elif all(abs(b - a) < 0.2 * max(abs(a), abs(b)) for _, a, _, b in rows):
+        shown = "C"
+    summary = "; ".join(f"draw {s}: {a:.3f} at n' = 2, {b:.3f} at n' = {top}" for s, a, top, b in rows)
+    return shown, summary
+
+
+def hidden_check_answer_selection_experiment(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
+    """The experiment of 8.8, against the student's own draws: they must be in the notebook, of n_max = 64 replies,
+    three of them, and show the reading answered (B: the gap at n' = 64 is clearly wider than at n' = 2 in each)."""
+    ns = ns or {}
+    gaps = ns.get("bon_gap")
+    if not isinstance(gaps, dict) or not gaps:
+        return False, "the experiment's draws (bon_gap) are not in the notebook: run its cell"
+    if ns.get("n_max") != _SELECTION_N:
+        return False, (f"the notebook's draws are of n_max = {ns.get('n_max')!r} replies; the question is about "
+                       f"{_SELECTION_N}")
+    if len(gaps) < 3:
+        return False, "the experiment has fewer than three draws: run its whole cell"
+    try:
+        shown, summary = _selection_reading(gaps)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return False, "the experiment's draws have no gap at n' = 2"
+    if shown is None or str(answer).strip().upper() != shown:
+        return False, f"your draws ({summary}) do not show your answer"
+    return True, f"consistent with your draws ({summary})"
