@@ -26,7 +26,7 @@ PROMPTS = prompt_texts(TRAIN[:8])
 
 def _trainer(world, separate_critic=False, **overrides):
     model, tok = world
-    kw = dict(batch_size=8, minibatch_size=4, max_new_tokens=12, progress=False)
+    kw = dict(batch_size=8, minibatch_size=4, max_new_tokens=12, progress=False, critic="head")  # else a critic module
     kw.update(overrides)
     policy = copy.deepcopy(model)
     critic = ValueModel.from_causal_lm(policy) if separate_critic else None
