@@ -33,7 +33,7 @@ from .reward_model import (bradley_terry_loss, evaluate_preferences, load_reward
 
 # chapters 3-4: advantages, losses, critics, A2C
 from .advantage import discounted_returns, gae, masked_mean, masked_whiten, td_errors
-from .rewards import apply_missing_eos_score, per_token_rewards
+from .rewards import apply_missing_eos_score, per_token_rewards, soft_overlong_penalty
 from .losses import entropy_from_logits, policy_gradient_loss, value_loss
 from .critic import PolicyWithValueHead, ValueModel, build_critic, response_values
 from .experience import Experience, make_experience
@@ -75,7 +75,8 @@ __all__ = [
     "split_prompts", "bradley_terry_loss", "evaluate_preferences", "load_reward_model", "normalize_reward_model",
     "reward_fn_from_model", "reward_model_from_lm", "reward_scores", "train_reward_model",
     "discounted_returns", "gae", "masked_mean", "masked_whiten", "td_errors",
-    "apply_missing_eos_score", "per_token_rewards", "entropy_from_logits", "policy_gradient_loss", "value_loss",
+    "apply_missing_eos_score", "per_token_rewards", "soft_overlong_penalty", "entropy_from_logits",
+    "policy_gradient_loss", "value_loss",
     "PolicyWithValueHead", "ValueModel", "build_critic", "response_values",
     "Experience", "make_experience", "OnPolicyConfig", "OnPolicyTrainer", "A2CConfig", "A2CTrainer",
     "AdaptiveKLController", "FixedKLController", "kl_k1", "kl_k2", "kl_k3",

@@ -13,7 +13,9 @@ that checks it against the values computed above::
 Each method raises :class:`ClaimError` (an ``AssertionError``, so nbval fails the cell) quoting the
 sentence, what it states and what was computed, so a rerun whose numbers drift from the text fails CI
 instead of leaving a contradiction on the page. ``done()`` prints one line without numbers (the cell's
-output stays the same when the numbers move a little within their rounding).
+output stays the same when the numbers move a little within their rounding). For an author rewriting
+a section after a rerun, ``RLHF_BOOK_CLAIMS=all`` in the environment lists every false claim of a
+cell at ``done()`` instead of stopping at the first.
 
 How a number matches: it is written as a string, as in the prose (``"0.785"``, ``"-0.38"``, ``"24"``),
 and matches a computed value that rounds to it at the precision written (``"0.785"``: within 0.0005;
@@ -25,6 +27,7 @@ ranges to overlap (a difference within the spread is called a tie, never a lead)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 __all__ = ["ClaimError", "Claims", "matches"]
@@ -68,9 +71,13 @@ class Claims:
     def __init__(self, where: str):
         self.where = where
         self.checked = 0
+        self.failures: list[str] = []  # with RLHF_BOOK_CLAIMS=all: every false claim, raised together by done()
 
     def _fail(self, sentence: str, why: str) -> None:
-        raise ClaimError(f"section {self.where}: the text says \"{sentence}\", but {why}")
+        message = f"section {self.where}: the text says \"{sentence}\", but {why}"
+        if os.environ.get("RLHF_BOOK_CLAIMS") != "all":
+            raise ClaimError(message)
+        self.failures.append(message)
 
     def _ok(self) -> None:
         self.checked += 1
@@ -125,6 +132,9 @@ class Claims:
         self._ok()
 
     def done(self) -> None:
-        """Print the one-line report (no numbers, so the output is stable)."""
+        """Print the one-line report (no numbers, so the output is stable); ClaimError listing the false claims
+        collected under ``RLHF_BOOK_CLAIMS=all``."""
+        if self.failures:
+            raise ClaimError(f"{len(self.failures)} claims of the text are false:\n" + "\n".join(self.failures))
         n = self.checked
         print(f"section {self.where}: {n} claim{'s' if n != 1 else ''} of the text hold{'s' if n == 1 else ''}")

@@ -72,7 +72,7 @@ from .config import Config, config_changes, describe, option
 from .corpus import prompt_split
 from .critic import build_critic
 from .critic_free import CriticFreeConfig, CriticFreeTrainer
-from .distributed import make_accelerator
+from .distributed import finish, make_accelerator
 from .dpo import CHECKPOINT_NAME as DPO_CHECKPOINT
 from .dpo import DPOConfig, DPOTrainer
 from .gold import gold_reward_fn
@@ -94,7 +94,7 @@ from .sft import CHECKPOINT_NAME as SFT_CHECKPOINT
 from .sft import SFTConfig, SFTTrainer, load_sft_records
 from .tokenizer import format_prompt
 from .trainer import METRICS_NAME, RESUMABLE_FIELDS, save_history, write_metrics
-from .worlds import get_world, split_model_name
+from .worlds import canonical_model_name, get_world, split_model_name
 from .worlds import load_model as load_world_model
 
 __all__ = [
@@ -762,9 +762,7 @@ def _plan(tables: dict, iterations: int | None = None, epochs: float | None = No
 def _check_plan(plan: _Plan) -> None:
     """The rules between tables: each algorithm's data and reward exist for this starting point."""
     spec, where = plan.spec, "[pipeline]" if "pipeline" in plan.record else "[data]"
-    parts = split_model_name(plan.model)
-    if parts is not None and parts[0] == "reviews":  # 'reviews:cpu' is the preset 'cpu'
-        plan.model = parts[1]
+    plan.model = canonical_model_name(plan.model)  # 'reviews:cpu' is the preset 'cpu'
     if plan.world is not None:  # another world's policy: its prompts, its gold reward, no reward model
         if plan.reward is None and spec.on_policy:
             raise ValueError(f"[reward] source: {spec.name} on the {plan.world.name} world needs a reward: 'gold' "
@@ -1204,6 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
                 (config.get("pipeline") or config["run"])["out_dir"] = args.out
             summary = run(config, iterations=args.iterations, epochs=getattr(args, "epochs", None),
                           progress=not args.no_progress)
+            finish()  # under a launcher: every process done, the process group destroyed before the exit
             if int(os.environ.get("RANK", "0")) == 0:  # one summary, from the main process
                 print(json.dumps(summary, indent=1))
         elif args.command == "options":

@@ -43,13 +43,28 @@ The KL to the reference goes either into the reward (RLOO's form: k1 summed over
 loss (GRPO's form: beta * k3 per token, ``kl_penalty="loss"``, aggregated like the policy
 term, as TRL does; :func:`rlhf_book.kl.kl_k3`). ``kl_coef`` is TRL's ``beta``.
 
+DAPO (Yu et al. 2025) adds two more switches besides clip-higher and the token-level loss:
+
+    overlong reward shaping   r_i += R_length(|y_i|) (eq. 13, :func:`rlhf_book.rewards.soft_overlong_penalty`):
+    (``overlong_buffer``)     0 up to L_max - L_cache tokens, then a linear ramp down to -``overlong_penalty``
+                              at L_max = ``max_new_tokens``; added to every reply's score before the advantages
+    dynamic sampling          drop the degenerate groups (all K scores equal: advantage 0) and sample the next
+    (``dynamic_sampling``)    prompts until ``batch_size`` groups remain, or ``max_sampling_rounds`` rounds
+                              (:meth:`CriticFreeTrainer.dynamic_sample`)
+
 Where this departs from the papers (and follows TRL 1.16): the std gets eps = 1e-4 (GRPO
-divides by the bare std) and degenerate groups are zeroed explicitly; DAPO's dynamic sampling
-(resampling degenerate groups) and overlong reward shaping are not implemented, only its
-clip-higher and token-level loss; the k3 term is not multiplied by the ratio unless
-``use_bias_correction_kl`` (TRL 1.16 multiplies by default); GSPO's paper clips the sequence ratio at ~3e-4 / 4e-4, not
-0.2 (set ``epsilon`` for it, with ``loss_type="grpo"``: the token-level normalisers weigh a
-reply's one sequence loss by its length). RLOO and REINFORCE here use the same clipped,
+divides by the bare std) and degenerate groups are zeroed explicitly; dynamic sampling judges a
+group by the scores the advantages see (r after the missing-EOS rule and the overlong penalty,
+not the KL of ``kl_penalty="reward"``), where verl's DAPO recipe looks at accuracy alone, so an
+all-correct group whose replies differ in overlong penalty is kept (its advantages are not 0);
+when the round cap is hit the batch is filled up with degenerate groups (verl raises instead),
+the surplus groups of the last round are dropped (as verl does), and it runs in one process
+only; DAPO's overlong *filtering* (TRL's ``mask_truncated_completions``: no loss on cut-off
+replies) is not implemented (``missing_eos_score`` is this library's rule for them); the k3 term
+is not multiplied by the ratio unless ``use_bias_correction_kl`` (TRL 1.16 multiplies by
+default); GSPO's paper clips the sequence ratio at ~3e-4 / 4e-4, not 0.2 (set ``epsilon`` for
+it, with ``loss_type="grpo"``: the token-level normalisers weigh a reply's one sequence loss by
+its length). RLOO and REINFORCE here use the same clipped,
 token-level loss as GRPO (with one step per batch, w = 1 and the clip never binds, so it is
 the REINFORCE gradient); TRL's RLOOTrainer instead takes the ratio of *summed* log-probs per
 reply and averages over replies, whose on-policy gradient is -1/N sum_i A_i sum_t grad log
@@ -64,6 +79,7 @@ samples with c correct, :func:`evaluate_pass_at_k` samples n replies per held-ou
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -74,15 +90,17 @@ from .advantage import (SCALE_REWARDS, RunningMeanBaseline, degenerate_groups, g
 from .config import option, redefault
 from ._deprecation import warn_deprecated
 from .distributed import local_size
-from .experience import Experience
+from .experience import Experience, score_replies
 from .kl import kl_k3, sequence_kl
-from .rollout import prompt_texts, sample_groups
+from .rewards import soft_overlong_penalty
+from .rollout import Rollout, cat_rollouts, prompt_texts, sample_groups
+from .runtime import timed
 from .trainer import OnPolicyConfig, OnPolicyTrainer
 
 __all__ = [
     "ADVANTAGES", "SCALE_REWARDS", "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS",
     "degenerate_groups", "rloo_advantages", "grpo_advantages", "RunningMeanBaseline",
-    "sequence_rewards", "aggregate_loss", "critic_free_policy_loss",
+    "sequence_rewards", "aggregate_loss", "critic_free_policy_loss", "soft_overlong_penalty",
     "CriticFreeConfig", "CriticFreeTrainer", "pass_at_k", "evaluate_pass_at_k",
 ]
 
@@ -267,6 +285,23 @@ class CriticFreeConfig(OnPolicyConfig):
                                     "first step)", ">= 1")
     minibatch_size: int | None = option(None, "responses per optimizer step (None: all batch_size * num_generations, "
                                               "one step per pass)", ">= 1")
+    # --- DAPO's dynamic sampling and overlong reward shaping (Yu et al. 2025)
+    dynamic_sampling: bool = option(False, "DAPO's dynamic sampling: drop the groups whose K scores are all equal "
+                                           "(advantage 0) and sample the run's next batch_size prompts until "
+                                           "batch_size groups remain or max_sampling_rounds is reached (then the "
+                                           "batch is filled up with the first degenerate groups); advantage 'grpo' "
+                                           "or 'rloo'; one process only (with several, each would keep another "
+                                           "number of groups, and they must train on equal shares)")
+    max_sampling_rounds: int = option(10, "dynamic sampling: most sampling rounds per iteration, the first one "
+                                          "included (verl's max_num_gen_batches; 10 in DAPO's recipe)", ">= 1")
+    overlong_buffer: int | None = option(None, "DAPO's soft overlong punishment: L_cache, the last tokens before "
+                                               "max_new_tokens over which a reply's score falls linearly to "
+                                               "-overlong_penalty (rlhf_book.rewards.soft_overlong_penalty; verl's "
+                                               "overlong_buffer.len, TRL's soft_punish_cache); at most max_new_tokens; "
+                                               "None: off", ">= 1")
+    overlong_penalty: float = option(1.0, "the overlong punishment of a reply of max_new_tokens tokens, subtracted "
+                                          "from its score (verl's overlong_buffer.penalty_factor; only with "
+                                          "overlong_buffer)", "> 0")
 
     def check(self) -> None:
         super().check()
@@ -280,6 +315,12 @@ class CriticFreeConfig(OnPolicyConfig):
         if self.whiten_rewards:
             raise ValueError(f"{name}.whiten_rewards must be False: the advantages use the sequence rewards, not the "
                              "per-token ones it scales")
+        if self.overlong_buffer is not None and self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"{name}.overlong_buffer must be in 1..max_new_tokens ({self.max_new_tokens}): the "
+                             f"punishment ramps over a reply's last tokens, got {self.overlong_buffer}")
+        if self.dynamic_sampling and self.advantage not in ("grpo", "rloo"):
+            raise ValueError(f"{name}.dynamic_sampling needs advantage='grpo' or 'rloo' (it drops the groups whose "
+                             f"group baseline makes every advantage 0), got advantage={self.advantage!r}")
         n = self.batch_size * self.num_generations
         if self.minibatch_size is not None and self.minibatch_size < n and n % self.minibatch_size:
             raise ValueError(f"{name}.minibatch_size ({self.minibatch_size}) must divide batch_size * num_generations "
@@ -304,6 +345,8 @@ class CriticFreeTrainer(OnPolicyTrainer):
     the shared experience step with V = 0 and the configured group estimator
     (:meth:`CriticFreeConfig.advantage_spec`: the group advantage of each reply broadcast over
     its tokens), :meth:`update` (``num_iterations`` passes of the shared clipped-surrogate loop).
+    With ``overlong_buffer``, :meth:`overlong_reward` is the experience step's ``reward_shaping``;
+    with ``dynamic_sampling``, :meth:`step` samples with :meth:`dynamic_sample`.
     Evaluation, history, checkpoints and export are the shared ones.
     """
 
@@ -321,11 +364,76 @@ class CriticFreeTrainer(OnPolicyTrainer):
             self.name = "Dr. GRPO"
         self.checkpoint_name = f"{cfg.advantage}_state.pt"
         self.baseline = self.advantage_estimator.state  # REINFORCE's running mean (checkpointed), else None
+        if cfg.dynamic_sampling and self.world > 1:
+            raise ValueError(f"{type(cfg).__name__}.dynamic_sampling runs in one process only, got {self.world} "
+                             "processes: each would keep another number of groups, and they must train on equal "
+                             "shares of one batch; turn it off or run one process")
+        if cfg.overlong_buffer is not None:
+            self.reward_shaping = self.overlong_reward
 
     @property
     def samples_per_prompt(self) -> int:
         """K: :meth:`step` samples each of its B prompts K times, from one prefill of the prompt."""
         return self.config.num_generations
+
+    def overlong_reward(self, rollout: Rollout) -> torch.Tensor:
+        """DAPO's soft overlong punishment of each reply of ``rollout`` (eq. 13), L_max = ``max_new_tokens``, L_cache =
+        ``overlong_buffer``; -> (B,) in [-overlong_penalty, 0] (:func:`~rlhf_book.rewards.soft_overlong_penalty`)."""
+        cfg = self.config
+        return soft_overlong_penalty(rollout.response_lengths, cfg.max_new_tokens, cfg.overlong_buffer,
+                                     cfg.overlong_penalty)
+
+    def step(self, prompts: Sequence) -> dict:
+        """One iteration (:meth:`OnPolicyTrainer.step <rlhf_book.trainer.OnPolicyTrainer.step>`); with
+        ``dynamic_sampling`` on the groups :meth:`dynamic_sample` keeps, plus its statistics."""
+        if not self.config.dynamic_sampling:
+            return super().step(prompts)
+        t0, timings = time.perf_counter(), {}
+        rollout, raw, stats = self.dynamic_sample(prompt_texts(prompts), timings)
+        return {**self.learn(rollout, timings, t0, raw_scores=raw), **stats}
+
+    @torch.no_grad()
+    def dynamic_sample(self, texts: Sequence, timings: dict | None = None) -> tuple[Rollout, torch.Tensor, dict]:
+        """DAPO's dynamic sampling (§3.2): K replies to each prompt, round after round, until ``len(texts)`` groups are
+        not degenerate; -> (rollout of len(texts) groups, their raw scores (N,), statistics).
+
+        Round 1 samples ``texts``; each later round the next prompts of ``prompt_stream`` (the
+        run's draw in :meth:`train`; None, e.g. a direct :meth:`step`: ``texts`` again). A group is
+        degenerate when its K scores (r after the missing-EOS rule, plus the overlong penalty:
+        what the advantages see, the KL of ``kl_penalty="reward"`` aside) are all equal. It stops
+        once ``len(texts)`` groups are kept, dropping the last round's surplus, or after
+        ``max_sampling_rounds`` rounds, filling the batch up with the degenerate groups sampled
+        first. Groups keep their sampling order. Statistics: ``sampling_rounds``,
+        ``dropped_groups`` (share of the sampled groups left out of the batch) and
+        ``sampled_degenerate_groups`` (share of the sampled groups that were degenerate).
+        """
+        cfg, K, B = self.config, self.config.num_generations, len(texts)
+        rounds: list[tuple[Rollout, torch.Tensor]] = []
+        kept, spare = [], []  # (round, group) of the groups with and without a signal
+        batch = list(texts)
+        while True:
+            with timed(timings, "generate", self.device):
+                ro = self.sample(batch, samples_per_prompt=K)
+            with timed(timings, "filter", self.device), self.autocast():
+                raw, scores = score_replies(ro, self.reward_fn, cfg.missing_eos_score, self.reward_shaping,
+                                            cfg.forward_batch_size)
+            for g, flat in enumerate(degenerate_groups(scores.view(-1, K)).tolist()):
+                (spare if flat else kept).append((len(rounds), g))
+            rounds.append((ro, raw))
+            if len(kept) >= B or len(rounds) >= cfg.max_sampling_rounds:
+                break
+            batch = prompt_texts(self.prompt_stream()) if self.prompt_stream is not None else list(texts)
+        chosen = sorted(kept[:B] + spare[:max(0, B - len(kept))])
+        parts = []
+        for r, (ro, raw) in enumerate(rounds):
+            rows = [g * K + k for rr, g in chosen if rr == r for k in range(K)]
+            if rows:
+                parts.append((ro.select(rows), raw[rows]))
+        sampled = sum(len(ro) for ro, _ in rounds) // K
+        stats = {"sampling_rounds": len(rounds), "dropped_groups": 1.0 - B / sampled,
+                 "sampled_degenerate_groups": len(spare) / sampled}
+        return (cat_rollouts([ro for ro, _ in parts], self.tokenizer.pad_token_id), torch.cat([x for _, x in parts]),
+                stats)
 
     def sequence_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Deprecated since 0.2.0: the estimator is ``self.advantage_estimator`` (its ``sequence_advantages``)."""
@@ -378,7 +486,8 @@ class CriticFreeTrainer(OnPolicyTrainer):
 
         ``reward_std``: std of the sequence rewards over the batch; ``group_reward_std``: mean
         std within a group; ``degenerate_groups``: share of groups whose K rewards are all
-        equal (TRL's ``frac_reward_zero_std``); ``baseline``: REINFORCE's b after this batch.
+        equal (TRL's ``frac_reward_zero_std``); ``baseline``: REINFORCE's b after this batch;
+        ``overlong_penalty``: the mean overlong punishment (<= 0, included in ``score``), with ``overlong_buffer``.
         """
         stats = super().experience_stats(exp)
         K, m = self.config.num_generations, exp.mask
@@ -392,6 +501,8 @@ class CriticFreeTrainer(OnPolicyTrainer):
             stats["degenerate_groups"] = degenerate_groups(groups).float().mean().item()
         if self.baseline is not None:
             stats["baseline"] = self.baseline.value
+        if self.config.overlong_buffer is not None:
+            stats["overlong_penalty"] = self.overlong_reward(exp.rollout).mean().item()
         return stats
 
     def stateful(self) -> dict:

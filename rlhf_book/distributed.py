@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["make_accelerator", "check_data_parallel", "launched_processes", "rank_seed", "local_size", "shard", "gather_rows", "gather_rollout",
+__all__ = ["make_accelerator", "finish", "check_data_parallel", "launched_processes", "rank_seed", "local_size", "shard", "gather_rows", "gather_rollout",
            "gather_experience", "local_rows", "global_share", "global_shares", "global_whiten", "mean_across"]
 
 
@@ -63,6 +63,20 @@ def make_accelerator(device: torch.device | str | None = None):
         cpu = device is not None and torch.device(device).type == "cpu"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+
+
+def finish() -> None:
+    """End a multi-process run: wait for every process, then destroy the process group (one process: nothing).
+
+    Call it last in a launched script (the CLI does). A gloo group left for the interpreter's exit
+    to tear down can abort a rank ("terminate called without an active exception", seen on a
+    loaded 2-core machine), failing a run that had finished and written everything.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_data_parallel(accelerator) -> None:

@@ -3,7 +3,9 @@
 Every on-policy trainer of the book does the same thing between sampling and learning:
 
 1. **score** each response with the reward function, r(x, y) (a response that never
-   produced EOS may get a fixed ``missing_eos_score`` instead: the "EOS trick");
+   produced EOS may get a fixed ``missing_eos_score`` instead: the "EOS trick"), plus an
+   optional shaping term of the reply (``reward_shaping``, e.g. DAPO's overlong penalty,
+   :func:`rlhf_book.rewards.soft_overlong_penalty`): :func:`score_replies`;
 2. **log-probs** of the sampled tokens: log pi_old(a_t | s_t) (recorded while
    sampling, or recomputed by a teacher-forced forward) and log pi_ref(a_t | s_t) of
    the frozen reference (same temperature as the sampling);
@@ -42,7 +44,7 @@ from .rewards import apply_missing_eos_score, per_token_rewards
 from .rollout import Rollout, in_row_batches, response_logprobs, score_rollout
 from .runtime import timed
 
-__all__ = ["Experience", "make_experience", "KL_PENALTIES", "AdvantageInputs", "GroupEstimator",
+__all__ = ["Experience", "make_experience", "score_replies", "KL_PENALTIES", "AdvantageInputs", "GroupEstimator",
            "ADVANTAGE_ESTIMATORS", "get_advantage_estimator"]
 
 KL_PENALTIES = ("reward", "loss")  # where beta * KL enters: the per-token reward (InstructGPT) or the loss (GRPO)
@@ -145,7 +147,7 @@ class Experience:
     """A scored rollout, ready for an update. B responses, R response tokens.
 
     rollout: the sampled batch; raw_scores (B,): what the reward function returned;
-    scores (B,): after the missing-EOS rule (the r(x, y) that enters the rewards);
+    scores (B,): after the missing-EOS rule, plus the shaping term if any (the r(x, y) that enters the rewards);
     old_logprobs, ref_logprobs (B, R): log pi_old and log pi_ref of the sampled tokens;
     values (B, R): V_old(s_t) of the critic (zeros without one); kl (B, R): the k1
     estimate log pi_old - log pi_ref per token; rewards, advantages, returns (B, R);
@@ -192,15 +194,38 @@ class Experience:
 
 
 def _capped_batch(reward_fn: Callable, batch_size: int | None) -> Callable:
-    """A :class:`~rlhf_book.reward_model.ModelReward` scoring at most ``batch_size`` replies per forward (a copy), else
-    ``reward_fn`` itself (any other function scores the batch its own way)."""
-    from .reward_model import ModelReward
-
-    if batch_size is None or not isinstance(reward_fn, ModelReward) or reward_fn.batch_size <= batch_size:
+    """A reward function that scores in chunks (an int attribute ``batch_size``, as a
+    :class:`~rlhf_book.reward_model.ModelReward` has) scoring at most ``batch_size`` replies per forward (a copy),
+    else ``reward_fn`` itself (any other function scores the batch its own way)."""
+    own = getattr(reward_fn, "batch_size", None)
+    if batch_size is None or not isinstance(own, int) or isinstance(own, bool) or own <= batch_size:
         return reward_fn
     capped = copy.copy(reward_fn)
     capped.batch_size = batch_size
     return capped
+
+
+def score_replies(rollout: Rollout, reward_fn: Callable, missing_eos_score: float | None = None,
+                  reward_shaping: Callable[[Rollout], torch.Tensor] | None = None,
+                  forward_batch_size: int | None = None, raw_scores: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 of the experience: -> (raw r(x, y), scores = missing-EOS rule of r + ``reward_shaping(rollout)``), (B,).
+
+    ``raw_scores`` (B,): the reward function's scores of this rollout, already computed (then
+    ``reward_fn`` is not called). ``reward_shaping(rollout) -> (B,)``: a term of each reply added
+    after the missing-EOS rule (None: none).
+    """
+    device = rollout.response_mask.device
+    if raw_scores is None:
+        raw = score_rollout(_capped_batch(reward_fn, forward_batch_size), rollout, device, "reward_fn")
+    elif tuple(raw_scores.shape) != (len(rollout),):
+        raise ValueError(f"raw_scores must have shape ({len(rollout)},), one per reply, got {tuple(raw_scores.shape)}")
+    else:
+        raw = raw_scores.to(device)
+    scores = apply_missing_eos_score(raw, rollout.terminated, missing_eos_score)
+    if reward_shaping is not None:
+        scores = scores + reward_shaping(rollout).to(scores.device, scores.dtype)
+    return raw, scores
 
 
 @torch.no_grad()
@@ -226,6 +251,8 @@ def make_experience(
     whiten: Callable | None = None,
     forward_batch_size: int | None = None,
     logprob_chunk_size: int | None = None,
+    reward_shaping: Callable[[Rollout], torch.Tensor] | None = None,
+    raw_scores: torch.Tensor | None = None,
 ) -> Experience:
     """Score a rollout, take reference log-probs and values, shape per-token rewards, estimate advantages -> Experience.
 
@@ -247,15 +274,18 @@ def make_experience(
     callers put them in eval mode and under autocast. Memory: ``forward_batch_size`` rows per forward (policy,
     reference, critic and a :class:`~rlhf_book.reward_model.ModelReward`'s scoring; None: the whole batch), and
     ``logprob_chunk_size`` rows per LM-head chunk (:func:`rlhf_book.rollout.teacher_forced`; None: automatic).
+    ``reward_shaping(rollout) -> (B,)``: a term of each reply added to its score after the missing-EOS rule (e.g.
+    DAPO's overlong penalty); ``raw_scores`` (B,): ``reward_fn``'s scores of this rollout when the caller already has
+    them (dynamic sampling scored the replies to choose them): not scored again (:func:`score_replies`).
     """
     if kl_penalty not in KL_PENALTIES:
         raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {kl_penalty!r}")
     mask, T = rollout.response_mask, rollout.temperature
     device = mask.device
     with timed(timings, "reward", device):
-        raw = score_rollout(_capped_batch(reward_fn, forward_batch_size), rollout, device, "reward_fn")
+        raw, scores = score_replies(rollout, reward_fn, missing_eos_score, reward_shaping, forward_batch_size,
+                                    raw_scores)
         gold = score_rollout(gold_fn, rollout, device, "gold_fn") if gold_fn is not None else None
-    scores = apply_missing_eos_score(raw, rollout.terminated, missing_eos_score)
     with timed(timings, "forwards", device):
         if policy is not None:
             old_logprobs = in_row_batches(lambda r: response_logprobs(policy, r, T, logprob_chunk_size), rollout,

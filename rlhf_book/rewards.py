@@ -21,7 +21,8 @@ import torch
 from .advantage import last_token_index
 from .kl import kl_k1
 
-__all__ = ["per_token_rewards", "apply_missing_eos_score", "check_scores", "reward_fn_from_verifier"]
+__all__ = ["per_token_rewards", "apply_missing_eos_score", "soft_overlong_penalty", "check_scores",
+           "reward_fn_from_verifier"]
 
 
 def _fn_name(fn) -> str:
@@ -97,6 +98,36 @@ def apply_missing_eos_score(scores: torch.Tensor, terminated: torch.Tensor, miss
         return scores
     term = torch.as_tensor(terminated, dtype=torch.bool, device=scores.device)
     return torch.where(term, scores, torch.full_like(scores, float(missing_eos_score)))
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of replies of ``lengths`` tokens; (B,) -> (B,) <= 0.
+
+    With L_max = ``max_length`` and L_cache = ``buffer`` (1 <= L_cache <= L_max)::
+
+        0                                        |y| <= L_max - L_cache
+        (L_max - L_cache - |y|) / L_cache * p    L_max - L_cache < |y| <= L_max   (reaches -p at |y| = L_max)
+        -p                                       |y| > L_max
+
+    p = ``penalty`` (verl's ``overlong_penalty_factor``; the paper and TRL's
+    ``get_soft_overlong_punishment`` have p = 1), branch for branch as TRL computes it. ``lengths``
+    counts a reply's generated tokens, EOS included, as ``Rollout.response_lengths`` does. A
+    reply sampled with ``max_new_tokens`` = L_max never has more than L_max tokens, so there
+    the last branch is never reached: a reply cut off at L_max gets -p from the middle one.
+    A float32 tensor on the device of ``lengths``.
+    """
+    lengths = torch.as_tensor(lengths)
+    for name, v in (("max_length", max_length), ("buffer", buffer)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if buffer > max_length:
+        raise ValueError(f"buffer must be at most max_length ({max_length}), got {buffer}")
+    if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not math.isfinite(penalty) or penalty <= 0:
+        raise ValueError(f"penalty must be a finite number > 0, got {penalty!r}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must have shape (B,), got {tuple(lengths.shape)}")
+    ramp = ((max_length - buffer) - lengths.float()) / buffer  # >= 0 inside the safe range, -1 at L_max
+    return ramp.clamp(-1.0, 0.0) * float(penalty)
 
 
 def per_token_rewards(

@@ -34,7 +34,7 @@ __all__ = [
     "Rollout", "generate", "generate_from_ids", "response_logprobs", "sequence_logprob", "token_logprobs",
     "position_ids_from_mask", "forward_logits", "logits_to_keep_kwargs", "encode_prompts", "decode_responses", "prompt_texts", "score_rollout",
     "stop_token_ids", "teacher_forcing_batch", "teacher_forced", "logprob_chunk_rows", "LOGPROB_CHUNK_VALUES",
-    "in_row_batches",
+    "in_row_batches", "cat_rollouts",
 ]
 
 
@@ -177,6 +177,40 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)
+
+
+def cat_rollouts(rollouts: Sequence[Rollout], pad_id: int = 0) -> Rollout:
+    """The rows of ``rollouts``, one after another, as one Rollout: prompts left-padded and responses right-padded
+    (ids with ``pad_id``, masks and log-probs with 0) to the widest; (B_1, ...), (B_2, ...) -> (B_1 + B_2 + ..., ...).
+
+    The rollouts must share their temperature; an optional field (log-probs, flags, texts) is kept only when every
+    rollout has it. Padding changes no real token's log-prob (positions come from the mask), up to float rounding.
+    """
+    rollouts = list(rollouts)
+    if not rollouts:
+        raise ValueError("cat_rollouts needs at least one rollout")
+    if len({r.temperature for r in rollouts}) > 1:
+        raise ValueError(f"cannot concatenate rollouts sampled at different temperatures "
+                         f"{sorted({r.temperature for r in rollouts})}")
+    if len(rollouts) == 1:
+        return rollouts[0]
+    P = max(r.prompt_ids.size(1) for r in rollouts)
+    R = max(r.response_ids.size(1) for r in rollouts)
+
+    def cat(name: str, width: int | None = None, value=0, left: bool = False):
+        ts = [getattr(r, name) for r in rollouts]
+        if any(t is None for t in ts):
+            return None
+        if width is not None:
+            pads = [torch.full((t.size(0), width - t.size(1)), value, dtype=t.dtype, device=t.device) for t in ts]
+            ts = [torch.cat([p, t] if left else [t, p], 1) for p, t in zip(pads, ts)]
+        return torch.cat(ts)
+
+    texts = lambda name: None if any(getattr(r, name) is None for r in rollouts) else [  # noqa: E731
+        x for r in rollouts for x in getattr(r, name)]
+    return Rollout(cat("prompt_ids", P, pad_id, True), cat("prompt_mask", P, 0, True), cat("response_ids", R, pad_id),
+                   cat("response_mask", R), cat("logprobs", R), cat("terminated"), texts("prompts"), texts("responses"),
+                   rollouts[0].temperature)
 
 
 def encode_prompts(tokenizer, prompts: Sequence, device=None, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -792,6 +792,9 @@ class OnPolicyTrainer(PolicyTrainer):
     ``experience``, of which ``reward`` in the reward function and ``forwards`` in the
     reference and critic; ``update``), also logged as ``*_seconds``: benchmarks read them
     instead of patching the trainer. On CUDA each phase boundary synchronises the device.
+    ``reward_shaping`` (None, or rollout -> (B,)): a term added to every reply's score in the
+    experience step (the critic-free trainer's DAPO overlong penalty); ``prompt_stream``: during
+    :meth:`train`, its prompt draw (what a step that samples more prompts draws from), else None.
     """
 
     name = "RL"
@@ -856,6 +859,10 @@ class OnPolicyTrainer(PolicyTrainer):
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         name, options = cfg.advantage_spec()
         self.advantage_estimator = get_advantage_estimator(name, **options)  # built once: REINFORCE's holds a state
+        # a term of each reply added to its score in the experience step (rollout -> (B,); the critic-free trainer's
+        # DAPO overlong penalty), and where a step draws more prompts (train() sets it for its run: dynamic sampling)
+        self.reward_shaping: Callable[[Rollout], torch.Tensor] | None = None
+        self.prompt_stream: Callable[[], list] | None = None
         self.experience: Experience | None = None
         self.timings: dict[str, float] = {}
 
@@ -867,15 +874,17 @@ class OnPolicyTrainer(PolicyTrainer):
             rollout = self.sample(prompt_texts(prompts), samples_per_prompt=self.samples_per_prompt)
         return self.learn(rollout, timings, t0)
 
-    def learn(self, rollout: Rollout, timings: dict | None = None, t0: float | None = None) -> dict:
+    def learn(self, rollout: Rollout, timings: dict | None = None, t0: float | None = None,
+              raw_scores: torch.Tensor | None = None) -> dict:
         """The rest of an iteration, on a sampled ``rollout`` (this process's share): experience, update, stats.
 
         The statistics are those of the global batch (gathered from every process) and the
         KL controller moves on them, so every process logs and uses the same numbers.
+        ``raw_scores``: the reward function's scores of ``rollout`` if already computed (not scored again).
         """
         t0, timings = time.perf_counter() if t0 is None else t0, {} if timings is None else timings
         with timed(timings, "experience", self.device):
-            exp = self.make_experience(rollout, timings)
+            exp = self.make_experience(rollout, timings, raw_scores)
         with timed(timings, "update", self.device):
             update_stats = self.update(exp)
         stats = {"step": self.iteration + 1, **self.experience_stats(gather_experience(self.accelerator, exp)),
@@ -887,8 +896,10 @@ class OnPolicyTrainer(PolicyTrainer):
         self.iteration += 1
         return stats
 
-    def make_experience(self, rollout: Rollout, timings: dict | None = None) -> Experience:
-        """:func:`rlhf_book.experience.make_experience` with this trainer's models and config (eval mode, no grad)."""
+    def make_experience(self, rollout: Rollout, timings: dict | None = None,
+                        raw_scores: torch.Tensor | None = None) -> Experience:
+        """:func:`rlhf_book.experience.make_experience` with this trainer's models, config and ``reward_shaping`` (eval
+        mode, no grad); ``raw_scores``: the reward function's scores of ``rollout`` if already computed."""
         cfg = self.config
         self.train_mode(False)
         critic = self.critic if self.critic is not None else (self.model if self.has_critic else None)  # None: V = 0
@@ -903,7 +914,7 @@ class OnPolicyTrainer(PolicyTrainer):
                 policy=self.compiled(self.lm) if recompute else None, gold_fn=self.gold_fn, timings=timings,
                 forward_batch_size=cfg.forward_batch_size, logprob_chunk_size=cfg.logprob_chunk_size,
                 advantage_estimator=self.advantage_estimator, group_size=self.samples_per_prompt,
-                accelerator=self.accelerator,
+                accelerator=self.accelerator, reward_shaping=self.reward_shaping, raw_scores=raw_scores,
             )
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -1062,7 +1073,9 @@ class OnPolicyTrainer(PolicyTrainer):
         """Run until ``iterations`` iterations are done; returns the history (one dict per iteration, key ``step``).
 
         Each iteration draws ``batch_size`` distinct prompts from ``prompt_list`` (with N
-        processes, the same ones on each, which then samples its ``batch_size / N``). With
+        processes, the same ones on each, which then samples its ``batch_size / N``); during
+        the run ``prompt_stream`` is that draw, where a step that wants more prompts takes
+        the next ones (dynamic sampling), so a resumed run draws them as the uninterrupted one. With
         ``eval_prompts``, iteration 0 (before training), every ``eval_every``-th iteration and
         the last one also carry :meth:`evaluate`'s ``eval_*`` statistics. With
         ``checkpoint_dir`` the run is resumable and streams its metrics (see :meth:`run`).
@@ -1083,7 +1096,11 @@ class OnPolicyTrainer(PolicyTrainer):
             return self.shard([texts[i] for i in order.tolist()])
 
         evaluate = (lambda: self.evaluate(eval_texts)) if eval_texts is not None else None
-        return self.run(iterations, next_batch, checkpoint_dir, evaluate, progress)
+        self.prompt_stream = next_batch
+        try:
+            return self.run(iterations, next_batch, checkpoint_dir, evaluate, progress)
+        finally:
+            self.prompt_stream = None
 
 
 METRICS_NAME = "metrics.jsonl"

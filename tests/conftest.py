@@ -50,6 +50,26 @@ def kill_before_rename(monkeypatch):
     return lambda: monkeypatch.setattr(cache_mod.os, "rename", real_rename)
 
 
+@pytest.fixture
+def kill_after_first_checkpoint(monkeypatch):
+    """``kill(module, build)``: run ``build()`` until ``module`` has written its first checkpoint, then raise
+    KeyboardInterrupt as a kill would (the checkpoint on disk, the build unfinished)."""
+
+    def kill(module, build) -> None:
+        real = module.save_checkpoint
+
+        def save_then_die(path, **state):
+            real(path, **state)
+            raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            build()
+        monkeypatch.setattr(module, "save_checkpoint", real)
+
+    return kill
+
+
 @pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory):
     """A private cache directory shared by the session's tiny artifacts."""

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_book import A2CConfig, A2CTrainer, CriticFreeConfig, CriticFreeTrainer, DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
+from rlhf_book.distributed import finish
 from rlhf_book.rollout import generate
 
 torch.set_num_threads(1)
@@ -98,3 +99,4 @@ def train(base: str, run_dir: str, iterations: str) -> None:
 
 if __name__ == "__main__":
     {"update": update, "train": train}[sys.argv[1]](*sys.argv[2:])
+    finish()  # the process group destroyed before the interpreter exits (a launched script's last line)

@@ -316,21 +316,8 @@ def test_preset_errors_are_named():
     assert A.PRESETS["cpu"].difficulties == A.TRAINED
 
 
-def _kill_after_first_checkpoint(monkeypatch):
-    real = bm.save_checkpoint
-
-    def save_then_die(path, **state):
-        real(path, **state)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(bm, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        A.build("tiny", device="cpu", progress=False)
-    monkeypatch.setattr(bm, "save_checkpoint", real)
-
-
-def test_a_build_killed_midway_resumes_to_the_same_policy(tmp_cache, monkeypatch, tiny_reference):
-    _kill_after_first_checkpoint(monkeypatch)
+def test_a_build_killed_midway_resumes_to_the_same_policy(tmp_cache, monkeypatch, kill_after_first_checkpoint, tiny_reference):
+    kill_after_first_checkpoint(bm, lambda: A.build("tiny", device="cpu", progress=False))
     key = A.policy_key("tiny")
     assert not (tmp_cache / key).exists()  # nothing a later run would load
     assert (tmp_cache / f".{key}.partial" / "train_state.pt").is_file()

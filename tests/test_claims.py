@@ -56,3 +56,17 @@ def test_tensors_that_require_grad_and_one_claim(capsys):
     c.done()
     out = capsys.readouterr()
     assert out.out == "section 1.1: 1 claim of the text holds\n" and out.err == ""
+
+
+def test_an_author_can_list_every_false_claim_of_a_cell(monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_BOOK_CLAIMS", "all")
+    c = Claims("9.1")
+    c.number("accuracy 0.80", 0.7, "0.80")
+    c.number("loss 0.5", 0.5, "0.5")
+    c.holds("it converges", False)
+    with pytest.raises(ClaimError, match=r"(?s)2 claims of the text are false.*accuracy 0.80.*it converges"):
+        c.done()
+    assert capsys.readouterr().out == ""
+    monkeypatch.delenv("RLHF_BOOK_CLAIMS")
+    with pytest.raises(ClaimError, match="accuracy 0.80"):
+        Claims("9.1").number("accuracy 0.80", 0.7, "0.80")

@@ -74,23 +74,9 @@ def test_a_broken_tokenizer_folder_is_retrained(tmp_cache, reference_weights, da
     assert torch.equal(_weights(model), reference_weights) and tok.pad_token_id == 0
 
 
-def _kill_after_first_checkpoint(monkeypatch, module, build) -> None:
-    """Run ``build`` until ``module`` has written its first checkpoint, then raise as a kill would."""
-    real = module.save_checkpoint
-
-    def save_then_die(path, **state):
-        real(path, **state)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        build()
-    monkeypatch.setattr(module, "save_checkpoint", real)
-
-
 @pytest.mark.parametrize("cut", ["half", "zero"])
-def test_a_truncated_build_checkpoint_is_discarded(tmp_cache, monkeypatch, reference_weights, cut):
-    _kill_after_first_checkpoint(monkeypatch, bm, lambda: load_base_model("tiny", device="cpu", progress=False))
+def test_a_truncated_build_checkpoint_is_discarded(tmp_cache, monkeypatch, kill_after_first_checkpoint, reference_weights, cut):
+    kill_after_first_checkpoint(bm, lambda: load_base_model("tiny", device="cpu", progress=False))
     ckpt = _partial(tmp_cache) / "train_state.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2] if cut == "half" else b"")
@@ -108,9 +94,9 @@ def test_killed_after_saving_before_the_marker_does_not_retrain(tmp_cache, monke
     assert (bm.base_model_path("tiny") / "COMPLETE.json").is_file() and tok.padding_side == "left"
 
 
-def test_a_truncated_reward_model_checkpoint_is_discarded(tmp_cache, monkeypatch):
+def test_a_truncated_reward_model_checkpoint_is_discarded(tmp_cache, monkeypatch, kill_after_first_checkpoint):
     load_base_model("tiny", device="cpu", progress=False)
-    _kill_after_first_checkpoint(monkeypatch, rm_mod, lambda: rm_mod.load_reward_model("tiny", device="cpu", progress=False))
+    kill_after_first_checkpoint(rm_mod, lambda: rm_mod.load_reward_model("tiny", device="cpu", progress=False))
     ckpt = tmp_cache / f".{rm_mod.artifact_name('tiny')}.partial" / "train_state.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.warns(RuntimeWarning, match="Discarding it"):

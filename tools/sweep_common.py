@@ -2,10 +2,18 @@
 
 A run already in the file is skipped; a run killed half-way continues from its last checkpoint in
 ``<results>.runs/<run>/`` (removed, with any folder it leaves empty, once the run is recorded).
+
+Every record carries ``world``, a digest of the book's world as this machine built it (the cached
+base model's weights and the preference data): the world is trained from scratch, and another
+CPU's floating point builds a slightly different one (another base model, 3,000 training pairs
+instead of 2,999), so a chapter compares only runs of one world. Records from before the digest
+have none.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +39,22 @@ def ev_trace(history: list[dict]) -> list[float]:
     return [round(h["explained_variance"], 3) for h in history if "explained_variance" in h]
 
 
+@functools.lru_cache(maxsize=None)
+def world_digest(preset: str = "cpu") -> str | None:
+    """12 hex digits of the cached base model's weights and preference data of ``preset`` (None: not built yet)."""
+    from rlhf_book.base_model import base_model_path
+    from rlhf_book.cache import cache_dir
+    from rlhf_book.preferences import preference_data_key
+
+    files = [base_model_path(preset) / "model.safetensors", cache_dir() / preference_data_key(preset) / "train.jsonl"]
+    if not all(f.is_file() for f in files):
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 class Results:
     """The runs recorded in ``path`` (``done``), a scratch folder per run, :meth:`record`, and the book's reward model."""
 
@@ -52,7 +76,7 @@ class Results:
         return self.path.with_suffix(".runs") / run
 
     def record(self, run: str, t0: float, **fields) -> None:
-        append_metrics({"run": run, **fields, "seconds": round(time.time() - t0, 1),
+        append_metrics({"run": run, **fields, "world": world_digest(), "seconds": round(time.time() - t0, 1),
                         "threads": torch.get_num_threads()}, self.path)
         shutil.rmtree(self.scratch(run), ignore_errors=True)
         root, parent = self.path.with_suffix(".runs"), self.scratch(run).parent

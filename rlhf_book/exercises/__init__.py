@@ -61,7 +61,7 @@ import torch
 
 __all__ = ["report", "check_function", "check_value", "check_numbers", "check_matching", "not_answered",
            "reset_attempts", "attempts", "NOT_ANSWERED", "Exercise", "exercise", "outcome", "hidden_function_check",
-           "DIFFICULTIES", "KINDS"]
+           "hidden_experiment_check", "DIFFICULTIES", "KINDS"]
 
 PASS, FAIL = "PASS", "FAIL"
 NOT_ANSWERED = "not answered yet"
@@ -349,3 +349,27 @@ def hidden_function_check(learner: Callable, reference: Callable, make_inputs: C
             return False, (f"wrong result on hidden input #{trial + 1} (the visible inputs pass: is something "
                            "hard-coded?)")
     return True, f"matches the reference on {trials} hidden inputs"
+
+
+def hidden_experiment_check(answer: Any, ns: dict | None, key: str, cell: str, prerequisites: Callable[[dict, Any], str],
+                            read: Callable[[Any], tuple[str | None, str]], what: str) -> tuple[bool, str]:
+    """The grader's check of an experiment exercise, against the student's own runs in their notebook.
+
+    ``ns[key]``: the runs (a non-empty dict, else "run its cell"); ``prerequisites(ns, runs)``: what is
+    wrong with how they were run ("" when nothing is: the asked setting, three seeds); ``read(runs)``:
+    the letter the runs show (None when they show no clear reading) and a summary of them. The answer
+    passes only when it is the letter the student's own runs show.
+    """
+    runs = (ns or {}).get(key)
+    if not isinstance(runs, dict) or not runs:
+        return False, f"the experiment's {cell} ({key}) are not in the notebook: run its cell"
+    try:
+        wrong = prerequisites(ns, runs)
+        if wrong:
+            return False, wrong
+        shown, summary = read(runs)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return False, f"the experiment's {cell} ({key}) cannot be read: rerun its whole cell"
+    if shown is None or str(answer).strip().upper() != shown:
+        return False, f"your {what} ({summary}) do not show your answer"
+    return True, f"consistent with your {what} ({summary})"

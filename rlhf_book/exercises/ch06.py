@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import check_function, check_matching, check_value, exercise, hidden_function_check
+from . import check_function, check_matching, check_value, exercise, hidden_experiment_check, hidden_function_check
 
 __all__ = ["check_dpo_loss_by_hand", "check_gradient_weight", "check_dpo_loss_fn", "check_loss_matching",
            "check_diagnosis", "check_beta_choice", "check_beta_experiment", "EXERCISES"]
@@ -185,20 +185,14 @@ def _beta_reading(drift: dict) -> tuple[str | None, str]:
 def hidden_check_answer_beta_experiment(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
     """The experiment of 6.7, against the student's own run: it must be in the notebook, compare beta = 0.1 with
     beta = 1.0 over three seeds, and show the reading answered (A: beta = 0.1 ends further away in every seed)."""
-    ns = ns or {}
-    drift = ns.get("dpo_drift")
-    if not isinstance(drift, dict) or not drift:
-        return False, "the experiment's runs (dpo_drift) are not in the notebook: run its cell"
-    betas = (ns.get("beta_small"), ns.get("beta_large"))
-    if betas != _EXPERIMENT_BETAS or not all(b in drift for b in _EXPERIMENT_BETAS):
-        return False, (f"the notebook's runs compare beta = {ns.get('beta_small')!r} with {ns.get('beta_large')!r}; "
-                       "the question is about 0.1 and 1.0")
-    try:
+
+    def prerequisites(ns, drift):
+        if (ns.get("beta_small"), ns.get("beta_large")) != _EXPERIMENT_BETAS or not all(b in drift for b in _EXPERIMENT_BETAS):
+            return (f"the notebook's runs compare beta = {ns.get('beta_small')!r} with {ns.get('beta_large')!r}; "
+                    "the question is about 0.1 and 1.0")
         if min(len(drift[b]) for b in _EXPERIMENT_BETAS) < 3:
-            return False, "the experiment has fewer than three seeds per beta: run its whole cell"
-        shown, summary = _beta_reading(drift)
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return False, "the experiment's runs have no margin or KL"
-    if shown is None or str(answer).strip().upper() != shown:
-        return False, f"your runs (beta = 0.1 vs 1.0: {summary}) do not show your answer"
-    return True, f"consistent with your runs ({summary})"
+            return "the experiment has fewer than three seeds per beta: run its whole cell"
+        return ""
+
+    return hidden_experiment_check(answer, ns, "dpo_drift", "runs", prerequisites, _beta_reading,
+                                   "runs (beta = 0.1 vs 1.0)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_function, check_numbers, check_value, exercise, hidden_function_check, report
+from . import check_function, check_numbers, check_value, exercise, hidden_experiment_check, hidden_function_check, report
 
 __all__ = ["EXERCISES", "check_group_advantage_fn", "check_group_size_experiment", "check_grpo_by_hand",
            "check_loss_aggregation_choice", "check_pass_at_k_by_hand", "check_rloo_by_hand", "check_sharpen_or_widen"]
@@ -218,18 +218,11 @@ def _group_size_reading(shares: dict) -> tuple[str | None, str]:
 def hidden_check_answer_group_size_experiment(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
     """The experiment of 7.7, against the student's own run: it must be in the notebook, at kappa = 0.75, over three
     seeds, and show the reading answered (B: most groups of 2 degenerate, far fewer groups of 8)."""
-    ns = ns or {}
-    shares = ns.get("degenerate")
-    if not isinstance(shares, dict) or not shares:
-        return False, "the experiment's counts (degenerate) are not in the notebook: run its cell"
-    if ns.get("kappa") != _KAPPA:
-        return False, f"the notebook's run is at kappa = {ns.get('kappa')!r}; the question is about kappa = {_KAPPA}"
-    if len(shares) < 3:
-        return False, "the experiment has fewer than three seeds: run its whole cell"
-    try:
-        shown, summary = _group_size_reading(shares)
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return False, "the experiment's counts have no share for K = 2 and K = 8"
-    if shown is None or str(answer).strip().upper() != shown:
-        return False, f"your run's degenerate groups ({summary}) do not show your answer"
-    return True, f"consistent with your run ({summary})"
+
+    def prerequisites(ns, shares):
+        if ns.get("kappa") != _KAPPA:
+            return f"the notebook's run is at kappa = {ns.get('kappa')!r}; the question is about kappa = {_KAPPA}"
+        return "" if len(shares) >= 3 else "the experiment has fewer than three seeds: run its whole cell"
+
+    return hidden_experiment_check(answer, ns, "degenerate", "counts", prerequisites, _group_size_reading,
+                                   "run's degenerate groups")

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import check_function, check_numbers, check_value, exercise, hidden_function_check, report
+from . import check_function, check_numbers, check_value, exercise, hidden_experiment_check, hidden_function_check, report
 
 __all__ = ["EXERCISES", "check_best_of_n_probs_fn", "check_ensemble_choice", "check_forms_matching",
            "check_gao_peak", "check_kl_bound", "check_kl_coin", "check_overoptimization_diagnosis",
@@ -250,19 +250,11 @@ def _selection_reading(gaps: dict) -> tuple[str | None, str]:
 def hidden_check_answer_selection_experiment(answer, seed: int, ns: dict | None = None) -> tuple[bool, str]:
     """The experiment of 8.8, against the student's own draws: they must be in the notebook, of n_max = 64 replies,
     three of them, and show the reading answered (B: the gap at n' = 64 is clearly wider than at n' = 2 in each)."""
-    ns = ns or {}
-    gaps = ns.get("bon_gap")
-    if not isinstance(gaps, dict) or not gaps:
-        return False, "the experiment's draws (bon_gap) are not in the notebook: run its cell"
-    if ns.get("n_max") != _SELECTION_N:
-        return False, (f"the notebook's draws are of n_max = {ns.get('n_max')!r} replies; the question is about "
-                       f"{_SELECTION_N}")
-    if len(gaps) < 3:
-        return False, "the experiment has fewer than three draws: run its whole cell"
-    try:
-        shown, summary = _selection_reading(gaps)
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return False, "the experiment's draws have no gap at n' = 2"
-    if shown is None or str(answer).strip().upper() != shown:
-        return False, f"your draws ({summary}) do not show your answer"
-    return True, f"consistent with your draws ({summary})"
+
+    def prerequisites(ns, gaps):
+        if ns.get("n_max") != _SELECTION_N:
+            return (f"the notebook's draws are of n_max = {ns.get('n_max')!r} replies; the question is about "
+                    f"{_SELECTION_N}")
+        return "" if len(gaps) >= 3 else "the experiment has fewer than three draws: run its whole cell"
+
+    return hidden_experiment_check(answer, ns, "bon_gap", "draws", prerequisites, _selection_reading, "draws")

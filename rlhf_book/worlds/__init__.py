@@ -30,7 +30,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["WORLD_MODULES", "World", "get_world", "load_model", "split_model_name", "world_names"]
+__all__ = ["BOOK_WORLD", "WORLD_MODULES", "World", "canonical_model_name", "get_world", "load_model", "split_model_name",
+           "world_names"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ WORLD_MODULES: dict[str, str] = {
 }
 
 
+# the world of chapters 1-8, whose policies the library also names by their bare preset (load_base_model("cpu"))
+BOOK_WORLD = "reviews"
+
+
 def world_names() -> list[str]:
     """The registered worlds' names."""
     return list(WORLD_MODULES)
@@ -86,6 +91,13 @@ def split_model_name(name) -> tuple[str, str] | None:
         raise ValueError(f"{name!r}: the {world} world has no preset {preset!r}; "
                          f"its presets: {', '.join(get_world(world).presets)}")
     return world, preset
+
+
+def canonical_model_name(name):
+    """The one name of a model: ``"cpu"`` for ``"reviews:cpu"`` (the book's world's presets go by their bare name),
+    anything else as it is (``"arithmetic:tiny"``, a path, a hub name)."""
+    parts = split_model_name(name)
+    return parts[1] if parts is not None and parts[0] == BOOK_WORLD else name
 
 
 def load_model(name: str, device=None, progress: bool = True, dtype="auto"):
