@@ -884,7 +884,9 @@ class OnPolicyTrainer(PolicyTrainer):
         """
         t0, timings = time.perf_counter() if t0 is None else t0, {} if timings is None else timings
         with timed(timings, "experience", self.device):
-            exp = self.make_experience(rollout, timings, raw_scores)
+            # raw_scores only when given: an override of make_experience(rollout, timings) keeps working
+            exp = (self.make_experience(rollout, timings) if raw_scores is None
+                   else self.make_experience(rollout, timings, raw_scores=raw_scores))
         with timed(timings, "update", self.device):
             update_stats = self.update(exp)
         stats = {"step": self.iteration + 1, **self.experience_stats(gather_experience(self.accelerator, exp)),

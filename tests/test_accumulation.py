@@ -49,8 +49,11 @@ def _same_update(make, samples_per_prompt=1, steps=4):
     assert len(g1) == len(g2) >= 1
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # Adam's step is lr * m / sqrt(v): on a component whose gradient is ~0 it turns a float-rounding difference of
+    # the gradient into a visible one of the step (1.4e-6 on an AVX-512 CPU, lr = 1e-3), so the parameters are
+    # compared at 1% of lr; a wrong accumulation moves them by a good fraction of lr
     for pa, pb in zip(one.model.parameters(), acc.model.parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
     for k in ("grad_norm", "policy_loss", "entropy"):
         assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-6), k
     return s1, s2

@@ -19,14 +19,13 @@ finished. Runs:
   reward model r and against ``flat(r) = softplus(4 (r - 1.5)) / 4``, a strictly increasing transform
   of it: the same ranking of every pair (the same accuracy), but nearly flat where the base model's
   replies lie (Razin et al. 2025: accuracy does not make a good teacher); ``flat_rm_matched`` is flat(r) at
-  ``RAZIN_MATCHED_BETA``, beta divided by the ratio of the two rewards' spreads, which removes the larger
+  :func:`razin_matched_beta`, beta times the ratio of the two rewards' spreads, which removes the larger
   effective beta that a flatter reward has under whitened advantages;
 * ``coste/<proxy>/seed=s``: PPO at beta = ``COSTE_BETA`` against one noisy reward model and against the
   ensemble's mean - 1 std (Coste et al. 2023: ensembles with a small KL penalty).
 
-Every PPO run here uses the value head on detached features (``critic="head"``), PPO's default before 0.2.0 and
-the critic the committed runs were recorded with; at beta = 0 no critic's explained variance means much (the
-returns' spread collapses, chapter 5), and a rerun of the beta > 0 arms with the separate critic is pending.
+Every PPO run here uses PPO's default critic (a separate copy of the trunk, chapter 5); its explained variance is
+recorded. At beta = 0 it means little: the returns' spread collapses as the policy runs away (chapter 5).
 
 Reward models (all chapter 2's recipe on chapter 2's pairs, normalised on the same base-model replies):
 ``rm_3000`` (the book's), ``rm_1000`` and ``rm_300`` (a random third and tenth of the 2,999 pairs),
@@ -48,6 +47,7 @@ from rlhf_book import best_of_n, ensemble_reward_fn, gold_reward_fn, load_base_m
 from rlhf_book.ppo import PPOConfig, PPOTrainer
 from rlhf_book.reward_model import load_reward_ensemble, load_reward_model, reward_fn_from_model
 from rlhf_book.runtime import configure_threads
+from rlhf_book.trainer import read_metrics
 from sweep_common import Results, ev_trace
 
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "ch08_overoptimization.jsonl"
@@ -56,17 +56,29 @@ BON_N = 256
 MAX_NEW_TOKENS = 40
 LABEL_NOISE, K = 0.25, 4
 PPO_ITERATIONS = 80
-# chapter 5's config at beta 0, with the critic these runs were recorded with: the value head on detached features
-# that was PPOConfig's default before 0.2.0 (a rerun with the separate critic, the default now, is pending)
+# chapter 5's config at beta 0, with PPO's default critic (a separate copy of the trunk, lr 1e-3)
 PPO = {"batch_size": 32, "minibatch_size": 16, "ppo_epochs": 4, "lr": 1e-4, "clip_range": 0.2, "kl_coef": 0.0,
-       "max_new_tokens": MAX_NEW_TOKENS, "eval_every": 4, "eval_samples": 3, "progress": False, "critic": "head",
-       "critic_lr": None}
+       "max_new_tokens": MAX_NEW_TOKENS, "eval_every": 4, "eval_samples": 3, "progress": False}
 EVAL_REPEATS = 4
 RAZIN_BETA = 0.05
-# flat(r)'s spread on the base model's replies is ~0.052 of r's 0.988 (chapter 8, section 8.7): with whitened
-# advantages, scaling a reward by c is dividing beta by c, so flat(r) at beta = 0.05 is r at beta ~ 1. The
-# matched arm divides beta by the same ratio, so the two runs weigh the KL against the reward's spread alike.
-RAZIN_MATCHED_BETA = RAZIN_BETA * 0.052 / 0.988
+
+
+def razin_matched_beta(sweep) -> float:
+    """RAZIN_BETA times std(flat(r)) / std(r) over the 7,680 base-model replies of the recorded draw ``bon/seed=0``.
+
+    With whitened advantages, scaling a reward by c is dividing beta by c, so flat(r) at beta = 0.05 weighs the KL
+    as r does at a much larger beta; the matched arm divides beta by the ratio of the two rewards' spreads (about
+    0.04 in the world of the committed runs), so the two runs weigh the KL against the reward's spread alike.
+    """
+    import torch.nn.functional as F
+
+    draw = next((r for r in read_metrics(sweep.path) if r["run"] == "bon/seed=0"), None)
+    if draw is None:
+        raise ValueError(f"{sweep.path}: the matched Razin arm needs the draw bon/seed=0 recorded first "
+                         "(python tools/sweep_ch08.py --only bon --seeds 0)")
+    r = torch.tensor(draw["scores"]["rm_3000"]).flatten()
+    return RAZIN_BETA * (F.softplus(4 * (r - 1.5)) / 4).std().item() / r.std().item()
+
 # Coste et al.: the ensemble's conservative objective with a small KL penalty, against one member with it
 COSTE_BETA = 0.01
 COSTE = ("noisy_single", "noisy_mean_minus_std")
@@ -130,7 +142,7 @@ class Sweep(Results):
         train_prompts, eval_prompts = prompt_split(0)
         if proxy in ("rm", "flat_rm", "flat_rm_matched"):  # the Razin et al. pair, at beta = RAZIN_BETA (or matched)
             reward = self.fns["rm_3000"] if proxy == "rm" else flat(self.fns["rm_3000"])
-            config = {**PPO, "kl_coef": RAZIN_MATCHED_BETA if proxy == "flat_rm_matched" else RAZIN_BETA}
+            config = {**PPO, "kl_coef": razin_matched_beta(self) if proxy == "flat_rm_matched" else RAZIN_BETA}
         else:
             members = [self.fns[f"noisy_{i}"] for i in range(K)]
             reward = members[0] if PROXIES[proxy] is None else ensemble_reward_fn(members, PROXIES[proxy], lam=1.0)
