@@ -84,6 +84,7 @@ from .preferences import (
     split_prompts,
     validate_preferences,
 )
+from .rewards import terminated_flags
 from .rollout import _context_size, generate, position_ids_from_mask, prompt_texts
 from .runtime import adam, autocast, dtype_kwargs, enable_tf32, get_device, resolve_dtype, set_seed
 from .tokenizer import encode_prompt_response, is_messages
@@ -179,10 +180,7 @@ def encode_replies(
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if terminated is None:
-        terminated = [True] * len(prompts)
-    elif hasattr(terminated, "tolist"):
-        terminated = terminated.tolist()
+    terminated = terminated_flags(terminated, len(prompts))
     if len(terminated) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(terminated)} terminated flags")
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -191,7 +189,7 @@ def encode_replies(
                 f"pair {i}: prompt (a string or messages) and response (a string) must be strings, "
                 f"got {type(p).__name__}, {type(r).__name__}"
             )
-    seqs = encode_prompt_response(tokenizer, prompts, responses, [bool(t) for t in terminated], eos_ids)
+    seqs = encode_prompt_response(tokenizer, prompts, responses, terminated, eos_ids)
     if max_length is not None:
         for i, s in enumerate(seqs):
             if len(s) > max_length:

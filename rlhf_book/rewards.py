@@ -22,7 +22,7 @@ from .advantage import last_token_index
 from .kl import kl_k1
 
 __all__ = ["per_token_rewards", "apply_missing_eos_score", "soft_overlong_penalty", "check_scores",
-           "reward_fn_from_verifier"]
+           "reward_fn_from_verifier", "terminated_flags"]
 
 
 def _fn_name(fn) -> str:
@@ -61,6 +61,14 @@ def check_scores(values, n: int, name: str = "reward_fn", fn=None, device=None) 
     return out if device is None else out.to(device)
 
 
+def terminated_flags(terminated, n: int) -> list[bool]:
+    """A reward function's ``terminated`` argument as n Python bools: None (every reply ended) -> [True] * n; a
+    tensor or a sequence -> its values as bools (the caller checks the length, naming its own arguments)."""
+    if terminated is None:
+        return [True] * n
+    return [bool(t) for t in (terminated.tolist() if hasattr(terminated, "tolist") else terminated)]
+
+
 def reward_fn_from_verifier(verify, name: str | None = None, require_eos: bool = False):
     """A reward function ``(prompts, responses, terminated) -> (B,)`` from a check of one reply: a verifiable reward.
 
@@ -76,8 +84,7 @@ def reward_fn_from_verifier(verify, name: str | None = None, require_eos: bool =
     def reward_fn(prompts, responses, terminated=None) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"{label}: {len(prompts)} prompts but {len(responses)} responses")
-        ended = [True] * len(responses) if terminated is None else [
-            bool(t) for t in (terminated.tolist() if hasattr(terminated, "tolist") else terminated)]
+        ended = terminated_flags(terminated, len(responses))
         if len(ended) != len(responses):
             raise ValueError(f"{label}: {len(ended)} terminated flags for {len(responses)} responses")
         scores = [verify(p, r) if (t or not require_eos) else 0.0 for p, r, t in zip(prompts, responses, ended)]

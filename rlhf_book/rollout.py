@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .advantage import masked_sum
 from .engine import decode
-from .rewards import check_scores
+from .rewards import check_scores, terminated_flags
 from .runtime import intra_op_threads
 from .tokenizer import check_prompt, format_prompts, prompt_add_special_tokens
 
@@ -473,7 +473,7 @@ def teacher_forcing_batch(tokenizer, prompts: Sequence, replies: Sequence[str], 
     ``eos_ids`` (optional, one per reply): the end id a reply ended with (None: the tokenizer's
     EOS). DPO's pairs, SFT's completions and their evaluation all go through it.
     """
-    ended = [True] * len(replies) if terminated is None else [bool(t) for t in terminated]
+    ended = terminated_flags(terminated, len(replies))
     if not (len(prompts) == len(replies) == len(ended)):
         raise ValueError(f"{len(prompts)} prompts, {len(replies)} replies and {len(ended)} terminated flags")
     eos_ids = [None] * len(replies) if eos_ids is None else list(eos_ids)
