@@ -38,6 +38,7 @@ __all__ = [
     "td_errors",
     "discounted_returns",
     "gae",
+    "process_advantages",
     "SCALE_REWARDS",
     "degenerate_groups",
     "rloo_advantages",
@@ -234,6 +235,38 @@ def grpo_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = ST
     elif scale == "batch":
         adv = adv / (r.std() + eps)
     return torch.where(degenerate_groups(r)[:, None], torch.zeros_like(adv), adv)
+
+
+def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, mask: torch.Tensor, group_size: int,
+                       eps: float = STD_EPS) -> torch.Tensor:
+    """Process supervision with a group baseline (DeepSeekMath, Shao et al. 2024, sec. 4.1.3); (B, R) x3 -> (B, R).
+
+    ``step_rewards`` (B, R): a reward at each token that ends a step (``step_ends`` True there);
+    rows are B / K groups of ``group_size`` = K adjacent replies. Each step reward is normalised
+    by the mean and std of *all* the step rewards of its group, r~ = (r - mean) / (std + eps), and
+    a token's advantage is the sum of the normalised rewards of the steps that end at or after it,
+    A_t = sum_{j: end_j >= t} r~_j: a token is credited with what follows it, not with what came
+    before. A group whose step rewards are all equal (or that has fewer than two) gets 0.
+    """
+    for name, t in (("step_ends", step_ends), ("mask", mask)):
+        if t.shape != step_rewards.shape:
+            raise ValueError(f"process_advantages: {name} has shape {tuple(t.shape)}, step_rewards has "
+                             f"{tuple(step_rewards.shape)}")
+    B, R = step_rewards.shape
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"process_advantages: {B} replies are not groups of group_size={group_size}")
+    ends = step_ends.bool() & mask.bool()
+    r = step_rewards.float()
+    if not bool(torch.isfinite(r[ends]).all()):
+        raise ValueError("process_advantages: step rewards contain NaN or inf")
+    g_ends, g_r = ends.view(-1, group_size * R), r.view(-1, group_size * R)
+    n = g_ends.sum(1, keepdim=True)
+    mean = torch.where(g_ends, g_r, 0.0).sum(1, keepdim=True) / n.clamp_min(1)
+    var = torch.where(g_ends, (g_r - mean) ** 2, 0.0).sum(1, keepdim=True) / (n - 1).clamp_min(1)
+    normed = (g_r - mean) / (var.sqrt() + eps)
+    flat = torch.where(g_ends & (n > 1) & (var > 0), normed, 0.0).view(B, R)
+    adv = flat.flip(1).cumsum(1).flip(1)  # sum over the steps ending at or after t
+    return torch.where(mask.bool(), adv, torch.zeros_like(adv))
 
 
 class RunningMeanBaseline:

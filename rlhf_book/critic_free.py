@@ -92,7 +92,7 @@ from ._deprecation import warn_deprecated
 from .distributed import local_size
 from .experience import Experience, score_replies
 from .kl import kl_k3, sequence_kl
-from .rewards import soft_overlong_penalty
+from .rewards import StepReward, soft_overlong_penalty
 from .rollout import Rollout, cat_rollouts, prompt_texts, sample_groups
 from .runtime import timed
 from .trainer import OnPolicyConfig, OnPolicyTrainer
@@ -104,7 +104,7 @@ __all__ = [
     "CriticFreeConfig", "CriticFreeTrainer", "pass_at_k", "evaluate_pass_at_k",
 ]
 
-ADVANTAGES = ("grpo", "rloo", "reinforce")
+ADVANTAGES = ("grpo", "rloo", "reinforce", "process")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
@@ -262,7 +262,9 @@ class CriticFreeConfig(OnPolicyConfig):
     kl_penalty: str = redefault(OnPolicyConfig, "kl_penalty", "loss")
     # --- the advantage
     advantage: str = option("grpo", "'grpo': (r - group mean) / scale_rewards; 'rloo': r - mean of the other K-1; "
-                                    "'reinforce': r - running mean of past batches", choices=ADVANTAGES)
+                                    "'reinforce': r - running mean of past batches; 'process': per-step rewards of a "
+                                    "rlhf_book.rewards.StepReward, normalised over the group's steps, summed over "
+                                    "the steps to come (DeepSeekMath's process supervision)", choices=ADVANTAGES)
     num_generations: int = option(4, "K, responses per prompt (>= 2 for 'grpo' and 'rloo')", ">= 1")
     scale_rewards: str = option("group", "GRPO's divisor: the group std ('group'), the batch std ('batch', Lite "
                                          "PPO) or none ('none', Dr. GRPO); only with advantage='grpo'",
@@ -306,7 +308,7 @@ class CriticFreeConfig(OnPolicyConfig):
     def check(self) -> None:
         super().check()
         name = type(self).__name__
-        if self.advantage in ("grpo", "rloo") and self.num_generations < 2:
+        if self.advantage in ("grpo", "rloo", "process") and self.num_generations < 2:
             raise ValueError(f"{name}.num_generations must be >= 2 for advantage={self.advantage!r} (a group baseline "
                              f"needs other samples), got {self.num_generations}")
         if self.baseline_decay >= 1:
@@ -329,6 +331,8 @@ class CriticFreeConfig(OnPolicyConfig):
     def advantage_spec(self) -> tuple[str, dict]:
         """The group estimator of :data:`rlhf_book.experience.ADVANTAGE_ESTIMATORS` that ``advantage`` names: "grpo"
         with ``scale_rewards`` ("dr_grpo" for "none"), "rloo", or "reinforce" with ``baseline_decay``."""
+        if self.advantage == "process":
+            return "grpo_process", {}
         if self.advantage == "grpo":
             return ("dr_grpo", {}) if self.scale_rewards == "none" else ("grpo", {"scale": self.scale_rewards})
         return (self.advantage, {"decay": self.baseline_decay} if self.advantage == "reinforce" else {})
@@ -352,7 +356,7 @@ class CriticFreeTrainer(OnPolicyTrainer):
 
     name = "GRPO"
     config_class = CriticFreeConfig
-    NAMES = {"grpo": "GRPO", "rloo": "RLOO", "reinforce": "REINFORCE"}
+    NAMES = {"grpo": "GRPO", "rloo": "RLOO", "reinforce": "REINFORCE", "process": "GRPO (process rewards)"}
 
     def __init__(self, policy, ref_model, tokenizer, reward_fn: Callable, config: CriticFreeConfig | None = None,
                  gold_fn: Callable | None = None, accelerator=None):
@@ -363,7 +367,13 @@ class CriticFreeTrainer(OnPolicyTrainer):
         if cfg.advantage == "grpo" and cfg.scale_rewards == "none":
             self.name = "Dr. GRPO"
         self.checkpoint_name = f"{cfg.advantage}_state.pt"
-        self.baseline = self.advantage_estimator.state  # REINFORCE's running mean (checkpointed), else None
+        self.baseline = getattr(self.advantage_estimator, "state", None)  # REINFORCE's running mean (checkpointed)
+        if cfg.advantage == "process" and not isinstance(reward_fn, StepReward):
+            raise ValueError(f"{type(cfg).__name__}.advantage='process' needs a process reward, a "
+                             f"rlhf_book.rewards.StepReward (a reward at the end of each step), got "
+                             f"{getattr(reward_fn, '__name__', type(reward_fn).__name__)}")
+        if cfg.advantage == "process" and self.world > 1:
+            raise ValueError(f"{type(cfg).__name__}.advantage='process' runs in one process only, got {self.world}")
         if cfg.dynamic_sampling and self.world > 1:
             raise ValueError(f"{type(cfg).__name__}.dynamic_sampling runs in one process only, got {self.world} "
                              "processes: each would keep another number of groups, and they must train on equal "

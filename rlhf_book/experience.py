@@ -36,11 +36,11 @@ from typing import Callable, Sequence
 import torch
 
 from ._deprecation import warn_deprecated
-from .advantage import STD_EPS, RunningMeanBaseline, gae, grpo_advantages, rloo_advantages
+from .advantage import STD_EPS, RunningMeanBaseline, gae, grpo_advantages, process_advantages, rloo_advantages
 from .critic import response_values
 from .distributed import gather_rows, global_whiten, local_rows
 from .kl import sequence_kl
-from .rewards import apply_missing_eos_score, per_token_rewards
+from .rewards import StepRewards, apply_missing_eos_score, per_token_rewards
 from .rollout import Rollout, in_row_batches, response_logprobs, score_rollout
 from .runtime import timed
 
@@ -72,6 +72,7 @@ class AdvantageInputs:
     whiten_advantages: bool = False
     whiten: Callable | None = None
     accelerator: object = None
+    step_rewards: StepRewards | None = None
 
 
 def gae_estimator(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +116,22 @@ class GroupEstimator:
         return torch.where(m, adv[:, None], zero), torch.where(m, x.sequence_rewards[:, None], zero)
 
 
+def process_estimator(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"grpo_process"``: GRPO with process supervision (:func:`~rlhf_book.advantage.process_advantages`) over the
+    step rewards of a :class:`~rlhf_book.rewards.StepReward`; returns: the rewards to go. One process only."""
+    if x.step_rewards is None:
+        raise ValueError("advantage 'process' needs step rewards: the reward function must be a "
+                         "rlhf_book.rewards.StepReward (a reward at the end of each step)")
+    if x.accelerator is not None and getattr(x.accelerator, "num_processes", 1) > 1:
+        raise ValueError("advantage 'process' runs in one process only (its groups' statistics are not gathered)")
+    s = x.step_rewards
+    adv = process_advantages(s.values, s.ends, x.mask, x.group_size)
+    if x.whiten_advantages:
+        adv = x.whiten(adv, x.mask)
+    returns = torch.where(x.mask.bool(), s.values.float().flip(1).cumsum(1).flip(1), torch.zeros_like(adv))
+    return adv, returns
+
+
 def _reinforce(decay: float = 0.9) -> GroupEstimator:
     baseline = RunningMeanBaseline(decay)
     return GroupEstimator(baseline.advantages, state=baseline)
@@ -127,6 +144,7 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Callable]] = {
     "rloo": lambda: GroupEstimator(rloo_advantages),                        # r - mean of the other K - 1
     "grpo": lambda scale="group": GroupEstimator(partial(grpo_advantages, scale=scale)),  # (r - mean) / std
     "dr_grpo": lambda: GroupEstimator(partial(grpo_advantages, scale="none")),            # r - group mean
+    "grpo_process": lambda: process_estimator,                              # per-step rewards, group-normalised
 }
 
 
@@ -135,7 +153,7 @@ def get_advantage_estimator(name: str, **options) -> Callable:
 
     ``"gae"``; ``"reinforce"`` (``decay`` of the running mean, stateful: build it once per
     run); ``"rloo"``; ``"grpo"`` (``scale``: "group", "batch" (Lite PPO) or "none");
-    ``"dr_grpo"`` (``"grpo"`` with ``scale="none"``).
+    ``"dr_grpo"`` (``"grpo"`` with ``scale="none"``); ``"grpo_process"`` (step rewards, group-normalised).
     """
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage_estimator must be one of {list(ADVANTAGE_ESTIMATORS)} or a callable, got {name!r}")
@@ -253,6 +271,7 @@ def make_experience(
     logprob_chunk_size: int | None = None,
     reward_shaping: Callable[[Rollout], torch.Tensor] | None = None,
     raw_scores: torch.Tensor | None = None,
+    step_rewards: StepRewards | None = None,
 ) -> Experience:
     """Score a rollout, take reference log-probs and values, shape per-token rewards, estimate advantages -> Experience.
 
@@ -277,6 +296,9 @@ def make_experience(
     ``reward_shaping(rollout) -> (B,)``: a term of each reply added to its score after the missing-EOS rule (e.g.
     DAPO's overlong penalty); ``raw_scores`` (B,): ``reward_fn``'s scores of this rollout when the caller already has
     them (dynamic sampling scored the replies to choose them): not scored again (:func:`score_replies`).
+    ``step_rewards``: a process reward's rewards inside the replies (:meth:`rlhf_book.rewards.StepReward.token_rewards`):
+    each step's reward is placed on the token that ends it instead of the reply's summed score on its last token (what
+    the missing-EOS rule and the shaping change of that score still goes on the last token).
     """
     if kl_penalty not in KL_PENALTIES:
         raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {kl_penalty!r}")
@@ -304,13 +326,22 @@ def make_experience(
         whiten = partial(global_whiten, accelerator)
     estimator = get_advantage_estimator(advantage_estimator) if isinstance(advantage_estimator, str) else advantage_estimator
     beta_in_reward = kl_coef if kl_penalty == "reward" else 0.0
-    rewards, kl = per_token_rewards(scores, mask, old_logprobs, ref_logprobs, kl_coef=beta_in_reward)
+    if step_rewards is None:
+        rewards, kl = per_token_rewards(scores, mask, old_logprobs, ref_logprobs, kl_coef=beta_in_reward)
+    else:  # each step's reward where the step ends; the last token keeps only what changed the summed score
+        if step_rewards.values.shape != mask.shape or step_rewards.ends.shape != mask.shape:
+            raise ValueError(f"step_rewards must have the response mask's shape {tuple(mask.shape)}, got "
+                             f"{tuple(step_rewards.values.shape)} and {tuple(step_rewards.ends.shape)}")
+        step_sum = (step_rewards.values.float() * mask).sum(1)
+        rewards, kl = per_token_rewards(scores - step_sum, mask, old_logprobs, ref_logprobs, kl_coef=beta_in_reward)
+        rewards = torch.where(mask.bool(), rewards + step_rewards.values.to(rewards.dtype), rewards)
     if whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
     # the reply's reward a group estimator sees: r(x, y) [- beta * sum_t k1_t with the KL in the reward]
     seq_rewards = scores - float(kl_coef) * sequence_kl(kl, mask) if beta_in_reward > 0 else scores
     advantages, returns = estimator(AdvantageInputs(
-        rewards, values, mask, seq_rewards, gamma, lam, group_size, whiten_advantages, whiten, accelerator))
+        rewards, values, mask, seq_rewards, gamma, lam, group_size, whiten_advantages, whiten, accelerator,
+        step_rewards))
     return Experience(
         rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         values=values, kl=kl, rewards=rewards, advantages=advantages, returns=returns, kl_coef=float(kl_coef),

@@ -251,7 +251,7 @@ _PIPELINE_BOXES = {
            r"$-\ \beta\,\mathrm{KL}(\pi_\theta \Vert \pi_{\mathrm{ref}})$"),
     "prompts": (0.06, 0.31, r"prompts $x$"),
     "policy": (0.235, 0.31, r"policy $\pi_\theta$" "\n(actor)\nsamples $y$"),
-    "reward": (0.475, 0.475, r"reward model" "\n" r"$r_\phi(x, y)$"),
+    "reward": (0.475, 0.475, r"reward model $r_\phi(x, y)$" "\n" r"or a verifier (ch. 9)"),
     "reference": (0.475, 0.31, r"reference $\pi_{\mathrm{ref}}$" "\nlog-probs -> KL"),
     "critic": (0.475, 0.145, r"critic $V_\psi(s_t)$" "\n(none in ch. 7)"),
     "advantages": (0.72, 0.31, r"per-token rewards" "\nand advantages $A_t$"),
@@ -262,10 +262,10 @@ _PIPELINE_SIZES = {"prompts": (0.1, 0.075), "policy": (0.15, 0.13), "reward": (0
 _PIPELINE_CHAPTERS = {  # chapter -> the boxes it builds or studies
     1: ("pretrain", "sft", "policy"), 2: ("rm", "reward"), 3: ("rl", "policy", "critic", "advantages", "update"),
     4: ("critic", "advantages"), 5: ("rl", "reference", "update"), 6: ("sft", "rm", "dpo"),
-    7: ("rl", "advantages", "update"), 8: ("rm", "rl", "reward"),
+    7: ("rl", "advantages", "update"), 8: ("rm", "rl", "reward"), 9: ("pretrain", "sft", "rl", "reward", "advantages"),
 }
-_PIPELINE_LABELS = {"pretrain": "ch. 1", "sft": "ch. 1", "rm": "ch. 2, 8", "rl": "ch. 3-5, 7, 8", "reward": "ch. 2",
-                    "reference": "ch. 5", "critic": "ch. 3, 4", "advantages": "ch. 3, 4, 7", "update": "ch. 3, 5, 7"}
+_PIPELINE_LABELS = {"pretrain": "ch. 1, 9", "sft": "ch. 1, 9", "rm": "ch. 2, 8", "rl": "ch. 3-5, 7-9", "reward": "ch. 2, 9",
+                    "reference": "ch. 5", "critic": "ch. 3, 4, 9", "advantages": "ch. 3, 4, 7, 9", "update": "ch. 3, 5, 7"}
 # The figure is drawn at about the width of the book site's column (~900 px at the inline backend's 100 dpi), so
 # that it is shown unscaled there: its smallest text (8.5 pt) is then ~12 px on screen (tests/test_site.py checks).
 PIPELINE_FIGSIZE = (8.8, 6.4)
@@ -275,7 +275,7 @@ PIPELINE_FONTS = {"title": 12, "box": 10, "note": 9.5, "chapter": 8.5}  # points
 def plot_pipeline(chapter: int | None = None):
     """The RLHF pipeline: its four stages, one RL iteration's data flow, which chapter builds each box.
 
-    ``chapter`` (1-8) highlights the boxes that chapter builds or studies. Returns the figure.
+    ``chapter`` (1-9) highlights the boxes that chapter builds or studies. Returns the figure.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +24,7 @@ from .advantage import last_token_index
 from .kl import kl_k1
 
 __all__ = ["per_token_rewards", "apply_missing_eos_score", "soft_overlong_penalty", "check_scores",
-           "reward_fn_from_verifier", "terminated_flags"]
+           "reward_fn_from_verifier", "terminated_flags", "StepReward", "StepRewards", "char_end_tokens"]
 
 
 def _fn_name(fn) -> str:
@@ -177,3 +179,102 @@ def per_token_rewards(
     last = last_token_index(response_mask)
     rewards = rewards.scatter_add(1, last[:, None], scores.detach().to(dtype)[:, None])
     return torch.where(m, rewards, zero), kl
+
+
+# ------------------------------------------------------------------ process rewards: a reward at the end of each step
+@dataclass
+class StepRewards:
+    """Rewards inside replies (process rewards), B replies of R tokens: ``values`` (B, R) float, the reward of the step
+    that ends at each token (0 elsewhere), and ``ends`` (B, R) bool, True at the tokens that end a step."""
+
+    values: torch.Tensor
+    ends: torch.Tensor
+
+
+def char_end_tokens(tokenizer, ids: Sequence[int], char_ends: Sequence[int], stop_ids: Sequence[int] = ()) -> list[int]:
+    """The column of the token in which each character offset ends, for a reply's token ids -> one column per offset.
+
+    Offsets count characters of the reply as the rollout decodes it (stop tokens left out, leading
+    whitespace stripped: :func:`rlhf_book.rollout.decode_responses`); offset c ends in the first
+    token whose decoded prefix reaches c characters (one decode per token: replies are short).
+    An offset past the text lands on the last kept token.
+    """
+    stop = set(stop_ids)
+    cols = [j for j, i in enumerate(ids) if i not in stop]
+    if not cols:
+        return [max(len(ids) - 1, 0)] * len(char_ends)
+    kept = [ids[j] for j in cols]
+    lengths = [len(tokenizer.decode(kept[: t + 1], skip_special_tokens=True)) for t in range(len(kept))]
+    full = tokenizer.decode(kept, skip_special_tokens=True)
+    lead = len(full) - len(full.lstrip())
+    out = []
+    for c in char_ends:
+        t = next((t for t, n in enumerate(lengths) if n >= c + lead), len(kept) - 1)
+        out.append(cols[t])
+    return out
+
+
+class StepReward:
+    """A process reward: ``steps(prompt, response, terminated) -> [(char_end, reward), ...]``, one pair per step.
+
+    Called as a reward function ``(prompts, responses, terminated) -> (B,)`` it returns each reply's
+    summed step rewards, so it works wherever a reward does (and is logged as one); an on-policy
+    trainer sees that it is a ``StepReward`` and places each step's reward on the token that ends the
+    step (:meth:`token_rewards`) instead of the whole sum on the last token: GAE then credits each
+    step, and ``CriticFreeConfig(advantage="process")`` normalises the step rewards within a group
+    (:func:`rlhf_book.advantage.process_advantages`). ``char_end`` is a character offset into the
+    response text as the reward sees it. A step that ends where the reply ends (``char_end =
+    len(response)``, e.g. the final answer's) goes on the reply's last token, its EOS when it ended, as an
+    outcome reward does: whether the answer counts can depend on the reply stopping there, so the reward must
+    come after that decision, not before it (on the answer's last digit, the choice to stop would get no credit).
+    """
+
+    def __init__(self, steps: Callable, name: str | None = None):
+        if not callable(steps):
+            raise ValueError(f"steps must be a function (prompt, response, terminated) -> [(char_end, reward), ...], "
+                             f"got {steps!r}")
+        self.steps_fn = steps
+        self.__name__ = name or f"{_fn_name(steps)}_process_reward"
+
+    def spans(self, prompts, responses, terminated=None) -> list[list[tuple[int, float]]]:
+        """``[(char_end, reward), ...]`` of each reply, checked: offsets in 0..len(reply), rewards finite numbers."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{self.__name__}: {len(prompts)} prompts but {len(responses)} responses")
+        ended = terminated_flags(terminated, len(responses))
+        if len(ended) != len(responses):
+            raise ValueError(f"{self.__name__}: {len(ended)} terminated flags for {len(responses)} responses")
+        out = []
+        for i, (p, r, t) in enumerate(zip(prompts, responses, ended)):
+            steps = [(c, v) for c, v in self.steps_fn(p, r, t)]
+            for c, v in steps:
+                if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= len(r):
+                    raise ValueError(f"{self.__name__}: row {i}: a step's end must be a character offset in "
+                                     f"0..{len(r)}, got {c!r}")
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                    raise ValueError(f"{self.__name__}: row {i}: a step's reward must be a finite number, got {v!r}")
+            out.append([(c, float(v)) for c, v in steps])
+        return out
+
+    def __call__(self, prompts, responses, terminated=None) -> torch.Tensor:
+        return check_scores([sum(v for _, v in row) for row in self.spans(prompts, responses, terminated)],
+                            len(responses), self.__name__)
+
+    def token_rewards(self, rollout, tokenizer, stop_ids: Sequence[int] | None = None) -> StepRewards:
+        """Each step's reward on the token that ends it: (B, R) :class:`StepRewards` of ``rollout`` (its texts)."""
+        stop = [tokenizer.eos_token_id] if stop_ids is None else list(stop_ids)
+        mask = rollout.response_mask.bool()
+        values = torch.zeros(mask.shape, dtype=torch.float32)
+        ends = torch.zeros(mask.shape, dtype=torch.bool)
+        spans = self.spans(rollout.prompts, rollout.responses, rollout.terminated)
+        for b, (row, ids, m, text) in enumerate(zip(spans, rollout.response_ids.tolist(), mask.tolist(),
+                                                    rollout.responses)):
+            if not row:
+                continue
+            valid = [i for i, k in zip(ids, m) if k]
+            cols = char_end_tokens(tokenizer, valid, [c for c, _ in row], stop)
+            for col, (c, v) in zip(cols, row):
+                col = len(valid) - 1 if c >= len(text) else col  # a step that ends with the reply: on its last token
+                values[b, col] += v
+                ends[b, col] = True
+        dev = rollout.response_mask.device
+        return StepRewards(values.to(dev), ends.to(dev))

@@ -51,7 +51,9 @@ from .experience import KL_PENALTIES, Experience, get_advantage_estimator, make_
 from .engine import SAMPLING_ENGINES
 from .export import save_model
 from .kl import kl_k1, kl_k3, kl_loss, make_kl_controller, sequence_kl
-from .rollout import Rollout, generate, in_row_batches, prompt_texts, response_logprobs, score_rollout
+from .rewards import StepReward
+from .rollout import (Rollout, generate, in_row_batches, prompt_texts, response_logprobs, score_rollout,
+                      stop_token_ids)
 from .adapters import AdapterDisabledReference, is_peft_model
 from .runtime import (PRECISIONS, TRAINABLE_DTYPES, adam, autocast, enable_tf32, hold_trainable, mixed_numerics,
                       resolve_precision, timed)
@@ -908,6 +910,8 @@ class OnPolicyTrainer(PolicyTrainer):
         # sampling (KV cache, one column at a time) and teacher forcing round differently under bf16 autocast or
         # with any policy weight not in fp32: then log pi_old is the teacher-forced one (rlhf_book.runtime)
         recompute = cfg.recompute_old_logprobs or mixed_numerics(self.lm, self.precision)
+        steps = (self.reward_fn.token_rewards(rollout, self.tokenizer, stop_token_ids(self.lm, self.tokenizer))
+                 if isinstance(self.reward_fn, StepReward) else None)  # a process reward: one reward per step
         with self.autocast():  # a reward model's forward runs in bf16 too
             return make_experience(
                 rollout, self.reward_fn, self.compiled(self.ref), self.compiled(critic), kl_coef=self.kl_ctl.value,
@@ -917,6 +921,7 @@ class OnPolicyTrainer(PolicyTrainer):
                 forward_batch_size=cfg.forward_batch_size, logprob_chunk_size=cfg.logprob_chunk_size,
                 advantage_estimator=self.advantage_estimator, group_size=self.samples_per_prompt,
                 accelerator=self.accelerator, reward_shaping=self.reward_shaping, raw_scores=raw_scores,
+                step_rewards=steps,
             )
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:

@@ -111,3 +111,22 @@ def tiny_artifacts(tiny_cache_dir, tiny_world):
 def cpu_world():
     """(model, tokenizer) of the book's cpu preset from the default cache (built on first use)."""
     return rlhf_book.load_base_model("cpu", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_tiny(tmp_path_factory):
+    """(model, tokenizer) of the arithmetic world's ``tiny`` policy, built once per session in a cache of its own
+    (builds are deterministic); tests that change the model work on a copy."""
+    import os
+
+    from rlhf_book.worlds import arithmetic
+
+    old = os.environ.get("RLHF_BOOK_CACHE")
+    os.environ["RLHF_BOOK_CACHE"] = str(tmp_path_factory.mktemp("arithmetic_tiny"))
+    try:
+        return arithmetic.load_policy("tiny", device="cpu", progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("RLHF_BOOK_CACHE", None)
+        else:
+            os.environ["RLHF_BOOK_CACHE"] = old

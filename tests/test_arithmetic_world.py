@@ -273,21 +273,9 @@ def _weights(model):
 
 
 @pytest.fixture(scope="module")
-def tiny_reference(tmp_path_factory):
+def tiny_reference(arithmetic_tiny):
     """The tiny arithmetic policy's weights, built without interruption (builds are deterministic)."""
-    import os
-
-    d = tmp_path_factory.mktemp("arith_ref")
-    old = os.environ.get("RLHF_BOOK_CACHE")
-    os.environ["RLHF_BOOK_CACHE"] = str(d)
-    try:
-        model, _ = A.load_policy("tiny", device="cpu", progress=False)
-    finally:
-        if old is None:
-            del os.environ["RLHF_BOOK_CACHE"]
-        else:
-            os.environ["RLHF_BOOK_CACHE"] = old
-    return _weights(model)
+    return _weights(arithmetic_tiny[0])
 
 
 def test_the_build_is_cached_and_reused(tmp_cache, monkeypatch, tiny_reference):

@@ -415,7 +415,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_world, tmp_path, overrides
     ("num_generations", 1, r"CriticFreeConfig\.num_generations must be >= 2 for advantage='grpo'"),
     ("loss_type", "token_mean", r"CriticFreeConfig\.loss_type must be one of \['grpo', 'dr_grpo', 'dapo', 'bnpo'\]"),
     ("scale_rewards", "std", r"CriticFreeConfig\.scale_rewards must be one of"),
-    ("advantage", "ppo", r"CriticFreeConfig\.advantage must be one of \['grpo', 'rloo', 'reinforce'\]"),
+    ("advantage", "ppo", r"CriticFreeConfig\.advantage must be one of \['grpo', 'rloo', 'reinforce', 'process'\]"),
     ("epsilon", 0.0, r"CriticFreeConfig\.epsilon must be > 0"),
     ("epsilon_high", -0.1, r"CriticFreeConfig\.epsilon_high must be > 0 or None"),
     ("importance_sampling_level", "seq", r"CriticFreeConfig\.importance_sampling_level must be one of"),

@@ -282,6 +282,77 @@ def test_ch08_checks_catch_typical_bugs():
         assert ok is False and "hint:" in out, out
 
 
+def _strict_bugs():
+    """Typical wrong versions of exercise 9.2's strict_answer, each off the rule in one way."""
+    import re
+
+    def lines(reply):
+        return [line.strip() for line in reply.splitlines() if line.strip()]
+
+    def rule(pattern, count=True, strip=True, minus_zero=True, digits=40):
+        def strict_answer(reply):
+            ls = lines(reply) if strip else reply.split("\n")
+            if not ls or (count and sum("####" in line for line in ls) != 1):
+                return None
+            m = pattern(ls[-1])
+            if m is None or (minus_zero and m.group(1) == "-0") or len(m.group(1).lstrip("-")) > digits:
+                return None
+            return int(m.group(1))
+        return strict_answer
+
+    canonical = r"#### (-?(?:0|[1-9][0-9]*))"
+    return {
+        "search": rule(lambda line: re.search(canonical, line)),  # trailing text, extra hashes accepted
+        "leading zeros": rule(lambda line: re.fullmatch(r"#### (-?[0-9]+)", line)),
+        "\\d": rule(lambda line: re.fullmatch(r"#### (-?(?:0|[1-9]\d*))", line)),  # other scripts' digits
+        "two markers": rule(lambda line: re.fullmatch(canonical, line), count=False),
+        "no strip": rule(lambda line: re.fullmatch(canonical, line), strip=False),  # trailing blank lines, spaces
+        "-0": rule(lambda line: re.fullmatch(canonical, line), minus_zero=False),
+        "no MAX_DIGITS": rule(lambda line: re.fullmatch(canonical, line), digits=10**6),
+    }
+
+
+def test_ch09_checks_catch_typical_bugs():
+    import math
+
+    from rlhf_book.advantage import process_advantages
+    from rlhf_book.exercises import ch09
+    from rlhf_book.worlds import arithmetic as A
+
+    for name, bug in _strict_bugs().items():
+        ok, out = _run(ch09.check_strict_answer_fn, bug)
+        assert ok is False and "hint:" in out and "For instance" in out, (name, out)
+        assert ch09.hidden_check_strict_answer(bug, 777)[0] is False, name
+    ok, _ = _run(ch09.check_strict_answer_fn, lambda reply: A.extract_answer(reply, "strict"))
+    assert ok is True
+    ok, out = _run(ch09.check_strict_answer_fn, lambda reply: A.extract_answer(reply, "lenient"))
+    assert ok is False and "hint:" in out
+    # 9.5's letter rests on these numbers: reply 2's tokens all pushed down, its wrong second step's the most
+    adv = process_advantages(*ch09._process_group(), group_size=2)[1]
+    assert [round(adv[t].item(), 3) for t in (0, 3, 6)] == [-1.935, -2.58, -1.29]
+    std = math.sqrt(12 / 405)
+    for check, wrong in ((ch09.check_strict_by_hand, [True, True, False, False]),  # 0132 accepted
+                         (ch09.check_strict_by_hand, [True, False, False, True]),  # the last line alone
+                         (ch09.check_strict_by_hand, "True, False, False, False"),  # a string: a FAIL, no exception
+                         (ch09.check_lenient_by_hand, [132, None, 132, 133]),  # 0132 refused
+                         (ch09.check_lenient_by_hand, [132, 132, 132, 132]),  # the first number of (d)
+                         (ch09.check_lenient_by_hand, [132, 132, None, 133]),  # (c) needs the #### line
+                         (ch09.check_step_rewards_by_hand, [0.25, 0.0, 0.0, 0.0]),  # the slip poisons what follows
+                         (ch09.check_step_rewards_by_hand, [1 / 3, 0.0, 1 / 3, 0.0]),  # n, not n + 1
+                         (ch09.check_process_advantages_by_hand, [1 / 9 / std, 1 / 9 / std]),  # own step only
+                         (ch09.check_process_advantages_by_hand, [math.sqrt(4.5), -math.sqrt(4.5)]),  # biased std
+                         (ch09.check_reward_diagnosis, "A"),  # the format reward
+                         (ch09.check_process_credit_choice, "B"),  # each step its own reward
+                         (ch09.check_degenerate_experiment, "B")):
+        ok, out = _run(check, wrong)
+        assert ok is False and "hint:" in out, out
+    for check, right in ((ch09.check_strict_by_hand, [1, 0, 0, 0]),
+                         (ch09.check_lenient_by_hand, (132.0, 132, 132, 133)),
+                         (ch09.check_process_advantages_by_hand, [math.sqrt(15) / 2, -math.sqrt(15) / 2]),  # eps = 0
+                         (ch09.check_reward_diagnosis, " d ")):
+        assert _run(check, right)[0] is True, (check.__name__, right)
+
+
 def test_ch06_checks_catch_typical_bugs():
     import math
 
@@ -319,15 +390,16 @@ def test_ch06_checks_catch_typical_bugs():
         assert _run(check, right)[0] is True, (check.__name__, right)
 
 
-def test_chapters_6_to_8_first_hints_do_not_give_the_recipe_away():
+def test_chapters_6_to_9_first_hints_do_not_give_the_recipe_away():
     """The first hint of the code exercises points at what to get right; the recipe is kept for the stronger one."""
     import torch
 
-    from rlhf_book.exercises import ch06, ch07, ch08
+    from rlhf_book.exercises import ch06, ch07, ch08, ch09
 
     cases = ((ch06.check_dpo_loss_fn, ("torch.where", "logsigmoid")),
              (ch07.check_group_advantage_fn, ("amax", "keepdim", "torch.where")),
-             (ch08.check_best_of_n_probs_fn, ("argsort", "cumsum")))
+             (ch08.check_best_of_n_probs_fn, ("argsort", "cumsum")),
+             (ch09.check_strict_answer_fn, ("fullmatch", "splitlines")))
     for check, recipe in cases:
         wrong = lambda *args: torch.full((1,), 12345.0)  # noqa: E731
         first = _run(check, wrong)[1]

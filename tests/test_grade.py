@@ -63,6 +63,9 @@ RUNS = {
     "ch07": {"kappa": 0.75, "degenerate": {0: {2: 0.66, 8: 0.2}, 1: {2: 0.58, 8: 0.07}, 2: {2: 0.73, 8: 0.17}}},
     "ch08": {"n_max": 64, "bon_gap": {s: {1: 0.0, 2: 0.03, 4: 0.045, 8: 0.05, 16: 0.06, 32: 0.075, 64: 0.09}
                                       for s in range(3)}},
+    "ch09": {"temperature": 1.0, "degenerate": {s: {("add2", 2): 0.62 + 0.03 * s, ("add2", 8): 0.12 + 0.04 * s,
+                                                    ("mul2", 2): 0.79 - 0.01 * s, ("mul2", 8): 0.38 - 0.04 * s}
+                                                for s in range(3)}},
 }
 
 
@@ -173,18 +176,19 @@ def test_experiments_are_checked_against_the_notebooks_own_run():
     assert not ok and "does not show" in detail
 
 
-def test_experiments_of_chapters_6_to_8_are_checked_against_the_notebooks_own_run():
-    from rlhf_book.exercises import ch06, ch07, ch08
+def test_experiments_of_chapters_6_to_9_are_checked_against_the_notebooks_own_run():
+    from rlhf_book.exercises import ch06, ch07, ch08, ch09
 
     cases = (  # (hidden check, the right letter, the knob and a wrong value of it, the run's name in the notebook)
         (ch06.hidden_check_answer_beta_experiment, "A", "beta_large", 10.0, "dpo_drift"),
         (ch07.hidden_check_answer_group_size_experiment, "B", "kappa", 0.5, "degenerate"),
         (ch08.hidden_check_answer_selection_experiment, "B", "n_max", 16, "bon_gap"),
+        (ch09.hidden_check_answer_degenerate_experiment, "C", "temperature", 0.5, "degenerate"),
     )
-    for (check, right, knob, other, run), chapter in zip(cases, ("ch06", "ch07", "ch08")):
+    for (check, right, knob, other, run), chapter in zip(cases, ("ch06", "ch07", "ch08", "ch09")):
         ns = RUNS[chapter]
         assert check(right, SEED, ns)[0] is True, check(right, SEED, ns)
-        ok, detail = check("C", SEED, ns)
+        ok, detail = check("A" if right == "C" else "C", SEED, ns)
         assert not ok and "do not show your answer" in detail, detail
         ok, detail = check(right, SEED, {})
         assert not ok and "not in the notebook" in detail, detail
@@ -206,6 +210,13 @@ def test_experiments_of_chapters_6_to_8_are_checked_against_the_notebooks_own_ru
     ok, detail = ch08.hidden_check_answer_selection_experiment("B", SEED, {**RUNS["ch08"], "bon_gap": level})
     assert not ok and "do not show" in detail
     assert ch08.hidden_check_answer_selection_experiment("C", SEED, {**RUNS["ch08"], "bon_gap": level})[0] is True
+    flat_mul = {s: {("add2", 2): 0.65, ("add2", 8): 0.15, ("mul2", 2): 0.5, ("mul2", 8): 0.45} for s in range(3)}
+    ok, detail = ch09.hidden_check_answer_degenerate_experiment("C", SEED, {**RUNS["ch09"], "degenerate": flat_mul})
+    assert not ok and "do not show" in detail
+    assert ch09.hidden_check_answer_degenerate_experiment("D", SEED, {**RUNS["ch09"], "degenerate": flat_mul})[0]
+    no_mul = {s: {("add2", 2): 0.65, ("add2", 8): 0.15} for s in range(3)}
+    ok, detail = ch09.hidden_check_answer_degenerate_experiment("C", SEED, {**RUNS["ch09"], "degenerate": no_mul})
+    assert not ok and "lack the settings" in detail
 
 
 def test_grader_cell_stops_a_check_that_never_returns():

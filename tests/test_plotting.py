@@ -59,8 +59,8 @@ def test_the_pipeline_figure_highlights_each_chapters_boxes():
         return sum(1 for p in fig.axes[0].patches if isinstance(p, FancyBboxPatch) and p.get_linewidth() > 1.0)
 
     assert lit(plot_pipeline()) == 0
-    for chapter, boxes in ((1, 3), (2, 2), (5, 3)):
+    for chapter, boxes in ((1, 3), (2, 2), (5, 3), (9, 5)):
         assert lit(plot_pipeline(chapter)) == boxes
     plt.close("all")
     with pytest.raises(ValueError, match="chapter must be one of"):
-        plot_pipeline(9)
+        plot_pipeline(10)

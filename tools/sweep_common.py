@@ -58,8 +58,8 @@ def world_digest(preset: str = "cpu") -> str | None:
 class Results:
     """The runs recorded in ``path`` (``done``), a scratch folder per run, :meth:`record`, and the book's reward model."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, world=world_digest):
+        self.path, self.world = path, world  # world() -> the digest of the world the runs train in
         self.done = {r["run"] for r in read_metrics(path)} if path.exists() else set()
         self._rm = None
 
@@ -76,7 +76,7 @@ class Results:
         return self.path.with_suffix(".runs") / run
 
     def record(self, run: str, t0: float, **fields) -> None:
-        append_metrics({"run": run, **fields, "world": world_digest(), "seconds": round(time.time() - t0, 1),
+        append_metrics({"run": run, **fields, "world": self.world(), "seconds": round(time.time() - t0, 1),
                         "threads": torch.get_num_threads()}, self.path)
         shutil.rmtree(self.scratch(run), ignore_errors=True)
         root, parent = self.path.with_suffix(".runs"), self.scratch(run).parent

@@ -23,7 +23,8 @@ The parts, each a small pure function:
   anywhere, which a policy exploits by printing many numbers), :func:`is_well_formed` (the format
   alone) and :func:`check_steps` (each scratchpad step on its own, for process rewards);
 * rewards: :func:`make_reward_fn` (and the ready-made :func:`strict_reward`, :func:`lenient_reward`,
-  :func:`any_number_reward`, :func:`format_reward`) with the library's reward signature
+  :func:`any_number_reward`, :func:`format_reward`, and the per-step :data:`process_reward`,
+  :func:`process_steps`) with the library's reward signature
   ``(prompts, responses, terminated) -> (B,)``; the answer is read from the prompt itself
   (:func:`parse_problem`), so a reward is a pure function of the prompt and the reply;
 * the build: a byte-level BPE tokenizer that keeps every digit a token of its own and a small GPT
@@ -62,7 +63,7 @@ from ..base_model import Preset, load_base_model, train_base_model
 from ..cache import artifact_key, cache_dir, cached_artifact
 from ..config import Config, option
 from ..export import save_model
-from ..rewards import reward_fn_from_verifier
+from ..rewards import StepReward, reward_fn_from_verifier
 from ..runtime import get_device
 from ..tokenizer import EOS, PAD, format_prompt, prompt_as_text, prompt_format_tag, save_tokenizer
 from . import World
@@ -102,6 +103,8 @@ __all__ = [
     "policy_key",
     "policy_metadata",
     "policy_path",
+    "process_reward",
+    "process_steps",
     "prompts",
     "reference_reply",
     "reward_fn",
@@ -514,10 +517,26 @@ def make_reward_fn(mode: str = "strict", require_eos: bool | None = None):
     return reward_fn_from_verifier(check, name=f"{mode}_reward", require_eos=eos)
 
 
+def process_steps(prompt, reply: str, terminated: bool = True) -> list[tuple[int, float]]:
+    """Process rewards of a reply: ``[(char_end, reward), ...]``, one per scratchpad line, then one for the answer.
+
+    With n the reference scratchpad's steps, a line earns 1/(n+1) where it is the reference's step at
+    its place (:func:`check_steps`: right *and* on the path; a true but useless ``1 + 1 = 2`` earns
+    0), and the answer line earns 1/(n+1) when the strict verifier accepts the reply (and it ended):
+    a correct reply's steps sum to 1, the outcome reward's value, spread over where it was earned.
+    """
+    problem = parse_problem(prompt)
+    w = 1.0 / (len(solve(problem)[0]) + 1)
+    out = [(c.end, w if c.on_path else 0.0) for c in check_steps(reply, problem)]
+    right = bool(terminated) and verify(reply, problem.answer, "strict")
+    return [*out, (len(reply), w if right else 0.0)]
+
+
 strict_reward = make_reward_fn("strict")  # [reward] source = "rlhf_book.worlds.arithmetic:strict_reward"
 lenient_reward = make_reward_fn("lenient")
 any_number_reward = make_reward_fn("any")
 format_reward = make_reward_fn("format")
+process_reward = StepReward(process_steps, name="process_reward")  # per-step rewards (chapter 9, section 9.6)
 
 
 # ------------------------------------------------------------------ the tokenizer and the build
@@ -701,11 +720,12 @@ def prompts(split: str = "train", n: int | None = None, seed: int = 0, difficult
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
-_REWARDS = {"strict": strict_reward, "lenient": lenient_reward, "any": any_number_reward, "format": format_reward}
+_REWARDS = {"strict": strict_reward, "lenient": lenient_reward, "any": any_number_reward, "format": format_reward,
+            "process": process_reward}
 
 
 def reward_fn(preset: str | None = None, kind: str = "strict", device=None, progress: bool = True):
-    """The world's reward ``kind`` ("strict", "lenient", "any", "format"); the same for every preset."""
+    """The world's reward ``kind`` ("strict", "lenient", "any", "format", "process"); the same for every preset."""
     if kind not in _REWARDS:
         raise ValueError(f"the arithmetic world's rewards are {list(_REWARDS)}, got {kind!r}")
     return _REWARDS[kind]
