@@ -1,6 +1,7 @@
 """Chapter 9's full experiment: RL with verifiable rewards on the arithmetic world, 3 seeds per arm.
 
-    python tools/sweep_ch09.py                      # everything, ~30 min on 2 CPU cores (two processes, one thread each)
+    python tools/sweep_ch09.py                      # everything: ~60 min of one CPU thread (RLHF_BOOK_THREADS=1;
+                                                    # two processes with different --arms share 2 cores in ~30)
     python tools/sweep_ch09.py --arms grpo dapo --seeds 0   # a part
 
 Writes one JSON line per finished run to ``data/results/ch09_verifiable.jsonl`` (the chapter plots
