@@ -320,6 +320,10 @@ class CriticFreeConfig(OnPolicyConfig):
         if self.overlong_buffer is not None and self.overlong_buffer > self.max_new_tokens:
             raise ValueError(f"{name}.overlong_buffer must be in 1..max_new_tokens ({self.max_new_tokens}): the "
                              f"punishment ramps over a reply's last tokens, got {self.overlong_buffer}")
+        if self.advantage == "process" and self.kl_penalty == "reward" and self.kl_coef > 0:
+            raise ValueError(f"{name}.advantage='process' takes the KL in the loss: with kl_penalty='reward' the "
+                             f"per-token KL would be left out of the step rewards it normalises; set "
+                             f"kl_penalty='loss' (or kl_coef=0)")
         if self.dynamic_sampling and self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"{name}.dynamic_sampling needs advantage='grpo' or 'rloo' (it drops the groups whose "
                              f"group baseline makes every advantage 0), got advantage={self.advantage!r}")
@@ -330,7 +334,7 @@ class CriticFreeConfig(OnPolicyConfig):
 
     def advantage_spec(self) -> tuple[str, dict]:
         """The group estimator of :data:`rlhf_book.experience.ADVANTAGE_ESTIMATORS` that ``advantage`` names: "grpo"
-        with ``scale_rewards`` ("dr_grpo" for "none"), "rloo", or "reinforce" with ``baseline_decay``."""
+        with ``scale_rewards`` ("dr_grpo" for "none"), "rloo", "reinforce" with ``baseline_decay``, or "grpo_process"."""
         if self.advantage == "process":
             return "grpo_process", {}
         if self.advantage == "grpo":

@@ -131,6 +131,8 @@ def test_grpo_with_process_rewards_trains_and_needs_a_step_reward(tiny):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         CriticFreeConfig(advantage="process", num_generations=1)
+    with pytest.raises(ValueError, match="advantage='process' takes the KL in the loss"):
+        CriticFreeConfig(advantage="process", kl_penalty="reward", kl_coef=0.05)
 
 
 def test_the_process_estimator_without_step_rewards_is_named(tiny):
