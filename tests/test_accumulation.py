@@ -119,7 +119,7 @@ def test_global_shares_is_the_one_scaling_rule():
 
 
 def test_the_estimator_table():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "reinforce", "rloo", "grpo", "dr_grpo"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "reinforce", "rloo", "grpo", "dr_grpo", "grpo_process"}
     r = torch.tensor([1.0, 3.0, 2.0, 2.0])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
     x = AdvantageInputs(torch.zeros(4, 3), torch.zeros(4, 3), mask, r, group_size=2)
