@@ -264,7 +264,9 @@ def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, mask
     mean = torch.where(g_ends, g_r, 0.0).sum(1, keepdim=True) / n.clamp_min(1)
     var = torch.where(g_ends, (g_r - mean) ** 2, 0.0).sum(1, keepdim=True) / (n - 1).clamp_min(1)
     normed = (g_r - mean) / (var.sqrt() + eps)
-    flat = torch.where(g_ends & (n > 1) & (var > 0), normed, 0.0).view(B, R)
+    inf = float("inf")
+    spread = torch.where(g_ends, g_r, -inf).amax(1, keepdim=True) > torch.where(g_ends, g_r, inf).amin(1, keepdim=True)
+    flat = torch.where(g_ends & spread, normed, 0.0).view(B, R)  # equal rewards: exact zeros, whatever the rounding
     adv = flat.flip(1).cumsum(1).flip(1)  # sum over the steps ending at or after t
     return torch.where(mask.bool(), adv, torch.zeros_like(adv))
 

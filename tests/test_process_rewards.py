@@ -34,6 +34,8 @@ def test_process_advantages_of_a_group_with_equal_step_rewards_are_zero():
     adv = process_advantages(values, ends, torch.ones(4, 2), group_size=2)
     assert adv[:2].abs().max() == 0  # group 1: every step reward 0.5
     assert adv[2, 0] > 0 > adv[3, 0]  # group 2: the better reply is pushed up
+    equal = torch.full((1, 7), 0.1)  # float32's mean of seven 0.1 is not 0.1 exactly: still exact zeros
+    assert process_advantages(equal, torch.ones(1, 7, dtype=torch.bool), torch.ones(1, 7), group_size=1).abs().max() == 0
 
 
 def test_process_advantages_errors():
