@@ -70,14 +70,12 @@ def razin_matched_beta(sweep) -> float:
     as r does at a much larger beta; the matched arm divides beta by the ratio of the two rewards' spreads (about
     0.04 in the world of the committed runs), so the two runs weigh the KL against the reward's spread alike.
     """
-    import torch.nn.functional as F
-
     draw = next((r for r in read_metrics(sweep.path) if r["run"] == "bon/seed=0"), None)
     if draw is None:
         raise ValueError(f"{sweep.path}: the matched Razin arm needs the draw bon/seed=0 recorded first "
                          "(python tools/sweep_ch08.py --only bon --seeds 0)")
     r = torch.tensor(draw["scores"]["rm_3000"]).flatten()
-    return RAZIN_BETA * (F.softplus(4 * (r - 1.5)) / 4).std().item() / r.std().item()
+    return RAZIN_BETA * flattened(r).std().item() / r.std().item()
 
 # Coste et al.: the ensemble's conservative objective with a small KL penalty, against one member with it
 COSTE_BETA = 0.01
@@ -101,13 +99,17 @@ def reward_models() -> dict:
     return fns
 
 
-def flat(reward_fn):
-    """softplus(4 (r - 1.5)) / 4 of a reward function: strictly increasing in r, so it ranks every pair alike."""
+def flattened(r: torch.Tensor) -> torch.Tensor:
+    """softplus(4 (r - 1.5)) / 4: strictly increasing in r, so it ranks every pair alike, and nearly flat below 1."""
     import torch.nn.functional as F
 
+    return F.softplus(4 * (r - 1.5)) / 4
+
+
+def flat(reward_fn):
+    """:func:`flattened` scores of a reward function."""
     def fn(prompts, responses, terminated=None):
-        r = torch.as_tensor(reward_fn(prompts, responses, terminated), dtype=torch.float32)
-        return F.softplus(4 * (r - 1.5)) / 4
+        return flattened(torch.as_tensor(reward_fn(prompts, responses, terminated), dtype=torch.float32))
 
     return fn
 
