@@ -185,10 +185,12 @@ def per_token_rewards(
 @dataclass
 class StepRewards:
     """Rewards inside replies (process rewards), B replies of R tokens: ``values`` (B, R) float, the reward of the step
-    that ends at each token (0 elsewhere), and ``ends`` (B, R) bool, True at the tokens that end a step."""
+    that ends at each token (0 elsewhere), ``ends`` (B, R) bool, True at the tokens that end a step, and ``totals``
+    (B,) their sums per reply, as the reward function scores the replies (None: not computed)."""
 
     values: torch.Tensor
     ends: torch.Tensor
+    totals: torch.Tensor | None = None  # (B,) each reply's summed step rewards, what calling the reward returns
 
 
 def char_end_tokens(tokenizer, ids: Sequence[int], char_ends: Sequence[int], stop_ids: Sequence[int] = ()) -> list[int]:
@@ -196,20 +198,35 @@ def char_end_tokens(tokenizer, ids: Sequence[int], char_ends: Sequence[int], sto
 
     Offsets count characters of the reply as the rollout decodes it (stop tokens left out, leading
     whitespace stripped: :func:`rlhf_book.rollout.decode_responses`); offset c ends in the first
-    token whose decoded prefix reaches c characters (one decode per token: replies are short).
-    An offset past the text lands on the last kept token.
+    token whose decoded prefix reaches c characters, found by bisection (prefix lengths grow, but for a
+    multi-byte character decoded in part), so a
+    reply of R tokens costs O(log R) decodes per offset, not R. An offset past the text lands on the last
+    kept token.
     """
     stop = set(stop_ids)
     cols = [j for j, i in enumerate(ids) if i not in stop]
     if not cols:
         return [max(len(ids) - 1, 0)] * len(char_ends)
     kept = [ids[j] for j in cols]
-    lengths = [len(tokenizer.decode(kept[: t + 1], skip_special_tokens=True)) for t in range(len(kept))]
     full = tokenizer.decode(kept, skip_special_tokens=True)
     lead = len(full) - len(full.lstrip())
+    lengths: dict[int, int] = {len(kept) - 1: len(full)}
+
+    def length(t: int) -> int:  # characters decoded from the first t + 1 kept tokens
+        if t not in lengths:
+            lengths[t] = len(tokenizer.decode(kept[: t + 1], skip_special_tokens=True))
+        return lengths[t]
+
     out = []
     for c in char_ends:
-        t = next((t for t, n in enumerate(lengths) if n >= c + lead), len(kept) - 1)
+        lo, hi = 0, len(kept) - 1  # the first t with length(t) >= c + lead, else the last token
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if length(mid) >= c + lead:
+                hi = mid
+            else:
+                lo = mid + 1
+        t = lo
         out.append(cols[t])
     return out
 
@@ -256,11 +273,15 @@ class StepReward:
         return out
 
     def __call__(self, prompts, responses, terminated=None) -> torch.Tensor:
-        return check_scores([sum(v for _, v in row) for row in self.spans(prompts, responses, terminated)],
-                            len(responses), self.__name__)
+        return self._totals(self.spans(prompts, responses, terminated))
+
+    def _totals(self, spans: list) -> torch.Tensor:
+        """Each reply's summed step rewards, (B,) float32 (:func:`check_scores`)."""
+        return check_scores([sum(v for _, v in row) for row in spans], len(spans), self.__name__)
 
     def token_rewards(self, rollout, tokenizer, stop_ids: Sequence[int] | None = None) -> StepRewards:
-        """Each step's reward on the token that ends it: (B, R) :class:`StepRewards` of ``rollout`` (its texts)."""
+        """Each step's reward on the token that ends it: (B, R) :class:`StepRewards` of ``rollout`` (its texts), with
+        the replies' totals (so a trainer need not call the reward a second time for its scores)."""
         stop = [tokenizer.eos_token_id] if stop_ids is None else list(stop_ids)
         mask = rollout.response_mask.bool()
         values = torch.zeros(mask.shape, dtype=torch.float32)
@@ -277,4 +298,4 @@ class StepReward:
                 values[b, col] += v
                 ends[b, col] = True
         dev = rollout.response_mask.device
-        return StepRewards(values.to(dev), ends.to(dev))
+        return StepRewards(values.to(dev), ends.to(dev), self._totals(spans).to(dev))

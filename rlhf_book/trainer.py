@@ -910,8 +910,10 @@ class OnPolicyTrainer(PolicyTrainer):
         # sampling (KV cache, one column at a time) and teacher forcing round differently under bf16 autocast or
         # with any policy weight not in fp32: then log pi_old is the teacher-forced one (rlhf_book.runtime)
         recompute = cfg.recompute_old_logprobs or mixed_numerics(self.lm, self.precision)
-        steps = (self.reward_fn.token_rewards(rollout, self.tokenizer, stop_token_ids(self.lm, self.tokenizer))
-                 if isinstance(self.reward_fn, StepReward) else None)  # a process reward: one reward per step
+        steps = None
+        if isinstance(self.reward_fn, StepReward):  # a process reward: one reward per step, and the replies' totals
+            steps = self.reward_fn.token_rewards(rollout, self.tokenizer, stop_token_ids(self.lm, self.tokenizer))
+            raw_scores = steps.totals if raw_scores is None else raw_scores
         with self.autocast():  # a reward model's forward runs in bf16 too
             return make_experience(
                 rollout, self.reward_fn, self.compiled(self.ref), self.compiled(critic), kl_coef=self.kl_ctl.value,

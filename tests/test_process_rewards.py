@@ -107,6 +107,7 @@ def test_step_rewards_on_tokens_and_gae_credits_each_step(tiny):
     assert bool(steps.ends[torch.arange(len(last)), last].all())
     sums = (steps.values * ro.response_mask).sum(1)
     torch.testing.assert_close(sums, A.process_reward(ro.prompts, ro.responses, ro.terminated))
+    torch.testing.assert_close(steps.totals, A.process_reward(ro.prompts, ro.responses, ro.terminated))
     exp = make_experience(ro, A.process_reward, policy, None, gamma=1.0, lam=1.0, step_rewards=steps)
     want, _ = gae(steps.values, torch.zeros_like(steps.values), ro.response_mask, 1.0, 1.0)
     torch.testing.assert_close(exp.advantages, want)
