@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._deprecation import warn_deprecated
-from .advantage import masked_mean
+from .advantage import masked_mean, masked_var
 from .checkpoint import fsync_replace, load_checkpoint, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_changes, option, redefault
 from .critic import PolicyWithValueHead, ValueModel, explained_variance, forward_logprobs_and_values, response_values
@@ -1043,6 +1043,7 @@ class OnPolicyTrainer(PolicyTrainer):
             stats["explained_variance"] = explained_variance(exp.values, exp.returns, mask)
             stats["value_mean"] = masked_mean(exp.values, mask).item()
         stats["return_mean"] = masked_mean(exp.returns, mask).item()
+        stats["return_var"] = masked_var(exp.returns, mask).item()  # what explained variance divides by
         if exp.gold is not None:
             stats["gold_reward"] = exp.gold.mean().item()
         return stats

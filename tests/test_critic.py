@@ -173,3 +173,22 @@ def test_explained_variance():
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full_like(returns, 3.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
     assert explained_variance(-returns, returns, mask) < 0
+
+
+def test_trainer_logs_the_returns_variance_explained_variance_divides_by(tiny_world):
+    """``return_var`` is Var[G] over the batch's tokens: EV = 1 - Var[G - V] / return_var (§5.5 reads the two together)."""
+    import copy
+
+    from rlhf_book import gold_reward_fn
+    from rlhf_book.advantage import masked_var
+    from rlhf_book.ppo import PPOConfig, PPOTrainer
+
+    lm, tok = tiny_world
+    tr = PPOTrainer(copy.deepcopy(lm), copy.deepcopy(lm), tok, gold_reward_fn,
+                    PPOConfig(batch_size=4, minibatch_size=4, max_new_tokens=6, progress=False))
+    history = tr.train(["Review Luigi's.", "How was the hotel Seaside Inn?"] * 2, 2)
+    exp, last = tr.experience, history[-1]
+    assert last["return_var"] == pytest.approx(masked_var(exp.returns, exp.mask).item())
+    assert last["return_var"] > 0
+    error_var = masked_var(exp.returns - exp.values, exp.mask).item()
+    assert last["explained_variance"] == pytest.approx(1 - error_var / last["return_var"], abs=1e-5)

@@ -69,13 +69,15 @@ def test_the_ch03_05_sweep_plans_valid_configs_under_distinct_names():
     from rlhf_book.a2c import A2CConfig
     from rlhf_book.ppo import PPOConfig
 
-    runs = s.plan(["ch3", "ch4", "ch5", "adaptive"], list(s.SEEDS))
-    assert len({r[0] for r in runs}) == len(runs) == 3 * (2 + 3 + 3 + 1)
+    runs = s.plan(["ch3", "ch4", "ch5", "ch5_head", "ch5_critics", "adaptive"], list(s.SEEDS))
+    assert len({r[0] for r in runs}) == len(runs) == 3 * (2 + 3 + 3 + 3 + 4 + 1)
     for _, part, algo, knobs, iterations, seed in runs:  # every config the sweep will build is a valid one
-        cfg = A2CConfig(**{**s.DENSE, **knobs, "seed": seed}) if algo == "a2c" else \
-            PPOConfig(**{**s.PPO_BASE, **s.DENSE, **knobs, "seed": seed})
-        assert cfg.eval_every == 5 and iterations > 0
+        fields, critic_init = s.run_config(algo, knobs, seed)
+        cfg = A2CConfig(**fields) if algo == "a2c" else PPOConfig(**fields)
+        assert cfg.eval_every == (10 if part == "ch5_critics" else 5) and iterations > 0 and cfg.seed == seed
         assert (cfg.kl_target is not None) == (part == "adaptive")
+        assert (critic_init is not None) == (part == "ch5_critics") and critic_init in (None, "trunk", "reward_model")
+        assert (cfg.critic == "head") == (part == "ch5_head")
     rows = s.compact([{"step": 0, "eval_kl": 1.234567, "eval_samples": []}, {"step": 1, "kl": 2 / 3, "other": 1.0,
                                                                              "eval_samples": [{"prompt": "p"}]}], s.ROW_KEYS)
     assert rows == [{"step": 0, "eval_kl": 1.235}, {"step": 1, "kl": 0.6667, "eval_samples": [{"prompt": "p"}]}]

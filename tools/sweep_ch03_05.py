@@ -18,6 +18,10 @@ iterations), with two changes so that differences stand above the noise: ``eval_
 * ``ch5_head``: the same PPO runs with the critic that was PPO's default until 0.2.0, a linear value head on the
   policy's detached features at the policy's learning rate (``critic="head"``): what a critic that does not
   learn costs (its explained variance stays near 0; the separate critic's, PPO's default now, well above);
+* ``ch5_critics``: PPO at beta = 0 and 0.05 with two separate critics, the default copy of the policy's trunk
+  and one initialised from the reward model (InstructGPT's), ``eval_every = 10``; every row also has the returns'
+  variance over the batch (``return_var``, explained variance's denominator): is the critic's low explained
+  variance at beta = 0 the critic's doing, or the returns'?
 * ``adaptive``: PPO with the adaptive KL controller (``ADAPTIVE``: Ziegler et al.'s rule with a short
   horizon, so that beta can move enough within the run), ``ADAPTIVE_ITERATIONS``; the claim is that
   the KL settles near ``kl_target``.
@@ -25,7 +29,8 @@ iterations), with two changes so that differences stand above the noise: ``eval_
 Measured on 2 shared CPU cores: 1,460 s of runs in all (ch3 270 s, ch4 270 s, ch5 630 s, adaptive 290 s;
 an A2C run 20-60 s, a PPO run of 40 iterations 45-100 s), inside the 45-minute budget, so every part runs
 the chapter's full number of iterations (the adaptive run twice as many as section 5.5, to show that the
-KL stays at the target once it has reached it).
+KL stays at the target once it has reached it). ``ch5_critics`` was added later and run on another machine (an
+AMD EPYC, world digest in its records): 12 runs of 50-70 s each on one thread, in two processes.
 
 Each record: the part, the knobs, the seed, the config, and every iteration's row with the keys in
 ``ROW_KEYS`` (4 significant digits; eval keys on the evaluated iterations), the eval samples of the last.
@@ -61,14 +66,25 @@ A2C_BASE = {"missing_eos_score": None}
 PPO_BASE = {"batch_size": 32, "minibatch_size": 16, "ppo_epochs": 4, "lr": 1e-4, "clip_range": 0.2,
             "max_new_tokens": 40, "eval_samples": 4, "critic": "separate", "critic_lr": 1e-3}
 HEAD = {"critic": "head", "critic_lr": None}  # PPO's default critic before 0.2.0
+# part ch5_critics: the trunk copy (PPO's default) against a critic that starts as the reward model
+CRITIC_BETAS, CRITIC_INITS, CRITIC_EVAL = (0.0, 0.05), ("trunk", "reward_model"), {"eval_every": 10}
 # the adaptive controller: beta <- beta (1 + clip(KL / target - 1, +-0.2) * 32 / horizon), at most 6.4% a batch
 # with horizon 100 (0.064% with the paper's 10,000: beta would not move in a run this short); from the chapter's
 # middle beta, whose fixed run overshoots the target (5-10 nats at iteration 40)
 ADAPTIVE = {"kl_coef": 0.05, "kl_target": 4.0, "kl_horizon": 100.0}
 ADAPTIVE_ITERATIONS = 80
 ROW_KEYS = ("step", "proxy_reward", "gold_reward", "kl", "kl_k3", "beta", "next_beta", "response_length",
-            "terminated", "entropy", "explained_variance", "value_loss", "eval_proxy_reward", "eval_gold_reward",
-            "eval_kl", "eval_kl_k3", "eval_response_length", "eval_terminated")
+            "terminated", "entropy", "explained_variance", "return_var", "value_loss", "eval_proxy_reward",
+            "eval_gold_reward", "eval_kl", "eval_kl_k3", "eval_response_length", "eval_terminated")
+
+
+def run_config(algo: str, knobs: dict, seed: int) -> tuple[dict, str | None]:
+    """(the trainer config's fields, the critic's start: None, "trunk" or "reward_model") of one run of the plan."""
+    knobs = dict(knobs)
+    critic_init = knobs.pop("critic_init", None)  # ch5_critics: "trunk" (the config's default) or "reward_model"
+    if algo == "a2c":
+        return {**A2C_BASE, **DENSE, **knobs, "seed": seed}, critic_init
+    return {**PPO_BASE, **DENSE, **(CRITIC_EVAL if critic_init else {}), **knobs, "seed": seed}, critic_init
 
 
 class Sweep(Results):
@@ -77,12 +93,18 @@ class Sweep(Results):
         train_prompts, eval_prompts = prompt_split(0)
         policy, tok = load_base_model("cpu", progress=False)
         ref, _ = load_base_model("cpu", progress=False)
+        cfg, critic_init = run_config(algo, knobs, seed)
         if algo == "a2c":
-            cfg = {**A2C_BASE, **DENSE, **knobs, "seed": seed}
             trainer = A2CTrainer(policy, ref, tok, self.book_reward_fn(), A2CConfig(**cfg), gold_fn=gold_reward_fn)
         else:
-            cfg = {**PPO_BASE, **DENSE, **knobs, "seed": seed}
-            trainer = PPOTrainer(policy, ref, tok, self.book_reward_fn(), PPOConfig(**cfg), gold_fn=gold_reward_fn)
+            critic = None
+            if critic_init == "reward_model":
+                from rlhf_book.critic import ValueModel
+                from rlhf_book.reward_model import load_reward_model
+
+                critic = ValueModel.from_reward_model(load_reward_model("cpu", progress=False)[0])
+            trainer = PPOTrainer(policy, ref, tok, self.book_reward_fn(), PPOConfig(**cfg), critic=critic,
+                                 gold_fn=gold_reward_fn)
         history = trainer.train(train_prompts, iterations, checkpoint_dir=self.scratch(run),
                                 eval_prompts=eval_prompts * EVAL_REPEATS)
         self.record(run, t0, part=part, algo=algo, **knobs, seed=seed, iterations=iterations,
@@ -105,6 +127,9 @@ def plan(parts: list[str], seeds: list[int]) -> list[tuple]:
         if "ch5_head" in parts:
             out += [(f"ch5/ppo_head/beta={b}/seed={seed}", "ch5_head", "ppo", {"kl_coef": b, **HEAD}, CH5_ITERATIONS,
                      seed) for b in CH5_BETAS]
+        if "ch5_critics" in parts:
+            out += [(f"ch5/ppo_critic={c}/beta={b}/seed={seed}", "ch5_critics", "ppo", {"kl_coef": b, "critic_init": c},
+                     CH5_ITERATIONS, seed) for b in CRITIC_BETAS for c in CRITIC_INITS]
         if "adaptive" in parts:
             name = "ch5/ppo_adaptive/" + ",".join(f"{k}={v:g}" for k, v in ADAPTIVE.items()) + f"/seed={seed}"
             out.append((name, "adaptive", "ppo", dict(ADAPTIVE), ADAPTIVE_ITERATIONS, seed))
@@ -113,7 +138,7 @@ def plan(parts: list[str], seeds: list[int]) -> list[tuple]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("ch3", "ch4", "ch5", "ch5_head", "adaptive"), action="append",
+    ap.add_argument("--only", choices=("ch3", "ch4", "ch5", "ch5_head", "ch5_critics", "adaptive"), action="append",
                     help="run only these parts")
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -121,7 +146,7 @@ def main(argv=None) -> int:
     configure_threads()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args.out)
-    for run, *spec in plan(args.only or ["ch3", "ch4", "ch5", "ch5_head", "adaptive"], args.seeds):
+    for run, *spec in plan(args.only or ["ch3", "ch4", "ch5", "ch5_head", "ch5_critics", "adaptive"], args.seeds):
         if run not in sweep.done:
             sweep.run(run, *spec)
     return 0
