@@ -44,11 +44,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _takes_logits_to_keep(model_type: type) -> bool:
+def _forward_takes_logits_to_keep(model_type: type) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model_type.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: read once while tracing, not traced (nor its cache)
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return _forward_takes_logits_to_keep(model_type)
 
 
 def logits_to_keep_kwargs(model, n: int) -> dict:
