@@ -281,8 +281,11 @@ class StepReward:
 
     def token_rewards(self, rollout, tokenizer, stop_ids: Sequence[int] | None = None) -> StepRewards:
         """Each step's reward on the token that ends it: (B, R) :class:`StepRewards` of ``rollout`` (its texts), with
-        the replies' totals (so a trainer need not call the reward a second time for its scores)."""
-        stop = [tokenizer.eos_token_id] if stop_ids is None else list(stop_ids)
+        the replies' totals (so a trainer need not call the reward a second time for its scores). ``stop_ids``: the
+        ids that end a reply (:func:`rlhf_book.rollout.stop_token_ids` of the policy; None: the tokenizer's EOS)."""
+        from .rollout import stop_token_ids
+
+        stop = stop_token_ids(None, tokenizer) if stop_ids is None else list(stop_ids)  # None: the tokenizer's EOS
         mask = rollout.response_mask.bool()
         values = torch.zeros(mask.shape, dtype=torch.float32)
         ends = torch.zeros(mask.shape, dtype=torch.bool)

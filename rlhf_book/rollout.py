@@ -51,7 +51,9 @@ def _forward_takes_logits_to_keep(model_type: type) -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: read once while tracing, not traced (nor its cache)
+# under torch.compile: read once while tracing, not traced; it must wrap the cached function, not decorate it (Dynamo
+# still traces through an lru_cache under assume_constant_result and warns, tests/test_speed.py checks)
+@torch.compiler.assume_constant_result
 def _takes_logits_to_keep(model_type: type) -> bool:
     return _forward_takes_logits_to_keep(model_type)
 
